@@ -1,0 +1,345 @@
+"""Per-token statistics over the vocabulary, computed without holding `[B·T, V]` float32 logits.
+
+For every response position we need, for the student (with gradient) and the teacher (without):
+the log-probability of the sampled token, the entropy of the full next-token distribution, and
+for distillation objectives a divergence between the two distributions summed over the
+vocabulary. Three paths compute the same numbers (tested equal, values and gradients):
+
+* `naive_token_stats`: the textbook version on full logits. Reference only.
+* `token_stats`: from logits `[B,T,V]`, in chunks of tokens, each chunk upcast to float32 on its
+  own and recomputed in the backward pass (no matmul is repeated, only the softmax).
+* from final hidden states `[B,T,d]` and the output-layer weight `[V,d]`, never forming the whole
+  logits tensor:
+  - `hidden_token_stats`: chunked, the chunk's logits recomputed in the backward pass. Works with
+    any downstream loss, at the price of one extra matmul.
+  - `hidden_objective`: the fused path. The caller passes the loss of a block of rows as a function
+    of that block's statistics; the gradient with respect to each block's logits is taken while
+    the block is in memory, during the forward pass, so the backward pass only rescales stored
+    gradients. Same matmul count as the naive path. This is what the trainer uses.
+
+Logits are divided by `temperature` before any softmax (the sampling temperature).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """A full-vocabulary divergence between student S and teacher T, summed over the vocabulary.
+
+    beta: 0 gives forward KL(T‖S), 1 gives reverse KL(S‖T), values in between the generalized
+        Jensen-Shannon divergence with mixture M = beta·p_T + (1-beta)·p_S.
+    clip: if set, each vocabulary term is clamped from above at this value before the sum.
+    top_k: if set, both distributions are restricted to the teacher's top-k tokens and renormalized.
+    """
+
+    beta: float = 0.5
+    clip: float | None = None
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"divergence beta must lie in [0, 1], got {self.beta}")
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"divergence clip must be positive, got {self.clip}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"divergence top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class TokenStats:
+    """Statistics per response token; every tensor is `[B,T]` float32."""
+
+    logp: Tensor
+    entropy: Tensor
+    teacher_logp: Tensor | None = None
+    teacher_entropy: Tensor | None = None
+    divergence: Tensor | None = None
+
+    def detach(self) -> TokenStats:
+        return TokenStats(*(None if x is None else x.detach() for x in self._fields()))
+
+    def _fields(self) -> tuple[Tensor | None, ...]:
+        return (self.logp, self.entropy, self.teacher_logp, self.teacher_entropy, self.divergence)
+
+
+# ----------------------------------------------------------------------------------------------
+# the math on one block of float32 logits
+
+
+def divergence_terms(student_logits: Tensor, teacher_logits: Tensor, spec: DivergenceSpec) -> Tensor:
+    """Per-vocabulary-entry divergence terms `[..., V]` (or `[..., k]` with top-k), float32 logits in."""
+    if spec.top_k is not None:
+        top = teacher_logits.topk(min(spec.top_k, teacher_logits.shape[-1]), dim=-1).indices  # [..., k]
+        student_logits = student_logits.gather(-1, top)  # [..., k]
+        teacher_logits = teacher_logits.gather(-1, top)  # [..., k]
+    s_logp = student_logits.log_softmax(-1)  # [..., V]
+    t_logp = teacher_logits.log_softmax(-1)  # [..., V]
+    if spec.beta == 0.0:
+        terms = t_logp.exp() * (t_logp - s_logp)  # KL(T‖S) terms
+    elif spec.beta == 1.0:
+        terms = s_logp.exp() * (s_logp - t_logp)  # KL(S‖T) terms
+    else:
+        mix_logp = torch.logaddexp(t_logp + math.log(spec.beta), s_logp + math.log(1.0 - spec.beta))
+        terms = spec.beta * t_logp.exp() * (t_logp - mix_logp) + (1.0 - spec.beta) * s_logp.exp() * (
+            s_logp - mix_logp
+        )  # [..., V]
+    if spec.clip is not None:
+        terms = terms.clamp(max=spec.clip)
+    return terms
+
+
+def _block_stats(
+    student_logits: Tensor,
+    tokens: Tensor,
+    teacher_logits: Tensor | None,
+    temperature: float,
+    divergence: DivergenceSpec | None,
+) -> tuple[Tensor | None, ...]:
+    """(logp, entropy, teacher_logp, teacher_entropy, divergence), each `[n]`, from `[n,V]` logits."""
+    s = student_logits.float() / temperature  # [n,V]
+    s_logp_all = s.log_softmax(-1)  # [n,V]
+    logp = s_logp_all.gather(-1, tokens[:, None]).squeeze(-1)  # [n]
+    entropy = -(s_logp_all.exp() * s_logp_all).sum(-1)  # [n]
+    t_logp = t_entropy = div = None
+    if teacher_logits is not None:
+        t = teacher_logits.float() / temperature  # [n,V]
+        t_logp_all = t.log_softmax(-1)  # [n,V]
+        t_logp = t_logp_all.gather(-1, tokens[:, None]).squeeze(-1)  # [n]
+        t_entropy = -(t_logp_all.exp() * t_logp_all).sum(-1)  # [n]
+        if divergence is not None:
+            div = divergence_terms(s, t, divergence).sum(-1)  # [n]
+    return logp, entropy, t_logp, t_entropy, div
+
+
+def _check_inputs(tokens: Tensor, student: Tensor, teacher: Tensor | None, what: str) -> None:
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [B,T], got shape {tuple(tokens.shape)}")
+    if student.dim() != 3 or student.shape[:2] != tokens.shape:
+        raise ValueError(
+            f"student {what} must be [B,T,*] with [B,T]={tuple(tokens.shape)}, got {tuple(student.shape)}"
+        )
+    if teacher is not None and teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher {what} shape {tuple(teacher.shape)} differs from student {tuple(student.shape)}"
+        )
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+
+
+def _assemble(parts: list[tuple[Tensor | None, ...]], shape: torch.Size) -> TokenStats:
+    columns = []
+    for i in range(5):
+        pieces = [p[i] for p in parts]
+        columns.append(None if pieces[0] is None else torch.cat(pieces).view(shape))
+    return TokenStats(*columns)
+
+
+# ----------------------------------------------------------------------------------------------
+# reference and logits paths
+
+
+def naive_token_stats(
+    logits: Tensor,
+    tokens: Tensor,
+    *,
+    temperature: float = 1.0,
+    teacher_logits: Tensor | None = None,
+    divergence: DivergenceSpec | None = None,
+) -> TokenStats:
+    """Reference implementation: the whole `[B,T,V]` computation at once, in float32."""
+    _check_inputs(tokens, logits, teacher_logits, "logits")
+    B, T, V = logits.shape
+    t_flat = None if teacher_logits is None else teacher_logits.reshape(B * T, V)
+    parts = _block_stats(logits.reshape(B * T, V), tokens.reshape(-1), t_flat, temperature, divergence)
+    return _assemble([parts], tokens.shape)
+
+
+def token_stats(
+    logits: Tensor,
+    tokens: Tensor,
+    *,
+    temperature: float = 1.0,
+    teacher_logits: Tensor | None = None,
+    divergence: DivergenceSpec | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> TokenStats:
+    """Statistics from logits `[B,T,V]` (any float dtype), `chunk_tokens` positions at a time.
+
+    Only one chunk is upcast to float32 at a time; when gradients are needed, each chunk's
+    softmax is recomputed in the backward pass instead of being kept.
+    """
+    _check_inputs(tokens, logits, teacher_logits, "logits")
+    B, T, V = logits.shape
+    flat = logits.reshape(B * T, V)
+    flat_teacher = None if teacher_logits is None else teacher_logits.reshape(B * T, V).detach()
+    flat_tokens = tokens.reshape(-1)
+    recompute = torch.is_grad_enabled() and logits.requires_grad
+    parts = []
+    for start in range(0, B * T, chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        t_block = None if flat_teacher is None else flat_teacher[rows]
+        args = (flat[rows], flat_tokens[rows], t_block, temperature, divergence)
+        if recompute:
+            parts.append(checkpoint(_block_stats, *args, use_reentrant=False))
+        else:
+            parts.append(_block_stats(*args))
+    return _assemble(parts, tokens.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# hidden-state paths
+
+
+def _logits_block(hidden: Tensor, weight: Tensor) -> Tensor:
+    return hidden @ weight.T  # [n,d] @ [d,V] -> [n,V]
+
+
+def _hidden_block_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    teacher_logits: Tensor | None,
+    temperature: float,
+    divergence: DivergenceSpec | None,
+) -> tuple[Tensor | None, ...]:
+    return _block_stats(_logits_block(hidden, weight), tokens, teacher_logits, temperature, divergence)
+
+
+def hidden_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    *,
+    temperature: float = 1.0,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    divergence: DivergenceSpec | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> TokenStats:
+    """Statistics from final hidden states `[B,T,d]` and the output weight `[V,d]`.
+
+    Chunked over tokens with recomputation: each chunk's logits are formed again in the backward
+    pass. Use it when the loss is not known up front; `hidden_objective` is faster when it is.
+    """
+    _check_inputs(tokens, hidden, teacher_hidden, "hidden states")
+    B, T, d = hidden.shape
+    flat = hidden.reshape(B * T, d)
+    flat_tokens = tokens.reshape(-1)
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    parts = []
+    for start in range(0, B * T, chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        t_logits = None
+        if teacher_hidden is not None:
+            t_w = weight if teacher_weight is None else teacher_weight
+            with torch.no_grad():
+                t_logits = _logits_block(teacher_hidden.reshape(B * T, d)[rows], t_w)  # [n,V]
+        args = (flat[rows], weight, flat_tokens[rows], t_logits, temperature, divergence)
+        parts.append(
+            checkpoint(_hidden_block_stats, *args, use_reentrant=False)
+            if recompute
+            else _hidden_block_stats(*args)
+        )
+    return _assemble(parts, tokens.shape)
+
+
+BlockLoss = Callable[[TokenStats, slice], Tensor]
+"""Maps the statistics of rows `rows` (a slice of the batch) to their contribution to the scalar loss.
+
+The contribution of the whole batch must be the sum of the contributions of its row blocks, which
+holds for every objective here: they are per-rollout, and `aggregate` normalizes with global counts.
+"""
+
+
+class _FusedHiddenObjective(torch.autograd.Function):
+    """Forward computes the loss and, block by block, its gradient; backward rescales it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, tokens, block_loss, options):
+        temperature, divergence, rows_per_block = options
+        B, T, d = hidden.shape
+        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None  # [B,T,d]
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None  # [V,d]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        parts = []
+        for start in range(0, B, rows_per_block):
+            rows = slice(start, min(start + rows_per_block, B))
+            n_rows = rows.stop - rows.start
+            h_block = hidden[rows].reshape(n_rows * T, d)  # [n,d]
+            t_logits = None
+            if teacher_hidden is not None:
+                t_logits = _logits_block(teacher_hidden[rows].reshape(n_rows * T, d), teacher_weight)  # [n,V]
+            with torch.enable_grad():
+                logits = _logits_block(h_block, weight).requires_grad_(True)  # [n,V] local leaf
+                block = _block_stats(logits, tokens[rows].reshape(-1), t_logits, temperature, divergence)
+                stats = TokenStats(*(None if x is None else x.view(n_rows, T) for x in block))
+                loss = block_loss(stats, rows)
+                if need_hidden_grad or need_weight_grad:
+                    (grad_logits,) = torch.autograd.grad(loss, logits)  # [n,V]
+                    if need_hidden_grad:
+                        grad_hidden[rows] = (grad_logits @ weight).view(n_rows, T, d)  # [n,V] @ [V,d]
+                    if need_weight_grad:
+                        grad_weight += (grad_logits.T @ h_block).float()  # [V,n] @ [n,d]
+            total += loss.detach().float()
+            parts.append(tuple(None if x is None else x.detach() for x in block))
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        stats = _assemble(parts, tokens.shape)
+        outputs = [x if x is not None else hidden.new_empty(0) for x in stats._fields()]
+        ctx.mark_non_differentiable(*outputs)
+        return (total, *outputs)
+
+    @staticmethod
+    def backward(ctx, grad_total, *unused):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def hidden_objective(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    block_loss: BlockLoss,
+    *,
+    temperature: float = 1.0,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    divergence: DivergenceSpec | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[Tensor, TokenStats]:
+    """Fused output layer + statistics + loss, over blocks of whole rows.
+
+    hidden: `[B,T,d]` student final hidden states at the positions that predict `tokens` `[B,T]`.
+    weight: `[V,d]` output-layer weight (no bias, no logit soft-capping).
+    block_loss: the loss of a block of rows from its `TokenStats` (see `BlockLoss`).
+    Returns the scalar loss (differentiable in `hidden` and `weight`) and the detached statistics
+    of the whole batch. Rows are grouped so that a block holds about `chunk_tokens` positions
+    (at least one row): a block's logits `[rows·T, V]` are the largest tensor ever formed.
+    """
+    _check_inputs(tokens, hidden, teacher_hidden, "hidden states")
+    if teacher_hidden is not None:
+        teacher_hidden = teacher_hidden.detach()
+        teacher_weight = (weight if teacher_weight is None else teacher_weight).detach()
+    rows_per_block = max(1, chunk_tokens // max(1, tokens.shape[1]))
+    options = (temperature, divergence, rows_per_block)
+    loss, *fields = _FusedHiddenObjective.apply(
+        hidden, weight, teacher_hidden, teacher_weight, tokens, block_loss, options
+    )
+    stats = TokenStats(*(None if f.numel() == 0 and f.dim() == 1 else f for f in fields))
+    return loss, stats

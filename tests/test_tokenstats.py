@@ -1,0 +1,183 @@
+"""Every token-statistics path against a plain float64 reference, values and gradients."""
+
+import math
+
+import pytest
+import torch
+
+from selfdistill.tokenstats import (
+    DivergenceSpec,
+    TokenStats,
+    hidden_objective,
+    hidden_token_stats,
+    naive_token_stats,
+    token_stats,
+)
+
+B, T, V, D = 3, 5, 37, 8
+
+
+def reference(s_logits, t_logits, tokens, temperature=1.0, spec=None):
+    """Written out from the definitions, in float64."""
+    s = s_logits.double() / temperature
+    t = t_logits.double() / temperature
+    p_s = torch.softmax(s, -1)
+    p_t = torch.softmax(t, -1)
+    out = {
+        "logp": torch.log(p_s.gather(-1, tokens[..., None]).squeeze(-1)),
+        "entropy": -(p_s * torch.log(p_s)).sum(-1),
+        "teacher_logp": torch.log(p_t.gather(-1, tokens[..., None]).squeeze(-1)),
+        "teacher_entropy": -(p_t * torch.log(p_t)).sum(-1),
+    }
+    if spec is not None:
+        if spec.top_k is not None:
+            idx = t.topk(spec.top_k, -1).indices
+            p_s = torch.softmax(s.gather(-1, idx), -1)
+            p_t = torch.softmax(t.gather(-1, idx), -1)
+        if spec.beta == 0:
+            terms = p_t * torch.log(p_t / p_s)
+        elif spec.beta == 1:
+            terms = p_s * torch.log(p_s / p_t)
+        else:
+            m = spec.beta * p_t + (1 - spec.beta) * p_s
+            terms = spec.beta * p_t * torch.log(p_t / m) + (1 - spec.beta) * p_s * torch.log(p_s / m)
+        if spec.clip is not None:
+            terms = terms.clamp(max=spec.clip)
+        out["divergence"] = terms.sum(-1)
+    return out
+
+
+def inputs(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=g).to(dtype)
+    weight = (torch.randn(V, D, generator=g) * 0.7).to(dtype)
+    teacher_hidden = torch.randn(B, T, D, generator=g).to(dtype)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    return hidden, weight, teacher_hidden, tokens
+
+
+def assert_stats_close(stats: TokenStats, ref: dict, rtol=1e-5, atol=1e-6):
+    for name, expected in ref.items():
+        got = getattr(stats, name)
+        assert got is not None, name
+        torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol, msg=name)
+
+
+SPECS = [
+    DivergenceSpec(beta=0.0),
+    DivergenceSpec(beta=1.0),
+    DivergenceSpec(beta=0.5),
+    DivergenceSpec(beta=0.3, clip=0.02),
+    DivergenceSpec(beta=0.0, clip=0.05, top_k=5),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
+def test_naive_matches_float64_reference(spec, temperature):
+    h, w, th, tokens = inputs()
+    s_logits, t_logits = h @ w.T, th @ w.T
+    stats = naive_token_stats(s_logits, tokens, temperature=temperature, teacher_logits=t_logits, divergence=spec)
+    assert_stats_close(stats, reference(s_logits, t_logits, tokens, temperature, spec))
+
+
+def _probe_loss(stats: TokenStats, coeffs: torch.Tensor) -> torch.Tensor:
+    """A loss touching every differentiable statistic with fixed random weights."""
+    return (stats.logp * coeffs[0]).sum() + (stats.entropy * coeffs[1]).sum() + (stats.divergence * coeffs[2]).sum()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_chunked_logits_match_naive_values_and_gradients(spec):
+    h, w, th, tokens = inputs(1)
+    coeffs = torch.randn(3, B, T, generator=torch.Generator().manual_seed(5))
+    logits_a = (h @ w.T).requires_grad_(True)
+    logits_b = logits_a.detach().clone().requires_grad_(True)
+    t_logits = th @ w.T
+    naive = naive_token_stats(logits_a, tokens, temperature=1.1, teacher_logits=t_logits, divergence=spec)
+    chunked = token_stats(logits_b, tokens, temperature=1.1, teacher_logits=t_logits, divergence=spec, chunk_tokens=4)
+    assert_stats_close(chunked, {k: v.detach().double() for k, v in vars(naive).items()})
+    _probe_loss(naive, coeffs).backward()
+    _probe_loss(chunked, coeffs).backward()
+    torch.testing.assert_close(logits_b.grad, logits_a.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_hidden_recompute_path_matches_naive_values_and_gradients():
+    spec = DivergenceSpec(beta=0.5)
+    h, w, th, tokens = inputs(2)
+    coeffs = torch.randn(3, B, T, generator=torch.Generator().manual_seed(6))
+    ha, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    hb, wb = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    naive = naive_token_stats(ha @ wa.T, tokens, teacher_logits=(th @ w.T), divergence=spec)
+    chunked = hidden_token_stats(hb, wb, tokens, teacher_hidden=th, divergence=spec, chunk_tokens=4)
+    assert_stats_close(chunked, {k: v.detach().double() for k, v in vars(naive).items()})
+    _probe_loss(naive, coeffs).backward()
+    _probe_loss(chunked, coeffs).backward()
+    torch.testing.assert_close(hb.grad, ha.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wb.grad, wa.grad, rtol=1e-5, atol=1e-6)
+
+
+def _row_dependent_loss(stats: TokenStats, rows: slice) -> torch.Tensor:
+    """Per-row objective with a detached row statistic, like DASD's entropy quantile."""
+    row_scale = stats.entropy.detach().amax(dim=1, keepdim=True)  # [n,1]
+    per_token = -stats.logp * row_scale + 0.3 * stats.divergence - 0.1 * stats.entropy
+    return per_token.sum() / (B * T)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, T, 2 * T, 100])
+def test_fused_hidden_objective_matches_naive(chunk_tokens):
+    spec = DivergenceSpec(beta=0.2, clip=0.5)
+    h, w, th, tokens = inputs(3)
+    ha, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    hb, wb = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    naive = naive_token_stats(ha @ wa.T, tokens, teacher_logits=th @ w.T, divergence=spec)
+    naive_loss = _row_dependent_loss(naive, slice(0, B))
+    naive_loss.backward()
+    fused_loss, stats = hidden_objective(hb, wb, tokens, _row_dependent_loss, teacher_hidden=th, divergence=spec,
+                                         chunk_tokens=chunk_tokens)
+    (2.0 * fused_loss).backward()  # the upstream gradient is applied in backward
+    torch.testing.assert_close(fused_loss, naive_loss.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(hb.grad, 2.0 * ha.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wb.grad, 2.0 * wa.grad, rtol=1e-5, atol=1e-6)
+    assert_stats_close(stats, {k: v.detach().double() for k, v in vars(naive).items()})
+    assert not stats.logp.requires_grad
+
+
+def test_fused_hidden_objective_frozen_head_and_no_teacher():
+    h, w, _, tokens = inputs(4)
+    ha = h.clone().requires_grad_(True)
+    hb = h.clone().requires_grad_(True)
+    naive = naive_token_stats(ha @ w.T, tokens)
+    loss_ref = (-naive.logp).mean()
+    loss_ref.backward()
+    loss, stats = hidden_objective(hb, w, tokens, lambda s, rows: (-s.logp).sum() / (B * T), chunk_tokens=T)
+    loss.backward()
+    torch.testing.assert_close(hb.grad, ha.grad, rtol=1e-5, atol=1e-7)
+    assert stats.teacher_logp is None and stats.divergence is None
+    assert w.grad is None
+
+
+def test_bf16_inputs_accumulate_in_float32():
+    h, w, th, tokens = inputs(5, dtype=torch.bfloat16)
+    logits = h @ w.T  # bf16 [B,T,V]
+    chunked = token_stats(logits, tokens, teacher_logits=th @ w.T, chunk_tokens=4)
+    assert chunked.logp.dtype == torch.float32
+    ref = reference(logits.float(), (th @ w.T).float(), tokens)
+    assert_stats_close(chunked, ref)
+    fused_loss, fused = hidden_objective(h, w, tokens, lambda s, rows: s.logp.sum(), teacher_hidden=th)
+    assert_stats_close(fused, ref)
+
+
+def test_entropy_of_uniform_is_log_v():
+    logits = torch.zeros(1, 2, V)
+    stats = token_stats(logits, torch.zeros(1, 2, dtype=torch.long))
+    torch.testing.assert_close(stats.entropy, torch.full((1, 2), math.log(V)))
+
+
+def test_shape_errors_name_the_shapes():
+    h, w, th, tokens = inputs()
+    with pytest.raises(ValueError, match=r"\(3, 4\).*\(3, 5, 37\)"):
+        token_stats(h @ w.T, tokens[:, :4])
+    with pytest.raises(ValueError, match="teacher"):
+        token_stats(h @ w.T, tokens, teacher_logits=(th @ w.T)[:, :4])
+    with pytest.raises(ValueError, match="beta"):
+        DivergenceSpec(beta=1.5)
