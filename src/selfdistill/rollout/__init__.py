@@ -1,0 +1,127 @@
+"""Rollout generation: sample G completions per prompt from the current policy.
+
+A backend turns token-id prompts into a `Rollouts` batch. Rows are prompt-major: the G samples of
+prompt 0 come first, then those of prompt 1, and so on; ``prompt_index`` says which prompt each row
+came from. Responses are cut at their first EOS token, which stays *inside* the response mask even
+when the pad token equals the EOS token (otherwise the model never learns to stop).
+
+Backends: ``"hf"`` (transformers ``generate``, CPU or GPU). ``"vllm"`` is reserved for an optional
+GPU backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    """A batch of B = P * G sampled responses. All tensors live on the CPU unless moved with `to`."""
+
+    prompt_index: torch.Tensor  # [B] long: index into the list of prompts given to `generate`
+    prompt_lengths: torch.Tensor  # [B] long: number of (unpadded) prompt tokens of each row
+    response_ids: torch.Tensor  # [B, T] long: response tokens, right-padded with the pad id
+    response_mask: torch.Tensor  # [B, T] float: 1 on response tokens including the EOS token, else 0
+    lengths: torch.Tensor  # [B] long: number of response tokens (EOS included) = response_mask.sum(1)
+    truncated: torch.Tensor  # [B] bool: reached max_new_tokens without producing EOS
+    texts: list[str]  # B decoded responses, special tokens removed
+
+    def __post_init__(self) -> None:
+        B, T = self.response_ids.shape
+        for name in ("prompt_index", "prompt_lengths", "lengths", "truncated"):
+            if getattr(self, name).shape != (B,):
+                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected ({B},)")
+        if self.response_mask.shape != (B, T):
+            raise ValueError(f"response_mask has shape {tuple(self.response_mask.shape)}, expected ({B}, {T})")
+        if len(self.texts) != B:
+            raise ValueError(f"{len(self.texts)} texts for {B} rows")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def to(self, device: torch.device | str) -> Rollouts:
+        """A copy with every tensor on `device`."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rollouts(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
+
+class RolloutBackend(Protocol):
+    """What the trainer needs from a generation backend."""
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_samples: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int | None,
+    ) -> Rollouts:
+        """Sample `num_samples` responses for each prompt (token ids, no padding). ``temperature == 0``
+        means greedy decoding; ``seed`` makes the result reproducible (None: use the global RNG)."""
+        ...
+
+
+def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Every token id that ends a response: the tokenizer's eos token and the eos id(s) of the model's
+    generation config (an int or a list), without duplicates, in that order."""
+    candidates: list[Any] = [tokenizer.eos_token_id]
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        candidates.append(generation_config.eos_token_id)
+    ids: list[int] = []
+    for item in candidates:
+        for token_id in item if isinstance(item, (list, tuple)) else [item]:
+            if token_id is not None and int(token_id) not in ids:
+                ids.append(int(token_id))
+    if not ids:
+        raise ValueError("found no eos token id in the tokenizer or the model's generation config")
+    return ids
+
+
+def cut_at_eos(
+    tokens: torch.Tensor, eos_ids: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut generated tokens at each row's first EOS (kept) and pad the rest.
+
+    tokens: [B, T] long, the generated tokens after the prompt. Returns ``(response_ids [B, T'],
+    response_mask [B, T'] float, lengths [B] long, truncated [B] bool)`` with T' = the longest
+    response. A row without EOS is truncated and keeps all T tokens.
+    """
+    B, T = tokens.shape
+    positions = torch.arange(T, device=tokens.device)  # [T]
+    is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device))  # [B, T]
+    first_eos = torch.where(is_eos, positions, T).min(dim=1).values  # [B], T where there is none
+    truncated = first_eos == T  # [B]
+    lengths = torch.where(truncated, T, first_eos + 1)  # [B], the EOS token counts
+    width = int(lengths.max()) if B > 0 else 0
+    keep = positions[None, :width] < lengths[:, None]  # [B, T']
+    response_ids = tokens[:, :width].masked_fill(~keep, pad_id)  # [B, T']
+    return response_ids, keep.float(), lengths, truncated
+
+
+def make_backend(name: str, model: Any, tokenizer: Any, **kwargs: Any) -> RolloutBackend:
+    """The rollout backend called `name` ("hf" or "vllm") for `model` and `tokenizer`; extra keyword
+    arguments go to the backend (``batch_size`` for "hf")."""
+    if name == "hf":
+        from selfdistill.rollout.hf import HFBackend
+
+        return HFBackend(model, tokenizer, **kwargs)
+    if name == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                "the 'vllm' rollout backend needs vLLM, which is not installed: "
+                "pip install selfdistill[vllm]  (GPU only; use backend 'hf' on CPU)"
+            ) from err
+        raise NotImplementedError("the vLLM rollout backend is not available yet; use backend 'hf'")
+    raise ValueError(f"unknown rollout backend {name!r}; choose 'hf' or 'vllm'")
+
+
+__all__ = ["Rollouts", "RolloutBackend", "cut_at_eos", "eos_token_ids", "make_backend"]

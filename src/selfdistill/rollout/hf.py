@@ -1,0 +1,135 @@
+"""Rollouts with transformers ``generate``: batched, left-padded, KV cache, CPU or GPU.
+
+Sampling draws from ``softmax(logits / temperature)`` restricted to the top-p nucleus and nothing
+else: the model's own generation defaults (top_k, repetition penalty, ...) are not applied, because
+the training objectives score the responses under exactly that distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from selfdistill.rollout import Rollouts, cut_at_eos, eos_token_ids
+
+
+@contextlib.contextmanager
+def _generation_state(model: Any, seed: int | None) -> Iterator[None]:
+    """Eval mode, no autograd, a clean generation config and (with a seed) a private RNG stream for the
+    duration of the block; the model's mode, generation config and the global RNG are restored."""
+    # A PEFT wrapper generates through its base transformers model, which holds the generation config.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    was_training, saved_config = model.training, base.generation_config
+    device = next(model.parameters()).device
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        model.eval()
+        # generate() fills every unset field from model.generation_config: start from a clean one.
+        base.generation_config = GenerationConfig()
+        with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None), torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield
+    finally:
+        base.generation_config = saved_config
+        model.train(was_training)
+
+
+class HFBackend:
+    """Generate rollouts with ``model.generate``.
+
+    batch_size: the most sequences (prompt x sample rows) per ``generate`` call; None puts all rows in
+    one call. When set, rows are sorted by prompt length before being cut into batches (less padding),
+    and put back in prompt-major order afterwards. Sampled outputs for a given seed depend on the
+    batching; greedy outputs do not.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int | None = None) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.eos_ids = eos_token_ids(tokenizer, model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_samples: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int | None,
+    ) -> Rollouts:
+        """Sample `num_samples` responses per prompt; rows are prompt-major (see `Rollouts`)."""
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("prompt_ids must be a non-empty list of non-empty token-id lists")
+        if num_samples < 1 or max_new_tokens < 1:
+            raise ValueError(f"need num_samples >= 1 and max_new_tokens >= 1, got {num_samples}, {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+
+        rows = [p for p in range(len(prompt_ids)) for _ in range(num_samples)]  # prompt-major
+        order = list(range(len(rows)))
+        if self.batch_size is not None:
+            order.sort(key=lambda r: len(prompt_ids[rows[r]]))  # stable: samples of a prompt stay together
+        step = self.batch_size or len(rows)
+        config = self._config(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+
+        generated: list[torch.Tensor] = [torch.empty(0)] * len(rows)  # row -> [T_row] new tokens
+        with _generation_state(self.model, seed):
+            for start in range(0, len(order), step):
+                batch = order[start : start + step]
+                new_tokens = self._generate_batch([prompt_ids[rows[r]] for r in batch], config)  # [b, T_b]
+                for r, tokens in zip(batch, new_tokens, strict=True):
+                    generated[r] = tokens
+
+        # Outside inference mode from here on, so the tensors can feed a training forward pass.
+        width = max(len(t) for t in generated)
+        tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # [B, T]
+        for r, row_tokens in enumerate(generated):
+            tokens[r, : len(row_tokens)] = row_tokens.cpu()
+        response_ids, response_mask, lengths, truncated = cut_at_eos(tokens, self.eos_ids, self.pad_id)
+        texts = self.tokenizer.batch_decode(
+            [ids[:n].tolist() for ids, n in zip(response_ids, lengths, strict=True)], skip_special_tokens=True
+        )
+        return Rollouts(
+            prompt_index=torch.tensor(rows, dtype=torch.long),
+            prompt_lengths=torch.tensor([len(prompt_ids[p]) for p in rows], dtype=torch.long),
+            response_ids=response_ids,
+            response_mask=response_mask,
+            lengths=lengths,
+            truncated=truncated,
+            texts=texts,
+        )
+
+    def _config(self, *, temperature: float, top_p: float, max_new_tokens: int) -> GenerationConfig:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+            num_beams=1,
+            **(sampling if temperature > 0 else {"do_sample": False}),
+        )
+
+    def _generate_batch(self, prompts: list[list[int]], config: GenerationConfig) -> torch.Tensor:
+        """Left-pad `prompts`, generate, and return only the new tokens: [b, T_b]."""
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # [b, P]
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [b, P]
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention_mask[i, width - len(p) :] = 1
+        out = self.model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+        )  # [b, P + T_b]
+        return out[:, width:]
