@@ -1,4 +1,4 @@
-"""Problems in one schema: benchmark loaders and a generic JSONL / Parquet loader."""
+"""Problems in one schema: benchmark loaders, a generic JSONL / Parquet loader, generated tasks."""
 
 from selfdistill.data.benchmarks import (
     BENCHMARKS,
@@ -9,13 +9,18 @@ from selfdistill.data.benchmarks import (
     load_problems,
     resolve_data_root,
 )
+from selfdistill.data.synthetic import SYNTHETIC_TASKS, arithmetic_word_problems, make_splits, operation_chains
 
 __all__ = [
     "BENCHMARKS",
     "DATA_ROOT_ENV",
+    "SYNTHETIC_TASKS",
     "DataFormatError",
     "Problem",
+    "arithmetic_word_problems",
     "load_benchmark",
     "load_problems",
+    "make_splits",
+    "operation_chains",
     "resolve_data_root",
 ]
