@@ -1,0 +1,144 @@
+"""Checkpoints written atomically: a run killed mid-write resumes from the previous complete one.
+
+Layout of `<run>/checkpoint-<step>/`:
+    model.safetensors | adapter/      full weights, or the LoRA adapter (loadable with peft)
+    teacher.safetensors               the EMA teacher (ema mode only)
+    optimizer.pt, scheduler.pt        state dicts (loaded with weights_only=True)
+    state.json                        step, data cursor, RNG states, config
+    COMPLETE                          written last; a folder without it is ignored
+Everything is first written to `checkpoint-<step>.tmp`, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+PREFIX = "checkpoint-"
+MARKER = "COMPLETE"
+
+
+@dataclass
+class TrainingState:
+    """What, beside tensors, a run needs to continue exactly."""
+
+    step: int
+    cursor: int
+    config: dict[str, Any]
+
+
+def _is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_weights(model: torch.nn.Module, folder: Path) -> None:
+    """The trainable weights: a peft adapter folder under LoRA, else one safetensors file."""
+    if _is_lora(model):
+        model.save_pretrained(folder / "adapter", safe_serialization=True)
+    else:
+        save_model(model, str(folder / "model.safetensors"))
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    if _is_lora(model):
+        from peft import set_peft_model_state_dict
+
+        state = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{folder}: adapter keys do not match the model: {result.unexpected_keys[:5]}")
+    else:
+        missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=True)
+        if missing or unexpected:
+            raise ValueError(f"{folder}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+
+
+def save_checkpoint(
+    run_dir: Path,
+    state: TrainingState,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    teacher_state: dict[str, torch.Tensor] | None,
+    keep: int,
+) -> Path:
+    """Write `<run>/checkpoint-<step>` atomically and keep only the last `keep` checkpoints."""
+    final = run_dir / f"{PREFIX}{state.step:06d}"
+    tmp = run_dir / f"{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(model, tmp)
+    if teacher_state is not None:
+        tensors = {k: v.detach().clone().contiguous() for k, v in teacher_state.items()}  # unshare tied weights
+        save_file(tensors, str(tmp / "teacher.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+    payload = {"step": state.step, "cursor": state.cursor, "config": state.config,
+               "python_random": _jsonable(random.getstate())}
+    (tmp / "state.json").write_text(json.dumps(payload, indent=1))
+    (tmp / MARKER).write_text("ok\n")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _tuplify(value: Any) -> Any:
+    return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    found = [p for p in Path(run_dir).glob(f"{PREFIX}*") if p.is_dir() and (p / MARKER).exists()
+             and not p.name.endswith(".tmp")]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the latest complete checkpoint of a run folder."""
+    path = Path(path)
+    if (path / MARKER).exists():
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (folders named {PREFIX}<step> with a {MARKER} file)")
+    return found[-1]
+
+
+def read_state(checkpoint: Path) -> TrainingState:
+    payload = json.loads((checkpoint / "state.json").read_text())
+    return TrainingState(step=payload["step"], cursor=payload["cursor"], config=payload["config"])
+
+
+def load_checkpoint(
+    checkpoint: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[TrainingState, dict[str, torch.Tensor] | None]:
+    """Restore weights, optimizer, scheduler and RNG states; returns the state and the EMA teacher."""
+    load_weights(model, checkpoint)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    torch.set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True)["torch"])
+    payload = json.loads((checkpoint / "state.json").read_text())
+    random.setstate(_tuplify(payload["python_random"]))
+    teacher_file = checkpoint / "teacher.safetensors"
+    teacher = load_file(str(teacher_file)) if teacher_file.exists() else None
+    return read_state(checkpoint), teacher

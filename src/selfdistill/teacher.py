@@ -1,0 +1,100 @@
+"""Teacher weights (frozen, live, EMA) and the forward pass that scores responses.
+
+The teacher is the student's own architecture shown the privileged prompt. It always runs without
+gradient. `frozen` under LoRA disables the adapter, so no second copy of the weights is held;
+`frozen` with full fine-tuning keeps one copy of the initial weights; `live` uses the current
+weights; `ema` keeps an exponential moving average of the student.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from selfdistill.prompts import PackedBatch
+
+
+def check_output_layer(model: torch.nn.Module) -> None:
+    """The fused statistics need plain `logits = h @ W.T`; refuse heads that do more."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("an output layer with a bias is not supported by the fused token statistics")
+    config = model.config
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"models with {attr}={getattr(config, attr)} are not supported yet")
+
+
+def response_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
+    """Final (normalized) hidden states at the positions that predict each response token, `[B,T,d]`."""
+    decoder = model.get_decoder()
+    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+    hidden = out.last_hidden_state  # [B,L,d]
+    start = batch.prompt_width - 1
+    return hidden[:, start : start + batch.response_mask.shape[1]]  # [B,T,d]
+
+
+def output_weight(model: torch.nn.Module) -> Tensor:
+    return model.get_output_embeddings().weight  # [V,d]
+
+
+class Teacher:
+    """Runs the teacher forward pass over `teacher_prompt ⊕ response` without gradient."""
+
+    def __init__(self, mode: str, student: torch.nn.Module, *, ema_decay: float = 0.99) -> None:
+        if mode not in ("frozen", "live", "ema"):
+            raise ValueError(f"unknown teacher mode {mode!r}; choose frozen, live or ema")
+        self.mode = mode
+        self.student = student
+        self.ema_decay = ema_decay
+        self.uses_adapter_switch = mode == "frozen" and hasattr(student, "disable_adapter")
+        self.copy: torch.nn.Module | None = None
+        if mode == "ema" or (mode == "frozen" and not self.uses_adapter_switch):
+            self.copy = copy.deepcopy(student).eval()
+            self.copy.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def _model(self) -> Iterator[torch.nn.Module]:
+        if self.copy is not None:
+            yield self.copy
+        elif self.uses_adapter_switch:
+            with self.student.disable_adapter():
+                yield self.student
+        else:
+            yield self.student
+
+    @torch.no_grad()
+    def hidden_states(self, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+        """(`[B,T,d]` teacher hidden states at the response positions, `[V,d]` teacher output weight)."""
+        with self._model() as model:
+            was_training = model.training
+            model.eval()
+            try:
+                hidden = response_hidden_states(model, batch)
+                weight = output_weight(model)
+            finally:
+                model.train(was_training)
+        return hidden.detach(), weight.detach()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """After an optimizer step: move the EMA teacher toward the student."""
+        if self.mode != "ema":
+            return
+        for t, s in zip(self.copy.parameters(), self.student.parameters(), strict=True):
+            t.lerp_(s.detach(), 1.0 - self.ema_decay)
+
+    def state_dict(self) -> dict[str, Tensor] | None:
+        """Only the EMA teacher has state of its own (a frozen copy is rebuilt from the initial weights)."""
+        return None if self.mode != "ema" else dict(self.copy.state_dict())
+
+    def load_state_dict(self, state: dict[str, Tensor] | None) -> None:
+        if self.mode == "ema":
+            if state is None:
+                raise ValueError("resuming an ema-teacher run needs teacher.safetensors in the checkpoint")
+            self.copy.load_state_dict(state, strict=False)

@@ -1,0 +1,448 @@
+"""The on-policy loop: data → prompts → rollouts → rewards → teacher scoring → token statistics →
+objective → update, with checkpoints and several processes through accelerate.
+
+One optimizer step:
+  1. take P prompts (each process its share), sample G responses per prompt from the student;
+  2. grade them → rewards → group advantages;
+  3. in micro-batches: the teacher's hidden states over `teacher_prompt ⊕ response` (no gradient),
+     the student's over `student_prompt ⊕ response`, then the fused output layer + statistics +
+     objective (`tokenstats.hidden_objective`), normalized with the *global* token count;
+  4. gradients summed over micro-batches and processes; a non-finite loss or gradient skips the step;
+  5. AdamW with warm-up + cosine, gradient clipping; the EMA teacher follows.
+
+Every update is exactly on-policy (one update per rollout batch), so the surrogate's ratio is 1 and
+no separate pass for old log-probs is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selfdistill.checkpoint import TrainingState, find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from selfdistill.config import ConfigError, TrainConfig, config_from_dict
+from selfdistill.data import BENCHMARKS, SYNTHETIC_TASKS, Problem, load_benchmark, load_problems
+from selfdistill.grading import Grader
+from selfdistill.models import load_model
+from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, group_advantages, token_weights
+from selfdistill.prompts import PromptBuilder, pack
+from selfdistill.rollout import make_backend
+from selfdistill.teacher import Teacher, check_output_layer, output_weight, response_hidden_states
+from selfdistill.tokenstats import TokenStats, hidden_objective
+
+RewardFn = Callable[[list[str], list[Problem]], list[float]]
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def load_training_problems(config: TrainConfig) -> list[Problem]:
+    """The problems named by `data.dataset`: `synthetic:<task>`, a benchmark name, or a file."""
+    data = config.data
+    if data.dataset.startswith("synthetic:"):
+        task = data.dataset.split(":", 1)[1]
+        if task not in SYNTHETIC_TASKS:
+            raise ConfigError(f"data.dataset: unknown synthetic task {task!r}; choose one of {sorted(SYNTHETIC_TASKS)}")
+        return SYNTHETIC_TASKS[task](data.num_problems, seed=config.optim.seed, **data.task_options)
+    if data.dataset in BENCHMARKS:
+        problems = load_benchmark(data.dataset, root=data.root, split=data.split)
+    else:
+        path = Path(data.dataset)
+        if not path.exists():
+            raise ConfigError(f"data.dataset: {data.dataset!r} is no synthetic task, benchmark or existing file")
+        problems = load_problems(path)
+    return problems[: data.num_problems] if data.num_problems else problems
+
+
+def _seed_for(*parts: int) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def epoch_order(num_problems: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    order = list(range(num_problems))
+    if shuffle:
+        random.Random(_seed_for(seed, epoch)).shuffle(order)
+    return order
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay toward `min_ratio`, reached after the last step."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# a step's rollouts
+
+
+@dataclass
+class RolloutGroup:
+    """This process's rollouts for one step, prompt-major (G rows per prompt)."""
+
+    problems: list[Problem]  # [P_local]
+    prompt_of_row: list[int]  # [B] index into problems
+    responses: list[list[int]]  # [B] response token ids, cut after EOS
+    texts: list[str]  # [B]
+    truncated: list[bool]  # [B]
+    rewards: Tensor  # [B]
+
+
+@dataclass
+class StepLog:
+    values: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, value: float, weight: float = 1.0) -> None:
+        self.values[name] = self.values.get(name, 0.0) + float(value) * weight
+        self.weights[name] = self.weights.get(name, 0.0) + weight
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.weights[k] if self.weights[k] else 0.0 for k, v in self.values.items()}
+
+
+class Trainer:
+    """Holds the model, optimizer, teacher and data cursor of one run; `run()` trains it."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        run_dir: str | Path | None = None,
+        resume: str | Path | None = None,
+        reward_fn: RewardFn | None = None,
+    ):
+        """`reward_fn(completions, problems) -> rewards` replaces math grading against `problem.answer`."""
+        from accelerate import Accelerator
+
+        self.config = config
+        self.reward_fn = reward_fn
+        self.objective = OBJECTIVES[config.objective.method]
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.device = self.accelerator.device
+        if config.rollout.prompts_per_step % self.world:
+            raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must be divisible by "
+                              f"the number of processes ({self.world})")
+        torch.manual_seed(config.optim.seed)
+        random.seed(config.optim.seed)
+
+        self.problems = load_training_problems(config)
+        if not self.problems:
+            raise ConfigError(f"data.dataset: {config.data.dataset!r} gave no problems")
+        dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
+        self.model, self.tokenizer = load_model(config.model.path, dtype=dtype)
+        check_output_layer(self.model)
+        self.prompts = PromptBuilder(
+            self.tokenizer, template=config.data.template, max_prompt_tokens=config.data.max_prompt_tokens,
+            enable_thinking=config.data.enable_thinking, system_prompt=config.data.system_prompt,
+        )
+        self._check_prompts()
+        self.model = self._prepare_model(self.model).to(self.device)
+        self.teacher = Teacher(config.objective.teacher, self.model, ema_decay=config.objective.ema_decay) \
+            if self.objective.needs_teacher else None
+        self.backend = make_backend(config.rollout.backend, self.model, self.tokenizer,
+                                    batch_size=config.rollout.generation_batch_size or None)
+        self.pad_id = self.backend.pad_id
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=optim.adam_betas,
+                                           weight_decay=optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, warmup_steps=optim.warmup_steps, total_steps=optim.steps,
+                                min_ratio=optim.min_lr_ratio),
+        )
+        self.grader = Grader(workers=2)
+        self.step = 0
+        self.cursor = 0
+        self.run_dir = Path(run_dir or config.logging.output_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
+        if resume is not None:
+            checkpoint = find_checkpoint(resume)
+            state, teacher_state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer,
+                                                   scheduler=self.scheduler)
+            if self.teacher is not None:
+                self.teacher.load_state_dict(teacher_state)
+            self.step, self.cursor = state.step, state.cursor
+            if run_dir is None and config.logging.output_dir is None:
+                self.run_dir = checkpoint.parent
+        self.is_main = self.accelerator.is_main_process
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            self._truncate_log(self.run_dir / "metrics.jsonl")
+            self._truncate_log(self.run_dir / "samples.jsonl")
+        self.writer = None
+        if self.is_main and config.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # -- set-up
+
+    def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        cfg = self.config.model
+        if cfg.lora_rank > 0:
+            from peft import LoraConfig, get_peft_model
+
+            names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+            targets = [t for t in cfg.lora_targets if t in names]
+            if not targets:
+                raise ConfigError(f"model.lora_targets: none of {cfg.lora_targets} is a module of this model")
+            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=targets, bias="none", task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.lora_rank > 0:
+                model.enable_input_require_grads()
+        model.train()
+        return model
+
+    def _check_prompts(self) -> None:
+        """Fail before the first rollout if any prompt is over the limit or lacks its context."""
+        for problem in self.problems:
+            self.prompts.student_ids(problem)
+            if self.objective.needs_teacher and self.prompts.template.context != "sibling":
+                self.prompts.teacher_ids(problem)
+
+    def _truncate_log(self, path: Path) -> None:
+        """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    # -- one step
+
+    def _step_problems(self) -> list[tuple[int, Problem]]:
+        """This process's (global prompt index, problem) pairs for the current step."""
+        total = self.config.rollout.prompts_per_step
+        picked = []
+        for k in range(self.cursor, self.cursor + total):
+            epoch, offset = divmod(k, len(self.problems))
+            order = epoch_order(len(self.problems), epoch, self.config.optim.seed, self.config.data.shuffle)
+            picked.append((k, self.problems[order[offset]]))
+        return picked[self.rank :: self.world]
+
+    def _rollouts(self, picked: list[tuple[int, Problem]]) -> RolloutGroup:
+        cfg = self.config.rollout
+        responses, texts, truncated, prompt_of_row = [], [], [], []
+        for local, (k, problem) in enumerate(picked):
+            # Seeded per global prompt: the same samples whichever process draws the prompt.
+            out = self.backend.generate([self.prompts.student_ids(problem)], num_samples=cfg.group_size,
+                                        temperature=cfg.temperature, top_p=cfg.top_p,
+                                        max_new_tokens=cfg.max_new_tokens, seed=_seed_for(self.config.optim.seed, k))
+            for row in range(len(out)):
+                responses.append(out.response_ids[row, : out.lengths[row]].tolist())
+                texts.append(out.texts[row])
+                truncated.append(bool(out.truncated[row]))
+                prompt_of_row.append(local)
+        row_problems = [picked[p][1] for p in prompt_of_row]
+        if self.reward_fn is None:
+            scores = self.grader.grade_many(texts, [p.answer for p in row_problems])
+        else:
+            scores = self.reward_fn(texts, row_problems)
+        rewards = torch.tensor(scores, dtype=torch.float32)
+        return RolloutGroup([p for _, p in picked], prompt_of_row, responses, texts, truncated, rewards)
+
+    def _teacher_prompt(self, group: RolloutGroup, row: int) -> list[int]:
+        problem = group.problems[group.prompt_of_row[row]]
+        if self.prompts.template.context != "sibling":
+            return self.prompts.teacher_ids(problem)
+        siblings = [r for r in range(len(group.texts)) if group.prompt_of_row[r] == group.prompt_of_row[row]
+                    and r != row and group.rewards[r] > 0]
+        if not siblings:  # no successful sibling: the teacher sees what the student sees (δ = 0)
+            return self.prompts.student_ids(problem)
+        return self.prompts.teacher_ids(problem, sibling=group.texts[siblings[0]])
+
+    def _all_reduce(self, tensor: Tensor) -> Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def _sync_gradients(self) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def _update(self, group: RolloutGroup, log: StepLog) -> float:
+        cfg = self.config
+        G = cfg.rollout.group_size
+        group_adv = group_advantages(group.rewards, G, std_normalize=self.objective.std_normalize)  # [B]
+        lengths = torch.tensor([len(r) for r in group.responses], dtype=torch.float32)  # [B]
+        counts = self._all_reduce(torch.stack([lengths.sum(), torch.tensor(float(len(lengths)))]))
+        global_tokens, global_sequences = counts.tolist()
+        aggregation = cfg.objective.aggregation or self.objective.aggregation
+        knobs = cfg.objective.knobs()
+        spec = cfg.objective.divergence_spec()
+        weight = output_weight(self.model)
+        total_loss = torch.zeros(())
+        B = len(group.responses)
+        for start in range(0, B, cfg.optim.micro_batch_size):
+            rows = list(range(start, min(start + cfg.optim.micro_batch_size, B)))
+            responses = [group.responses[r] for r in rows]
+            student = pack([self.prompts.student_ids(group.problems[group.prompt_of_row[r]]) for r in rows],
+                           responses, pad_id=self.pad_id).to(self.device)
+            mask = student.response_mask  # [b,T]
+            tokens = student.response_ids  # [b,T]
+            weights = token_weights(mask, mode=aggregation, global_tokens=global_tokens,
+                                    global_sequences=global_sequences, norm_length=cfg.rollout.max_new_tokens)
+            adv = group_adv[rows].to(self.device)  # [b]
+            teacher_hidden = teacher_weight = None
+            if self.teacher is not None:
+                teacher = pack([self._teacher_prompt(group, r) for r in rows], responses,
+                               pad_id=self.pad_id).to(self.device)
+                teacher_hidden, teacher_weight = self.teacher.hidden_states(teacher)  # [b,T,d], [V,d]
+
+            def block_loss(stats: TokenStats, block: slice, mask=mask, adv=adv, weights=weights) -> Tensor:
+                batch = ObjectiveBatch(stats=stats, mask=mask[block], group_adv=adv[block])
+                loss, diagnostics = self.objective(batch, **knobs)
+                n = float(mask[block].sum())
+                for name, value in diagnostics.items():
+                    log.add(name, value.item(), n)
+                return (loss * weights[block]).sum()
+
+            hidden = response_hidden_states(self.model, student)  # [b,T,d]
+            loss, stats = hidden_objective(hidden, weight, tokens, block_loss, temperature=cfg.rollout.temperature,
+                                           teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                                           divergence=spec, chunk_tokens=cfg.optim.chunk_tokens)
+            loss.backward()
+            total_loss += loss.detach().float().cpu()
+            n = float(mask.sum())
+            log.add("entropy", float((stats.entropy * mask).sum()) / max(n, 1), n)
+            if stats.teacher_entropy is not None:
+                log.add("teacher_entropy", float((stats.teacher_entropy * mask).sum()) / max(n, 1), n)
+                log.add("teacher_logp_gap", float(((stats.teacher_logp - stats.logp) * mask).sum()) / max(n, 1), n)
+            if stats.divergence is not None:
+                log.add("divergence", float((stats.divergence * mask).sum()) / max(n, 1), n)
+        return float(self._all_reduce(total_loss))
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns the step's metrics."""
+        t0 = time.perf_counter()
+        picked = self._step_problems()
+        group = self._rollouts(picked)
+        t_rollout = time.perf_counter() - t0
+        log = StepLog()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._update(group, log)
+        self._sync_gradients()
+        max_norm = self.config.optim.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)  # weights and optimizer state untouched
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.teacher is not None:
+                self.teacher.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.cursor += self.config.rollout.prompts_per_step
+        lengths = torch.tensor([len(r) for r in group.responses], dtype=torch.float32)
+        local = torch.tensor([group.rewards.sum(), len(group.rewards), lengths.sum(), sum(group.truncated)],
+                             dtype=torch.float64)
+        reward_sum, rows, length_sum, truncated = self._all_reduce(local).tolist()
+        metrics = {
+            "step": self.step,
+            "loss": loss,
+            "reward": reward_sum / rows,
+            "accuracy": reward_sum / rows,
+            "response_length": length_sum / rows,
+            "truncation_rate": truncated / rows,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "skipped": int(skipped),
+            "processes": self.world,
+            **log.means(),
+            "seconds_rollout": t_rollout,
+            "seconds": time.perf_counter() - t0,
+        }
+        if self.is_main:
+            self._log(metrics, group)
+        return metrics
+
+    # -- logging and checkpoints
+
+    def _log(self, metrics: dict[str, Any], group: RolloutGroup) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for name, value in metrics.items():
+                if name != "step":
+                    self.writer.add_scalar(name, value, self.step)
+            self.writer.flush()
+        cfg = self.config.logging
+        if cfg.sample_every and self.step % cfg.sample_every == 0:
+            with open(self.run_dir / "samples.jsonl", "a") as f:
+                for row in range(min(cfg.samples_per_step, len(group.texts))):
+                    problem = group.problems[group.prompt_of_row[row]]
+                    f.write(json.dumps({"step": self.step, "problem_id": problem.id, "problem": problem.problem,
+                                        "gold": problem.answer, "completion": group.texts[row],
+                                        "reward": float(group.rewards[row]),
+                                        "truncated": group.truncated[row]}) + "\n")
+
+    def save(self) -> Path | None:
+        if not self.is_main:
+            return None
+        state = TrainingState(step=self.step, cursor=self.cursor, config=self.config.to_dict())
+        return save_checkpoint(self.run_dir, state, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler,
+                               teacher_state=None if self.teacher is None else self.teacher.state_dict(),
+                               keep=self.config.logging.keep_checkpoints)
+
+    def run(self, *, until: int | None = None, callback: Callable[[dict], None] | None = None) -> Path:
+        """Train until `optim.steps` (or stop early after step `until`), checkpoint, return the run folder."""
+        from selfdistill.progress import StepProgress
+
+        total = self.config.optim.steps if until is None else min(until, self.config.optim.steps)
+        every = self.config.logging.checkpoint_every
+        with StepProgress(total, start=self.step, enabled=self.is_main and self.config.logging.progress) as bar:
+            while self.step < total:
+                metrics = self.train_step()
+                bar.update(metrics)
+                if callback is not None:
+                    callback(metrics)
+                if every and self.step % every == 0 and self.step < total:
+                    self.save()
+        self.save()
+        if self.writer is not None:
+            self.writer.close()
+        self.grader.close()
+        return self.run_dir
+
+
+def train(config: TrainConfig, *, run_dir: str | Path | None = None) -> Path:
+    """Train with `config`; returns the run folder (metrics.jsonl, samples.jsonl, checkpoints)."""
+    return Trainer(config, run_dir=run_dir).run()
+
+
+def resume(path: str | Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Continue a run from its latest complete checkpoint (or the checkpoint folder given)."""
+    checkpoint = find_checkpoint(path)
+    values = read_state(checkpoint).config
+    for section, entries in (overrides or {}).items():
+        values.setdefault(section, {}).update(entries)
+    return Trainer(config_from_dict(values), resume=checkpoint).run()
