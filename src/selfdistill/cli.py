@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -35,6 +36,12 @@ def _grade(args: argparse.Namespace) -> int:
     return 0
 
 
+# Modules that add their own sub-commands: each defines `register(commands)`, where `commands` is the
+# argparse sub-parser collection; the handler is set with `set_defaults(func=...)` and returns an exit
+# code. Keep their top-level imports light: heavy imports belong inside the handlers.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfdistill", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -53,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--out", help="verdicts JSONL (default: <file stem>.graded.jsonl)")
     grade.add_argument("--timeout", type=float, default=5.0, help="seconds per completion")
     grade.set_defaults(func=_grade)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands)
     return parser
 
 
