@@ -15,7 +15,7 @@ from selfdistill.data import (
     load_benchmark,
     load_problems,
 )
-from selfdistill.data.benchmarks import last_boxed
+from selfdistill.grading import last_boxed
 
 EXPECTED_ROWS = {
     ("aime24", "test"): 30,
@@ -106,7 +106,7 @@ def test_last_boxed():
     assert last_boxed("\\boxed {5}") == "5"
     assert last_boxed("\\boxed{}") == ""
     assert last_boxed("no box here {}") is None
-    assert last_boxed("\\boxed{1} then \\boxed{2") is None  # the last one is never closed
+    assert last_boxed("\\boxed{1} then \\boxed{2") == "1"  # an unclosed box is skipped
 
 
 def test_data_root_from_environment(monkeypatch, data_root):

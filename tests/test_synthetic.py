@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from selfdistill.data.benchmarks import Problem, last_boxed
+from selfdistill.data.benchmarks import Problem
 from selfdistill.data.synthetic import (
     SYNTHETIC_TASKS,
     ChainInstruction,
@@ -21,6 +21,7 @@ from selfdistill.data.synthetic import (
     operation_chains,
     sample_operation_chain,
 )
+from selfdistill.grading import last_boxed
 
 WORD_EQUATION = re.compile(r"(\d+) ([+\-*]) (\d+) = (\d+)")
 CHAIN_LINE = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)")

@@ -130,7 +130,7 @@ def _box_content(text: str, cmd_pos: int, cmd: str, limit: int) -> tuple[str | N
     return (text[i:j] or None), False
 
 
-def _last_box(text: str) -> str | None:
+def last_boxed(text: str) -> str | None:
     """Content of the last complete ``\\boxed``/``\\fbox`` in ``text``.
 
     A box whose ``{`` is never closed (a truncated one) is skipped. No earlier box can close after
@@ -183,7 +183,7 @@ def extract_answer(text: str, *, fallback: bool = True) -> str | None:
     period and ``$`` stripped) is used, then the last GSM8K-style ``#### X`` (commas removed).
     An empty answer counts as none.
     """
-    boxed = _last_box(text)
+    boxed = last_boxed(text)
     if boxed is not None:
         boxed = boxed.strip()
         return boxed or None
@@ -620,7 +620,7 @@ def _gold_text(gold: object, index: int) -> str:
     if isinstance(gold, bool) or not isinstance(gold, (str, int, float)):
         raise TypeError(f"gold {index} is {type(gold).__name__}, expected str")
     text = str(gold)
-    boxed = _last_box(text) if ("\\boxed" in text or "\\fbox" in text) else None
+    boxed = last_boxed(text) if ("\\boxed" in text or "\\fbox" in text) else None
     return (boxed if boxed is not None else text).strip().strip("$").strip()
 
 

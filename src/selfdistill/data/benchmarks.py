@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from selfdistill.grading import last_boxed
+
 DATA_ROOT_ENV = "SELFDISTILL_DATA_ROOT"
 
 # Field names tried, in order, when load_problems is given no mapping.
@@ -63,43 +65,8 @@ class _RowFields(NamedTuple):
 # Text helpers
 
 
-_BOXED = re.compile(r"\\boxed\s*\{")
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")  # GSM8K's "<<48/2=24>>" annotations
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
-
-
-def _braced_content(text: str, open_index: int) -> str | None:
-    """The text between the brace at `open_index` and its matching close, or None if unclosed.
-
-    Backslash-escaped braces (`\\{`, `\\}`) are content, not structure.
-    """
-    depth = 0
-    index = open_index
-    while index < len(text):
-        char = text[index]
-        if char == "\\":
-            index += 2  # skip the escaped character
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_index + 1 : index]
-        index += 1
-    return None
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` in `text`, nested braces matched.
-
-    Returns None when there is no `\\boxed{` or the last one is never closed. Used here to read
-    Minerva's answers out of its solutions; answer grading lives in `selfdistill.grading`.
-    """
-    matches = list(_BOXED.finditer(text))
-    if not matches:
-        return None
-    return _braced_content(text, matches[-1].end() - 1)
 
 
 def _answer_text(value: Any) -> str:
