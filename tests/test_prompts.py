@@ -46,10 +46,14 @@ PROBLEM = Problem(
 
 
 def test_templates_are_the_documented_ones():
-    assert set(TEMPLATES) == {"opsd", "opsd_mild", "opsd_hardened", "answer_only", "sibling"}
+    assert set(TEMPLATES) == {"opsd", "opsd_mild", "opsd_hardened", "answer_only", "sibling", "concise"}
     student = "Problem: {problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-    assert all(template.student == student for template in TEMPLATES.values())
-    assert [TEMPLATES[name].context for name in TEMPLATES] == ["solution"] * 3 + ["answer", "sibling"]
+    opsd_family = [name for name in TEMPLATES if name != "concise"]
+    assert all(TEMPLATES[name].student == student for name in opsd_family)
+    assert [TEMPLATES[name].context for name in TEMPLATES] == ["solution"] * 3 + ["answer", "sibling", "solution"]
+    concise = TEMPLATES["concise"]
+    assert concise.student.endswith("put the final answer within \\boxed{}.")
+    assert concise.teacher.endswith(concise.student.split("\n\n", 1)[1])  # the same instruction for both
     assert "rationale behind each step" in TEMPLATES["opsd"].teacher
     assert "using your own approach below:" in TEMPLATES["opsd_mild"].teacher
     assert "do not copy or paraphrase it" in TEMPLATES["opsd_hardened"].teacher

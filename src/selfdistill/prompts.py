@@ -29,9 +29,13 @@ _INSTRUCTION = "Please reason step by step, and put your final answer within \\b
 _STUDENT = "Problem: {problem}\n\n" + _INSTRUCTION
 
 
-def _teacher_message(context_block: str, transition: str) -> str:
+def _teacher_message(context_block: str, transition: str, instruction: str = _INSTRUCTION) -> str:
     """The OPSD release layout: problem, context, a transition ("guard") line, the instruction."""
-    return "{problem}\n\n" + context_block + "\n\n\n" + transition + "\n\n" + _INSTRUCTION
+    return "{problem}\n\n" + context_block + "\n\n\n" + transition + "\n\n" + instruction
+
+
+# For small models that ramble under "reason step by step": ask for a short worked answer.
+_SHORT_INSTRUCTION = "Give a short calculation and put the final answer within \\boxed{}."
 
 
 _REFERENCE_SOLUTION = "Here is a reference solution to this problem:\n{solution}"
@@ -115,6 +119,13 @@ TEMPLATES: dict[str, PromptTemplate] = {
             "approach below:",
         ),
         "sibling",
+    ),
+    # Short answers (the CPU demo's SmolLM2-135M): the same instruction for student and teacher.
+    "concise": PromptTemplate(
+        "concise",
+        "{problem}\n\n" + _SHORT_INSTRUCTION,
+        _teacher_message(_REFERENCE_SOLUTION, _MILD_TRANSITION, _SHORT_INSTRUCTION),
+        "solution",
     ),
 }
 DEFAULT_TEMPLATE = "opsd_mild"

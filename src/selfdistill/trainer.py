@@ -123,8 +123,10 @@ class Trainer:
         run_dir: str | Path | None = None,
         resume: str | Path | None = None,
         reward_fn: RewardFn | None = None,
+        problems: list[Problem] | None = None,
     ):
-        """`reward_fn(completions, problems) -> rewards` replaces math grading against `problem.answer`."""
+        """`reward_fn(completions, problems) -> rewards` replaces math grading against `problem.answer`;
+        `problems` replaces the ones `data.dataset` names (e.g. a split made by the caller)."""
         from accelerate import Accelerator
 
         self.config = config
@@ -140,7 +142,7 @@ class Trainer:
         torch.manual_seed(config.optim.seed)
         random.seed(config.optim.seed)
 
-        self.problems = load_training_problems(config)
+        self.problems = load_training_problems(config) if problems is None else list(problems)
         if not self.problems:
             raise ConfigError(f"data.dataset: {config.data.dataset!r} gave no problems")
         dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
