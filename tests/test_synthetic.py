@@ -18,6 +18,7 @@ from selfdistill.data.synthetic import (
     OperationChain,
     arithmetic_word_problems,
     make_splits,
+    number_sums,
     operation_chains,
     sample_operation_chain,
 )
@@ -123,7 +124,7 @@ def test_ids_sources_and_distinct_texts(name):
     for problem in problems:
         assert problem.answer.strip() and problem.answer.isdigit()
         assert problem.solution.endswith(
-            f"\\boxed{{{problem.answer}}}" + ("." if name == "arithmetic_word_problems" else "")
+            f"\\boxed{{{problem.answer}}}" + ("." if name in ("arithmetic_word_problems", "number_sums") else "")
         )
 
 
@@ -309,3 +310,23 @@ def test_splits_pass_options_and_accept_a_generator():
 
     with pytest.raises(ValueError, match="overlap"):
         make_splits(repeating, 2, 2, seed=0)
+
+
+def test_number_sums_are_correct_distinct_and_seeded():
+    problems = number_sums(60, seed=3, terms=(2, 3), max_value=20)
+    assert problems == number_sums(60, seed=3, terms=(2, 3), max_value=20)
+    assert problems != number_sums(60, seed=4, terms=(2, 3), max_value=20)
+    assert len({p.problem for p in problems}) == 60
+    seen_terms = set()
+    for p in problems:
+        operands = [int(x) for x in p.problem.removeprefix("What is ").removesuffix("?").split(" + ")]
+        seen_terms.add(len(operands))
+        assert all(1 <= x <= 20 for x in operands)
+        assert p.answer == str(sum(operands)) == last_boxed(p.solution)
+        for line in p.solution.split(". The answer")[0].split(", then "):
+            left, right = line.lower().split(" = ")
+            a, b = (int(x) for x in left.split(" + "))
+            assert a + b == int(right)
+    assert seen_terms == {2, 3}
+    with pytest.raises(ValueError, match="terms"):
+        number_sums(3, seed=0, terms=(1,))

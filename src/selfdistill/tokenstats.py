@@ -77,14 +77,13 @@ class TokenStats:
 # the math on one block of float32 logits
 
 
-def divergence_terms(student_logits: Tensor, teacher_logits: Tensor, spec: DivergenceSpec) -> Tensor:
-    """Per-vocabulary-entry divergence terms `[..., V]` (or `[..., k]` with top-k), float32 logits in."""
+def divergence_terms(student_logp: Tensor, teacher_logp: Tensor, spec: DivergenceSpec) -> Tensor:
+    """Per-vocabulary-entry divergence terms `[..., V]` (or `[..., k]` with top-k) from float32 log-probs."""
     if spec.top_k is not None:
-        top = teacher_logits.topk(min(spec.top_k, teacher_logits.shape[-1]), dim=-1).indices  # [..., k]
-        student_logits = student_logits.gather(-1, top)  # [..., k]
-        teacher_logits = teacher_logits.gather(-1, top)  # [..., k]
-    s_logp = student_logits.log_softmax(-1)  # [..., V]
-    t_logp = teacher_logits.log_softmax(-1)  # [..., V]
+        top = teacher_logp.topk(min(spec.top_k, teacher_logp.shape[-1]), dim=-1).indices  # [..., k]
+        student_logp = student_logp.gather(-1, top).log_softmax(-1)  # [..., k] renormalized
+        teacher_logp = teacher_logp.gather(-1, top).log_softmax(-1)  # [..., k]
+    s_logp, t_logp = student_logp, teacher_logp
     if spec.beta == 0.0:
         terms = t_logp.exp() * (t_logp - s_logp)  # KL(T‖S) terms
     elif spec.beta == 1.0:
@@ -99,6 +98,11 @@ def divergence_terms(student_logits: Tensor, teacher_logits: Tensor, spec: Diver
     return terms
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    logits = logits.float()  # no copy when already float32
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def _block_stats(
     student_logits: Tensor,
     tokens: Tensor,
@@ -107,18 +111,18 @@ def _block_stats(
     divergence: DivergenceSpec | None,
 ) -> tuple[Tensor | None, ...]:
     """(logp, entropy, teacher_logp, teacher_entropy, divergence), each `[n]`, from `[n,V]` logits."""
-    s = student_logits.float() / temperature  # [n,V]
+    s = _scaled(student_logits, temperature)  # [n,V] float32
     s_logp_all = s.log_softmax(-1)  # [n,V]
     logp = s_logp_all.gather(-1, tokens[:, None]).squeeze(-1)  # [n]
     entropy = -(s_logp_all.exp() * s_logp_all).sum(-1)  # [n]
     t_logp = t_entropy = div = None
     if teacher_logits is not None:
-        t = teacher_logits.float() / temperature  # [n,V]
+        t = _scaled(teacher_logits, temperature)  # [n,V] float32
         t_logp_all = t.log_softmax(-1)  # [n,V]
         t_logp = t_logp_all.gather(-1, tokens[:, None]).squeeze(-1)  # [n]
         t_entropy = -(t_logp_all.exp() * t_logp_all).sum(-1)  # [n]
         if divergence is not None:
-            div = divergence_terms(s, t, divergence).sum(-1)  # [n]
+            div = divergence_terms(s_logp_all, t_logp_all, divergence).sum(-1)  # [n]
     return logp, entropy, t_logp, t_entropy, div
 
 

@@ -9,7 +9,13 @@ from selfdistill.data.benchmarks import (
     load_problems,
     resolve_data_root,
 )
-from selfdistill.data.synthetic import SYNTHETIC_TASKS, arithmetic_word_problems, make_splits, operation_chains
+from selfdistill.data.synthetic import (
+    SYNTHETIC_TASKS,
+    arithmetic_word_problems,
+    make_splits,
+    number_sums,
+    operation_chains,
+)
 
 __all__ = [
     "BENCHMARKS",
@@ -21,6 +27,7 @@ __all__ = [
     "load_benchmark",
     "load_problems",
     "make_splits",
+    "number_sums",
     "operation_chains",
     "resolve_data_root",
 ]

@@ -24,6 +24,7 @@ from typing import Any
 from selfdistill.data.benchmarks import Problem
 
 ARITHMETIC_WORD_PROBLEMS = "arithmetic_word_problems"
+NUMBER_SUMS = "number_sums"
 OPERATION_CHAINS = "operation_chains"
 
 # Draws that may be spent per requested problem before a generator gives up finding distinct texts.
@@ -178,6 +179,36 @@ def arithmetic_word_problems(n: int, *, seed: int, steps: Iterable[int] = (1, 2)
         seed,
         lambda: _arithmetic_word_problem(rng, rng.choice(allowed_steps), max_value),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Sums of a few numbers
+
+
+def _number_sum(rng: random.Random, terms: int, max_value: int) -> tuple[str, str, str]:
+    operands = [rng.randint(1, max_value) for _ in range(terms)]
+    steps, total = [], operands[0]
+    for operand in operands[1:]:
+        steps.append(f"{total} + {operand} = {total + operand}")
+        total += operand
+    problem = f"What is {' + '.join(map(str, operands))}?"
+    solution = ", then ".join(steps) + f". The answer is \\boxed{{{total}}}."
+    return problem, solution[0].upper() + solution[1:], str(total)
+
+
+def number_sums(n: int, *, seed: int, terms: Iterable[int] = (2, 3), max_value: int = 20) -> list[Problem]:
+    """`n` distinct sums such as "What is 12 + 7 + 5?", solved as "12 + 7 = 19, then 19 + 5 = 24.
+    The answer is \\boxed{24}." — the easiest task here, for the smallest pretrained models.
+
+    terms: the allowed numbers of terms (each at least 2); max_value: the largest term (terms are >= 1).
+    """
+    allowed_terms = sorted(set(terms))
+    if not allowed_terms or any(isinstance(t, bool) or not isinstance(t, int) or t < 2 for t in allowed_terms):
+        raise ValueError(f"terms must be integers of at least 2, got {tuple(terms)!r}")
+    if isinstance(max_value, bool) or not isinstance(max_value, int) or max_value < 1:
+        raise ValueError(f"max_value must be a positive integer, got {max_value!r}")
+    rng = random.Random(seed)
+    return _distinct_problems(NUMBER_SUMS, n, seed, lambda: _number_sum(rng, rng.choice(allowed_terms), max_value))
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,6 +489,7 @@ def operation_chains(
 
 SYNTHETIC_TASKS: dict[str, Callable[..., list[Problem]]] = {
     ARITHMETIC_WORD_PROBLEMS: arithmetic_word_problems,
+    NUMBER_SUMS: number_sums,
     OPERATION_CHAINS: operation_chains,
 }
 
