@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -39,7 +40,7 @@ def _grade(args: argparse.Namespace) -> int:
 # Modules that add their own sub-commands: each defines `register(commands)`, where `commands` is the
 # argparse sub-parser collection; the handler is set with `set_defaults(func=...)` and returns an exit
 # code. Keep their top-level imports light: heavy imports belong inside the handlers.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("selfdistill.demo", "selfdistill.evaluation.command", "selfdistill.study.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # peft asks transformers for a renamed attribute; the warning is not the user's to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from selfdistill.config import ConfigError
 
