@@ -1,4 +1,5 @@
-"""Evaluation: accuracy over samples (Avg@k, pass@k, maj@k) and reasoning-health metrics."""
+"""Evaluation: accuracy over samples (Avg@k, pass@k, maj@k), reasoning-health metrics, and the runner
+that samples, grades and summarizes benchmarks (`evaluate_problems`, `summarize`)."""
 
 from selfdistill.evaluation.metrics import (
     EPISTEMIC_MARKERS,
@@ -16,18 +17,35 @@ from selfdistill.evaluation.metrics import (
     truncation_rate,
 )
 
+# The runner pulls in torch and transformers; it is imported on first use of one of its names, so that
+# `selfdistill --help` and code that only needs the metrics stay fast.
+_RUNNER_EXPORTS = ("SampleRecord", "evaluate_problems", "problem_seed", "summarize")
+
+
+def __getattr__(name: str) -> object:
+    if name in _RUNNER_EXPORTS:
+        from selfdistill.evaluation import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "EPISTEMIC_MARKERS",
+    "SampleRecord",
     "avg_at_k",
     "entropy_stats",
     "epistemic_density",
     "epistemic_markers",
+    "evaluate_problems",
     "macro_average",
     "maj_at_k",
     "majority_vote",
     "pass_at_k",
     "pass_at_k_table",
+    "problem_seed",
     "repetition_rate",
     "response_length",
+    "summarize",
     "truncation_rate",
 ]

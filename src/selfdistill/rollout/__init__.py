@@ -5,8 +5,9 @@ prompt 0 come first, then those of prompt 1, and so on; ``prompt_index`` says wh
 came from. Responses are cut at their first EOS token, which stays *inside* the response mask even
 when the pad token equals the EOS token (otherwise the model never learns to stop).
 
-Backends: ``"hf"`` (transformers ``generate``, CPU or GPU). ``"vllm"`` is reserved for an optional
-GPU backend.
+Backends: ``"hf"`` (transformers ``generate``, CPU or GPU) and ``"vllm"`` (`selfdistill.rollout.vllm`,
+GPU, optional: ``pip install selfdistill[vllm]``; imported only when asked for, and untested here
+because the development machines have no GPU).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class Rollouts:
     lengths: torch.Tensor  # [B] long: number of response tokens (EOS included) = response_mask.sum(1)
     truncated: torch.Tensor  # [B] bool: reached max_new_tokens without producing EOS
     texts: list[str]  # B decoded responses, special tokens removed
+    # [B, T] float or None: entropy (nats) of softmax(logits / temperature) at each response token, 0 where
+    # response_mask is 0. Only filled when the backend is asked for it (HFBackend(return_entropy=True)).
+    token_entropy: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         B, T = self.response_ids.shape
@@ -39,6 +43,8 @@ class Rollouts:
             raise ValueError(f"response_mask has shape {tuple(self.response_mask.shape)}, expected ({B}, {T})")
         if len(self.texts) != B:
             raise ValueError(f"{len(self.texts)} texts for {B} rows")
+        if self.token_entropy is not None and self.token_entropy.shape != (B, T):
+            raise ValueError(f"token_entropy has shape {tuple(self.token_entropy.shape)}, expected ({B}, {T})")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -107,20 +113,16 @@ def cut_at_eos(
 
 def make_backend(name: str, model: Any, tokenizer: Any, **kwargs: Any) -> RolloutBackend:
     """The rollout backend called `name` ("hf" or "vllm") for `model` and `tokenizer`; extra keyword
-    arguments go to the backend (``batch_size`` for "hf")."""
+    arguments go to the backend (``batch_size``, ``return_entropy`` for "hf"; ``adapter`` and
+    ``vllm.LLM`` arguments for "vllm", whose `model` is a model folder or a ``vllm.LLM``)."""
     if name == "hf":
         from selfdistill.rollout.hf import HFBackend
 
         return HFBackend(model, tokenizer, **kwargs)
     if name == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError as err:
-            raise ImportError(
-                "the 'vllm' rollout backend needs vLLM, which is not installed: "
-                "pip install selfdistill[vllm]  (GPU only; use backend 'hf' on CPU)"
-            ) from err
-        raise NotImplementedError("the vLLM rollout backend is not available yet; use backend 'hf'")
+        from selfdistill.rollout.vllm import VLLMBackend  # raises ImportError with the install hint
+
+        return VLLMBackend(model, tokenizer, **kwargs)
     raise ValueError(f"unknown rollout backend {name!r}; choose 'hf' or 'vllm'")
 
 

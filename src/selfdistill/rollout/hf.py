@@ -3,6 +3,11 @@
 Sampling draws from ``softmax(logits / temperature)`` restricted to the top-p nucleus and nothing
 else: the model's own generation defaults (top_k, repetition penalty, ...) are not applied, because
 the training objectives score the responses under exactly that distribution.
+
+With ``return_entropy=True`` the backend also records, at every generated token, the entropy of
+``softmax(logits / temperature)`` (before top-p's cut; plain ``softmax(logits)`` for greedy decoding),
+one float per row and step, so memory stays O(rows x steps) rather than the O(rows x steps x vocabulary)
+of keeping the logits with ``output_logits=True``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from selfdistill.rollout import Rollouts, cut_at_eos, eos_token_ids
 
@@ -39,6 +44,24 @@ def _generation_state(model: Any, seed: int | None) -> Iterator[None]:
         model.train(was_training)
 
 
+class _EntropyRecorder(LogitsProcessor):
+    """Records the entropy of ``softmax(logits / temperature)`` at every generation step.
+
+    ``generate`` runs the processors it is given before its sampling warpers (temperature, top-p), and
+    the clean generation config activates no other processor, so the scores seen here are the raw
+    logits (tests/test_eval.py checks the result against a forward pass). Returns them unchanged.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.scale = 1.0 / temperature if temperature > 0 else 1.0  # greedy: the model's own distribution
+        self.steps: list[torch.Tensor] = []  # one [b] float tensor per generated token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() * self.scale, dim=-1)  # [b, V]
+        self.steps.append(torch.special.entr(probs).sum(dim=-1))  # [b]; entr(0) = 0, so -inf logits are safe
+        return scores
+
+
 class HFBackend:
     """Generate rollouts with ``model.generate``.
 
@@ -46,14 +69,20 @@ class HFBackend:
     one call. When set, rows are sorted by prompt length before being cut into batches (less padding),
     and put back in prompt-major order afterwards. Sampled outputs for a given seed depend on the
     batching; greedy outputs do not.
+
+    return_entropy: also fill ``Rollouts.token_entropy`` (see the module docstring); off by default
+    so training rollouts do not pay for it.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int | None = None) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, *, batch_size: int | None = None, return_entropy: bool = False
+    ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.return_entropy = return_entropy
         self.eos_ids = eos_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -83,12 +112,15 @@ class HFBackend:
         config = self._config(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
 
         generated: list[torch.Tensor] = [torch.empty(0)] * len(rows)  # row -> [T_row] new tokens
+        step_entropy: list[torch.Tensor] = [torch.empty(0)] * len(rows)  # row -> [T_row] entropies
         with _generation_state(self.model, seed):
             for start in range(0, len(order), step):
                 batch = order[start : start + step]
-                new_tokens = self._generate_batch([prompt_ids[rows[r]] for r in batch], config)  # [b, T_b]
-                for r, tokens in zip(batch, new_tokens, strict=True):
-                    generated[r] = tokens
+                new_tokens, entropy = self._generate_batch([prompt_ids[rows[r]] for r in batch], config)  # [b, T_b]
+                for i, r in enumerate(batch):
+                    generated[r] = new_tokens[i]
+                    if entropy is not None:
+                        step_entropy[r] = entropy[i]
 
         # Outside inference mode from here on, so the tensors can feed a training forward pass.
         width = max(len(t) for t in generated)
@@ -96,6 +128,12 @@ class HFBackend:
         for r, row_tokens in enumerate(generated):
             tokens[r, : len(row_tokens)] = row_tokens.cpu()
         response_ids, response_mask, lengths, truncated = cut_at_eos(tokens, self.eos_ids, self.pad_id)
+        token_entropy = None
+        if self.return_entropy:
+            token_entropy = torch.zeros(response_mask.shape, dtype=torch.float32)  # [B, T]
+            for r, row_entropy in enumerate(step_entropy):
+                kept = int(lengths[r])
+                token_entropy[r, :kept] = row_entropy[:kept].cpu()
         texts = self.tokenizer.batch_decode(
             [ids[:n].tolist() for ids, n in zip(response_ids, lengths, strict=True)], skip_special_tokens=True
         )
@@ -107,6 +145,7 @@ class HFBackend:
             lengths=lengths,
             truncated=truncated,
             texts=texts,
+            token_entropy=token_entropy,
         )
 
     def _config(self, *, temperature: float, top_p: float, max_new_tokens: int) -> GenerationConfig:
@@ -120,8 +159,11 @@ class HFBackend:
             **(sampling if temperature > 0 else {"do_sample": False}),
         )
 
-    def _generate_batch(self, prompts: list[list[int]], config: GenerationConfig) -> torch.Tensor:
-        """Left-pad `prompts`, generate, and return only the new tokens: [b, T_b]."""
+    def _generate_batch(
+        self, prompts: list[list[int]], config: GenerationConfig
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Left-pad `prompts`, generate, and return only the new tokens [b, T_b], with their entropies
+        [b, T_b] when return_entropy is set (else None)."""
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # [b, P]
@@ -129,7 +171,15 @@ class HFBackend:
         for i, p in enumerate(prompts):
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention_mask[i, width - len(p) :] = 1
+        recorder = _EntropyRecorder(config.temperature if config.do_sample else 0.0) if self.return_entropy else None
         out = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            logits_processor=LogitsProcessorList([recorder] if recorder is not None else []),
         )  # [b, P + T_b]
-        return out[:, width:]
+        new_tokens = out[:, width:]  # [b, T_b]
+        if recorder is None:
+            return new_tokens, None
+        entropy = torch.stack(recorder.steps, dim=1)  # [b, T_b]
+        return new_tokens, entropy
