@@ -123,8 +123,12 @@ def _row_dependent_loss(stats: TokenStats, rows: slice) -> torch.Tensor:
     return per_token.sum() / (B * T)
 
 
+@pytest.mark.parametrize("subchunk", [2, 64])
 @pytest.mark.parametrize("chunk_tokens", [1, T, 2 * T, 100])
-def test_fused_hidden_objective_matches_naive(chunk_tokens):
+def test_fused_hidden_objective_matches_naive(chunk_tokens, subchunk, monkeypatch):
+    import selfdistill.tokenstats
+
+    monkeypatch.setattr(selfdistill.tokenstats, "SUBCHUNK_TOKENS", subchunk)  # positions per softmax pass
     spec = DivergenceSpec(beta=0.2, clip=0.5)
     h, w, th, tokens = inputs(3)
     ha, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)

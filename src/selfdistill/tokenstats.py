@@ -266,8 +266,21 @@ holds for every objective here: they are per-rollout, and `aggregate` normalizes
 """
 
 
+# Softmax-sized work inside a block is done this many positions at a time, so a block's peak memory is
+# its student and teacher logits plus a few [SUBCHUNK_TOKENS, V] temporaries.
+SUBCHUNK_TOKENS = 64
+_DIFFERENTIABLE = (0, 1, 4)  # logp, entropy, divergence: the statistics that carry the student's gradient
+
+
 class _FusedHiddenObjective(torch.autograd.Function):
-    """Forward computes the loss and, block by block, its gradient; backward rescales it."""
+    """Forward computes the loss and, block by block, its gradient; backward rescales it.
+
+    Per block of rows: (1) student and teacher logits, one matmul each; (2) the statistics, a few
+    positions at a time, without gradient; (3) the block's loss from them and its gradient with
+    respect to the statistics (cheap: `[rows, T]` tensors); (4) again a few positions at a time, the
+    softmax-level backward from those statistic gradients to the logits, and the two matmuls that
+    turn it into gradients for the hidden states and the weight.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, tokens, block_loss, options):
@@ -282,21 +295,42 @@ class _FusedHiddenObjective(torch.autograd.Function):
         for start in range(0, B, rows_per_block):
             rows = slice(start, min(start + rows_per_block, B))
             n_rows = rows.stop - rows.start
-            h_block = hidden[rows].reshape(n_rows * T, d)  # [n,d]
+            n = n_rows * T
+            h_block = hidden[rows].reshape(n, d)  # [n,d]
+            block_tokens = tokens[rows].reshape(-1)  # [n]
+            logits = _logits_block(h_block, weight)  # [n,V]
             t_logits = None
             if teacher_hidden is not None:
-                t_logits = _logits_block(teacher_hidden[rows].reshape(n_rows * T, d), teacher_weight)  # [n,V]
+                t_logits = _logits_block(teacher_hidden[rows].reshape(n, d), teacher_weight)  # [n,V]
+            pieces = [range(i, min(i + SUBCHUNK_TOKENS, n)) for i in range(0, n, SUBCHUNK_TOKENS)]
+
+            def stats_of(z: Tensor, piece: range, t_logits=t_logits, block_tokens=block_tokens):
+                sub = slice(piece.start, piece.stop)
+                t_sub = None if t_logits is None else t_logits[sub]
+                return _block_stats(z, block_tokens[sub], t_sub, temperature, divergence)
+
+            block = [torch.cat(column) if column[0] is not None else None
+                     for column in zip(*(stats_of(logits[p.start : p.stop], p) for p in pieces), strict=True)]
             with torch.enable_grad():
-                logits = _logits_block(h_block, weight).requires_grad_(True)  # [n,V] local leaf
-                block = _block_stats(logits, tokens[rows].reshape(-1), t_logits, temperature, divergence)
-                stats = TokenStats(*(None if x is None else x.view(n_rows, T) for x in block))
-                loss = block_loss(stats, rows)
-                if need_hidden_grad or need_weight_grad:
-                    (grad_logits,) = torch.autograd.grad(loss, logits)  # [n,V]
-                    if need_hidden_grad:
-                        grad_hidden[rows] = (grad_logits @ weight).view(n_rows, T, d)  # [n,V] @ [V,d]
-                    if need_weight_grad:
-                        grad_weight += (grad_logits.T @ h_block).float()  # [V,n] @ [n,d]
+                fields = [None if x is None else x.view(n_rows, T).requires_grad_(i in _DIFFERENTIABLE)
+                          for i, x in enumerate(block)]
+                loss = block_loss(TokenStats(*fields), rows)
+                leaves = [fields[i] for i in _DIFFERENTIABLE if fields[i] is not None]
+                if (need_hidden_grad or need_weight_grad) and loss.requires_grad:
+                    stat_grads = torch.autograd.grad(loss, leaves, allow_unused=True)  # each [rows,T] or None
+                    wanted = [(i, g.reshape(-1)) for i, g in zip(
+                        [i for i in _DIFFERENTIABLE if fields[i] is not None], stat_grads, strict=True)
+                        if g is not None]
+                    for p in pieces:
+                        sub = slice(p.start, p.stop)
+                        z = logits[sub].detach().requires_grad_(True)  # [c,V]
+                        out = stats_of(z, p)
+                        torch.autograd.backward([out[i] for i, _ in wanted], [g[sub] for _, g in wanted])
+                        if need_hidden_grad:
+                            grad_hidden.view(B * T, d)[start * T + p.start : start * T + p.stop] = (
+                                z.grad @ weight)  # [c,V] @ [V,d]
+                        if need_weight_grad:
+                            grad_weight += (z.grad.T @ h_block[sub]).float()  # [V,c] @ [c,d]
             total += loss.detach().float()
             parts.append(tuple(None if x is None else x.detach() for x in block))
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -309,9 +343,9 @@ class _FusedHiddenObjective(torch.autograd.Function):
     def backward(ctx, grad_total, *unused):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+            grad_hidden = grad_hidden.mul_(grad_total.to(grad_hidden.dtype))  # in place: used once
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+            grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
