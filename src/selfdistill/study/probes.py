@@ -1,0 +1,108 @@
+"""Measurements of one model on the held-out problems: sampled accuracy (Avg@k, pass@k) under the
+student or the teacher prompt, and teacher-forced entropy on free-choice versus forced tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from selfdistill.data import Problem
+from selfdistill.evaluation.runner import SampleRecord, evaluate_problems, summarize
+from selfdistill.grading import Grader
+from selfdistill.prompts import PromptBuilder, pack
+from selfdistill.study.task import solution_token_labels
+
+
+class TeacherPromptAsStudent:
+    """Hands the teacher prompt (problem + worked solution) to code that asks for the student prompt.
+
+    `evaluate_problems` samples from `prompt_builder.student_ids`; wrapping the builder in this class
+    measures how well the model does when it sees the privileged context.
+    """
+
+    def __init__(self, builder: PromptBuilder) -> None:
+        self.builder = builder
+
+    def student_ids(self, problem: Problem) -> list[int]:
+        return self.builder.teacher_ids(problem)
+
+
+def sample_accuracy(
+    model: Any,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    builder: PromptBuilder,
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    role: str = "student",
+    grader: Grader | None = None,
+) -> tuple[dict[str, Any], list[SampleRecord]]:
+    """(`summarize` macro row with pass@k for every k in 1..n, the records) of n samples per problem."""
+    if role not in ("student", "teacher"):
+        raise ValueError(f"role must be student or teacher, got {role!r}")
+    prompt_builder = builder if role == "student" else TeacherPromptAsStudent(builder)
+    records = evaluate_problems(model, tokenizer, problems, n=n, temperature=temperature,
+                                max_new_tokens=max_new_tokens, seed=seed, prompt_builder=prompt_builder,
+                                grader=grader, progress=False)
+    return summarize(records, ks=range(1, n + 1))["macro"], records
+
+
+@dataclass
+class ChoiceEntropy:
+    """Mean token entropy (nats) on the worked solutions, split by token kind."""
+
+    free: float  # operands picked at an early step of a commutative block
+    forced: float  # every other response token, EOS included
+    free_tokens: int
+    forced_tokens: int
+
+
+@torch.no_grad()
+def choice_entropy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    builder: PromptBuilder,
+    *,
+    role: str = "student",
+    batch_size: int = 32,
+) -> ChoiceEntropy:
+    """Entropy of the model's next-token distribution along each worked solution (teacher forcing).
+
+    role "student": the prompt is the problem alone; "teacher": the problem with the worked solution.
+    """
+    if role not in ("student", "teacher"):
+        raise ValueError(f"role must be student or teacher, got {role!r}")
+    was_training = model.training
+    model.eval()
+    sums = {True: 0.0, False: 0.0}
+    counts = {True: 0, False: 0}
+    try:
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start : start + batch_size]
+            prompts = [builder.student_ids(p) if role == "student" else builder.teacher_ids(p) for p in chunk]
+            responses, labels = [], []
+            for problem in chunk:
+                ids, free = solution_token_labels(tokenizer, problem)
+                responses.append(ids + [tokenizer.eos_token_id])
+                labels.append(free + [False])
+            batch = pack(prompts, responses, pad_id=tokenizer.pad_token_id)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids).logits  # [B, L, V]
+            log_probs = batch.response_logits(logits).float().log_softmax(dim=-1)  # [B, T, V]
+            entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # [B, T]
+            for row, row_labels in enumerate(labels):
+                for t, free in enumerate(row_labels):
+                    sums[free] += float(entropy[row, t])
+                    counts[free] += 1
+    finally:
+        model.train(was_training)
+    return ChoiceEntropy(free=sums[True] / max(counts[True], 1), forced=sums[False] / max(counts[False], 1),
+                         free_tokens=counts[True], forced_tokens=counts[False])

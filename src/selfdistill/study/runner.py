@@ -1,0 +1,273 @@
+"""The method study: every method trained from the same warm start, several seeds, then evaluated.
+
+    out/
+      study.json                settings, the warm start's record, wall time
+      problems/rl_train.jsonl   the problems every run trains on
+      base/eval.json            the warm start itself: student and teacher prompts
+      runs/<method>-seed<k>/    one trainer run folder each (config.json, metrics.jsonl, samples.jsonl,
+                                checkpoint-<steps>/) plus eval.json
+      report.md, *.png          written by `selfdistill.study.report`
+
+Every run gets the same rollout budget (steps x prompts x group size), the same optimizer settings
+and the same frozen teacher (the warm start); a seed changes the data order and the rollout samples,
+and run k of every method uses seed k, so methods can be compared seed by seed. Held-out evaluation
+draws n samples per problem with a fixed seed for every model (common random numbers).
+
+Runs go to a pool of worker processes; the main process shows progress by reading each run's
+metrics.jsonl. A run whose eval.json matches the current settings is reused, so an interrupted study
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from selfdistill.study.settings import METHODS, StudySettings
+
+EVAL_FILE = "eval.json"
+STUDY_FILE = "study.json"
+EVAL_SEED = 0
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """One unit of work for a worker process: a training run and its evaluation, or the base evaluation."""
+
+    name: str  # "<method>-seed<k>" or "base"
+    method: str | None  # None for the base evaluation
+    seed: int
+    folder: str
+    key: str
+    warm_start_dir: str
+    train_file: str
+    settings: StudySettings
+
+
+def run_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
+def run_config(job: RunJob) -> dict[str, Any]:
+    """The trainer config (as nested dicts) of a training job."""
+    settings = job.settings
+    objective = dict(METHODS[job.method])
+    return {
+        "model": {"path": job.warm_start_dir},
+        "data": {"dataset": job.train_file, "num_problems": 0, "template": settings.warm_start.template,
+                 "max_prompt_tokens": 512},
+        "rollout": {"prompts_per_step": settings.prompts_per_step, "group_size": settings.group_size,
+                    "temperature": settings.temperature, "max_new_tokens": settings.max_new_tokens},
+        "objective": {**objective, "teacher": "frozen"},
+        "optim": {"steps": settings.steps, "lr": settings.lr, "min_lr_ratio": 1.0, "seed": job.seed,
+                  "micro_batch_size": settings.prompts_per_step * settings.group_size},
+        "logging": {"progress": False, "tensorboard": False, "sample_every": 5, "samples_per_step": 4},
+    }
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON beside `path` and rename it into place (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def read_finished(folder: Path, key: str) -> dict[str, Any] | None:
+    """The eval.json of a finished job with this key, or None."""
+    try:
+        result = json.loads((folder / EVAL_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("key") == key else None
+
+
+# ----------------------------------------------------------------------------------------------
+# inside a worker process
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _measure(model: Any, tokenizer: Any, job: RunJob, roles: tuple[str, ...]) -> dict[str, Any]:
+    """Held-out sampled accuracy and teacher-forced choice entropy of `model`, for each prompt role."""
+    from selfdistill.grading import Grader
+    from selfdistill.prompts import PromptBuilder
+    from selfdistill.study.probes import choice_entropy, sample_accuracy
+
+    settings = job.settings
+    held_out = settings.task.splits()[0]
+    builder = PromptBuilder(tokenizer, template=settings.warm_start.template, max_prompt_tokens=512)
+    measured: dict[str, Any] = {}
+    with Grader(workers=1) as grader:
+        for role in roles:
+            summary, _ = sample_accuracy(model, tokenizer, held_out, builder, n=settings.eval_samples,
+                                         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                         seed=EVAL_SEED, role=role, grader=grader)
+            entropy = choice_entropy(model, tokenizer, held_out, builder, role=role)
+            measured[role] = {"summary": summary, "choice_entropy": asdict(entropy)}
+    return measured
+
+
+def execute_job(job: RunJob) -> dict[str, Any]:
+    """Train (unless this is the base job) and evaluate; writes and returns the job's eval.json."""
+    from selfdistill.models import load_model
+
+    folder = Path(job.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"key": job.key, "name": job.name, "method": job.method, "seed": job.seed}
+    started = time.perf_counter()
+    if job.method is None:
+        model, tokenizer = load_model(job.warm_start_dir)
+        roles: tuple[str, ...] = ("student", "teacher")
+        result["train_seconds"] = 0.0
+    else:
+        from selfdistill.config import config_from_dict
+        from selfdistill.trainer import Trainer
+
+        trainer = Trainer(config_from_dict(run_config(job)), run_dir=folder)
+        trainer.run()
+        model, tokenizer = trainer.model, trainer.tokenizer
+        roles = ("student",)
+        result["train_seconds"] = round(time.perf_counter() - started, 1)
+    eval_started = time.perf_counter()
+    result.update(_measure(model, tokenizer, job, roles))
+    result["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
+    write_json_atomic(folder / EVAL_FILE, result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# the main process
+
+
+def _count_lines(path: Path) -> tuple[int, dict[str, Any] | None]:
+    """(number of complete lines, the last one parsed) of a JSONL file that may be growing."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return 0, None
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    return len(lines), (json.loads(lines[-1]) if lines else None)
+
+
+def _write_train_file(problems: list[Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": p.id, "problem": p.problem, "answer": p.answer, "solution": p.solution, "source": p.source}
+            for p in problems]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(path)
+
+
+def plan_jobs(settings: StudySettings, out: Path, warm_folder: Path, train_file: Path) -> list[RunJob]:
+    """The base job, then seed-major training jobs (seed 0 of every method first)."""
+    common = {"warm_start_dir": str(warm_folder), "train_file": str(train_file), "settings": settings}
+    warm_id = warm_folder.name  # ends in the warm start's own hash: new weights never reuse old results
+    jobs = [RunJob(name="base", method=None, seed=EVAL_SEED, folder=str(out / "base"),
+                   key=f"{settings.base_key()}-{warm_id}", **common)]
+    for seed in range(settings.seeds):
+        for method in settings.methods:
+            name = run_name(method, seed)
+            jobs.append(RunJob(name=name, method=method, seed=seed, folder=str(out / "runs" / name),
+                               key=f"{settings.run_key(method, seed)}-{warm_id}", **common))
+    return jobs
+
+
+def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, progress: bool = True) -> Path:
+    """Run (or continue) the study into `out` and write its report; returns the report path."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from selfdistill.study.report import build_report
+    from selfdistill.study.warmstart import read_warm_start_record, warm_start_dir
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(quiet=not progress)
+    started = time.perf_counter()
+    columns = (TextColumn("[bold]{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        warm_task = bar.add_task("warm start", total=settings.warm_start.total_steps, status="cached?")
+        warm_folder = warm_start_dir(
+            settings.task, settings.warm_start,
+            on_step=lambda step, loss: bar.update(warm_task, completed=step, status=f"loss {loss:.3f}"))
+        bar.update(warm_task, completed=settings.warm_start.total_steps, status=str(warm_folder.name))
+    warm_record = read_warm_start_record(warm_folder)
+
+    _, rl_problems, _ = settings.task.splits()
+    train_file = out / "problems" / "rl_train.jsonl"
+    _write_train_file(rl_problems, train_file)
+    jobs = plan_jobs(settings, out, warm_folder, train_file)
+    todo = [job for job in jobs if read_finished(Path(job.folder), job.key) is None]
+    console.print(f"study: {len(jobs) - 1} runs + base evaluation; {len(jobs) - len(todo)} already done, "
+                  f"{len(todo)} to do with {workers} worker process(es) -> {out}")
+
+    if todo:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with Progress(*columns, console=console, disable=not progress) as bar, ProcessPoolExecutor(
+            max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+        ) as pool:
+            overall = bar.add_task("study", total=len(jobs), completed=len(jobs) - len(todo), status="")
+            pending: dict[Future, RunJob] = {pool.submit(execute_job, job): job for job in todo}
+            rows: dict[str, Any] = {}
+            while pending:
+                done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = pending.pop(future)
+                    future.result()  # a failed run stops the study with its error
+                    bar.advance(overall)
+                    if job.name in rows:
+                        bar.remove_task(rows.pop(job.name))
+                for job in pending.values():
+                    _show_job(bar, rows, job)
+    wall_seconds = time.perf_counter() - started
+    write_json_atomic(out / STUDY_FILE, {"settings": settings.to_json(), "warm_start": warm_record,
+                                         "warm_start_dir": str(warm_folder), "workers": workers,
+                                         "wall_seconds": round(wall_seconds, 1)})
+    report = build_report(out)
+    console.print(f"report: {report}  (wall time {wall_seconds / 60:.1f} min)")
+    return report
+
+
+def _show_job(bar: Any, rows: dict[str, Any], job: RunJob) -> None:
+    """Add or refresh the progress row of a job that has started (its folder shows activity)."""
+    folder = Path(job.folder)
+    if job.method is None:
+        if not folder.exists():
+            return
+        total, completed, status = 1, 0, "evaluating"
+    else:
+        steps_done, last = _count_lines(folder / "metrics.jsonl")
+        if last is None:
+            if not (folder / "config.json").exists():
+                return
+            status = "starting"
+        elif steps_done >= job.settings.steps:
+            status = "evaluating"
+        else:
+            status = f"reward {last['reward']:.2f} | H {last['entropy']:.3f} | {last['seconds']:.1f}s/step"
+        total, completed = job.settings.steps, steps_done
+    if job.name not in rows:
+        rows[job.name] = bar.add_task(job.name, total=total, completed=completed, status=status)
+    else:
+        bar.update(rows[job.name], completed=completed, status=status)
+

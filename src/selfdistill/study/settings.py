@@ -1,0 +1,139 @@
+"""The study's settings: which methods, the shared budget, the task and the warm start.
+
+Plain dataclasses with no heavy imports, so the command line can be built without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from selfdistill.study.task import StudyTask
+
+# Name in the study -> objective config (objective.method and its knobs).
+METHODS: dict[str, dict[str, Any]] = {
+    "grpo": {"method": "grpo"},
+    "opsd": {"method": "opsd"},
+    "opsd_clip": {"method": "opsd_clip"},
+    "rlsd": {"method": "rlsd"},
+    "egrsd": {"method": "egrsd"},
+    "cl_egrsd": {"method": "cl_egrsd"},
+    "dasd": {"method": "dasd"},
+    "conform": {"method": "dasd", "direction": "conform"},  # DASD ablation: always pull (ω = +1)
+    "novelty": {"method": "dasd", "direction": "novelty"},  # DASD ablation: always push (ω = −1)
+    # The other reading of DASD's threshold: τ = the ρ-quantile, so only the calmest ρ of tokens are pulled.
+    "dasd_bottom": {"method": "dasd", "quantile": "bottom"},
+}
+DEFAULT_METHODS = ("grpo", "opsd", "opsd_clip", "rlsd", "egrsd", "cl_egrsd", "dasd", "conform", "novelty")
+QUICK_METHODS = ("grpo", "opsd", "dasd")
+
+
+@dataclass(frozen=True)
+class WarmStartSettings:
+    """The tiny model's size and the two supervised stages that teach it the task partially.
+
+    Stage 1, the arithmetic drill, stands in for the pretraining a real LLM brings: short sequences of
+    single operations in the solutions' own line format ("7*3=1"), loss on the results only. Stage 2
+    fine-tunes on worked solutions of whole problems, some with the solution in the prompt.
+    """
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    drill_steps: int = 800
+    """Stage 1 optimizer steps (constant learning rate after the warm-up)."""
+    drill_facts: int = 256
+    """Operations per drill step, spread over sequences of 1..drill_max_lines lines."""
+    drill_max_lines: int = 8
+    """Longest drill sequence; varied lengths make the skill work at any position."""
+    steps: int = 300
+    """Stage 2 optimizer steps (cosine decay to zero); few enough that the student stays partially right."""
+    batch_size: int = 32
+    """Problems per stage 2 step."""
+    lr: float = 1e-3
+    """AdamW learning rate. 3e-3 collapses this model's attention to a bigram model; 1e-3 does not."""
+    warmup_steps: int = 20
+    teacher_fraction: float = 0.5
+    """Share of stage 2 examples whose prompt is the teacher prompt (worked solution in context)."""
+    template: str = "opsd_mild"
+    """Prompt template, the same one the study's runs use."""
+    seed: int = 0
+    """Seed of the initialization, the drill, the example order and the prompt choice."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.teacher_fraction <= 1.0:
+            raise ValueError(f"teacher_fraction must lie in [0, 1], got {self.teacher_fraction}")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("steps and batch_size must be >= 1 and lr positive")
+        if self.drill_steps < 0 or self.drill_facts < 1 or self.drill_max_lines < 1:
+            raise ValueError("drill_steps must be >= 0, drill_facts and drill_max_lines >= 1")
+
+    @property
+    def total_steps(self) -> int:
+        return self.drill_steps + self.steps
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything that decides the study's numbers (workers and the output folder do not)."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    seeds: int = 3
+    """Runs per method, with optim.seed = 0 .. seeds-1."""
+    steps: int = 30
+    """Optimizer steps per run."""
+    prompts_per_step: int = 4
+    group_size: int = 8
+    lr: float = 1e-3
+    """Constant AdamW learning rate of every run (full fine-tuning of the tiny model)."""
+    max_new_tokens: int = 48
+    """Rollout and evaluation length limit; the longest worked solution is 35 tokens."""
+    temperature: float = 1.0
+    """Rollout and evaluation sampling temperature."""
+    eval_samples: int = 16
+    """Samples per held-out problem (pass@k and Avg@k for k = 1 .. eval_samples)."""
+    task: StudyTask = field(default_factory=StudyTask)
+    warm_start: WarmStartSettings = field(default_factory=WarmStartSettings)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", tuple(self.methods))
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown study methods {unknown}; choose from {', '.join(METHODS)}")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be a non-empty list without repeats, got {self.methods}")
+        if self.seeds < 1 or self.steps < 1 or self.eval_samples < 1:
+            raise ValueError("seeds, steps and eval_samples must be >= 1")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> StudySettings:
+        """The end-to-end check: 3 methods, 1 seed, a shorter warm start, fewer steps and problems."""
+        values: dict[str, Any] = {
+            "methods": QUICK_METHODS,
+            "seeds": 1,
+            "steps": 6,
+            "task": StudyTask(n_eval=16),
+            "warm_start": WarmStartSettings(drill_steps=600, steps=60, batch_size=16),
+        }
+        return cls(**{**values, **overrides})
+
+    def to_json(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["methods"] = list(self.methods)
+        values["task"] = self.task.to_json()
+        return values
+
+    def run_key(self, method: str, seed: int) -> str:
+        """Hash of what decides one run's result: reused only when it matches."""
+        values = self.to_json()
+        del values["methods"], values["seeds"]
+        payload = {"settings": values, "method": method, "objective": METHODS[method], "seed": seed}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def base_key(self) -> str:
+        values = self.to_json()
+        payload = {k: values[k] for k in ("task", "warm_start", "max_new_tokens", "temperature", "eval_samples")}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,233 @@
+"""The supervised warm start: a tiny model taught the study task partially, cached as a HF folder.
+
+A randomly initialized tiny model (`models.build_tiny_model`) cannot be post-trained with rewards: it
+never answers correctly. The warm start has two supervised stages:
+
+1. the *arithmetic drill*, the stand-in for a real LLM's pretraining: short sequences of single
+   operations drawn like the task's steps and written in the solutions' own line format ("7*3=1"),
+   with the loss on the results only. Without it the model does not learn modular arithmetic in
+   any affordable number of task steps (the results stay at chance, 10 %, after 500 steps);
+2. fine-tuning on worked solutions, loss on the response tokens only, for a fixed small number of
+   steps so that the model ends partially right. A share of the examples (`teacher_fraction`) shows
+   the worked solution inside the prompt, rendered by `PromptBuilder.teacher_ids`: the model learns
+   to use privileged context the way a pretrained LLM does, which is what makes its own
+   teacher-prompted self a better (privileged) teacher.
+
+The result is a standard Hugging Face folder (model + tokenizer) under
+``cache_dir()/study-warmstart-<hash of every setting>``, written atomically by
+`models.build_cached_folder`, so every study run with the same settings starts from the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from selfdistill.data import Problem
+from selfdistill.data.synthetic import sample_operation_chain
+from selfdistill.models import TINY_FORMAT, build_cached_folder, build_tiny_model, build_tiny_tokenizer, cache_dir
+from selfdistill.prompts import PromptBuilder, pack
+from selfdistill.study.settings import WarmStartSettings
+from selfdistill.study.task import StudyTask
+
+# Bump when the warm-start procedure changes in a way its settings do not show: it is part of the key.
+WARM_START_FORMAT = 2
+WARM_START_RECORD = "warm_start.json"
+
+
+def warm_start_key(task: StudyTask, settings: WarmStartSettings) -> str:
+    """12 hex digits of a hash over every setting that changes the warm-started weights."""
+    payload = {"format": WARM_START_FORMAT, "tiny_format": TINY_FORMAT, "task": task.to_json(),
+               "settings": asdict(settings)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def sft_loss(model: torch.nn.Module, prompt_ids: list[list[int]], response_ids: list[list[int]],
+             pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy over the response tokens of a batch (prompt tokens carry no loss)."""
+    batch = pack(prompt_ids, response_ids, pad_id=pad_id)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids).logits  # [B, L, V]
+    response_logits = batch.response_logits(logits)  # [B, T, V]
+    token_loss = F.cross_entropy(response_logits.transpose(1, 2), batch.response_ids, reduction="none")  # [B, T]
+    return (token_loss * batch.response_mask).sum() / batch.response_mask.sum()
+
+
+def drill_sequences(
+    tokenizer: Any, task: StudyTask, rng: random.Random, *, num_facts: int, max_lines: int
+) -> tuple[list[list[int]], list[list[bool]]]:
+    """Arithmetic drill sequences: (token ids, True on the result tokens) per sequence.
+
+    Each line is one operation drawn as the task draws a one-step chain (same start values, operators,
+    operands and modulus), written "a op b=c"; a sequence is a newline, then 1..max_lines lines, each
+    ended by a newline, so that every line starts after a newline as solution lines do. `num_facts`
+    lines in all.
+    """
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    sequences, result_masks = [], []
+    remaining = num_facts
+    while remaining > 0:
+        lines = min(remaining, rng.randint(1, max_lines))
+        remaining -= lines
+        ids, is_result = list(newline), [False] * len(newline)
+        for _ in range(lines):
+            chain = sample_operation_chain(rng, length=1, modulus=task.modulus, block_probability=0.0)
+            (step,) = chain.worked_steps(rng)
+            operation = tokenizer.encode(f"{step.left}{step.operator}{step.right}=", add_special_tokens=False)
+            result = tokenizer.encode(str(step.result), add_special_tokens=False)
+            ids += operation + result + newline
+            is_result += [False] * len(operation) + [True] * len(result) + [False] * len(newline)
+        sequences.append(ids)
+        result_masks.append(is_result)
+    return sequences, result_masks
+
+
+def drill_loss(model: torch.nn.Module, sequences: list[list[int]], result_masks: list[list[bool]],
+               pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy of the result tokens of drill sequences (right-padded into one batch)."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # [B, L]
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [B, L]
+    target_mask = torch.zeros((len(sequences), width), dtype=torch.float32)  # [B, L] 1 on result tokens
+    for row, (ids, is_result) in enumerate(zip(sequences, result_masks, strict=True)):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        target_mask[row, : len(ids)] = torch.tensor(is_result, dtype=torch.float32)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, L, V]
+    # logits at column j predict the token at column j + 1
+    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")  # [B, L-1]
+    mask = target_mask[:, 1:]  # [B, L-1]
+    return (token_loss * mask).sum() / mask.sum()
+
+
+def train_warm_start(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: StudyTask,
+    problems: list[Problem],
+    settings: WarmStartSettings,
+    *,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Run both warm-start stages on `model` in place; returns the loss of every step (drill first).
+
+    Stage 2 examples are single problems, prompted as the student (problem only) or, with probability
+    `teacher_fraction`, as the teacher (problem and worked solution); the target is the worked
+    solution followed by EOS. The learning rate warms up linearly, stays constant through the drill,
+    then decays with a cosine to zero over stage 2.
+    """
+    rng = random.Random(settings.seed)
+    builder = PromptBuilder(tokenizer, template=settings.template)
+    targets = {p.id: list(tokenizer.encode(p.solution, add_special_tokens=False)) + [tokenizer.eos_token_id]
+               for p in problems}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        warmup = min(1.0, (step + 1) / max(1, settings.warmup_steps))
+        if step < settings.drill_steps:
+            return settings.lr * warmup
+        progress = (step - settings.drill_steps) / settings.steps
+        return settings.lr * warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def sft_step_loss() -> torch.Tensor:
+        nonlocal order
+        if len(order) < settings.batch_size:  # a fresh shuffled pass over the problems
+            order += rng.sample(problems, len(problems))
+        batch, order = order[: settings.batch_size], order[settings.batch_size :]
+        as_teacher = [rng.random() < settings.teacher_fraction for _ in batch]
+        # Student and teacher prompts differ in length by ~2x: pack each kind on its own (less padding),
+        # then weight the two mean losses by their token counts, so the result is the batch's token mean.
+        total_tokens = sum(len(targets[p.id]) for p in batch)
+        loss = torch.zeros(())
+        for role in (False, True):
+            part = [p for p, teacher in zip(batch, as_teacher, strict=True) if teacher == role]
+            if not part:
+                continue
+            prompts = [builder.teacher_ids(p) if role else builder.student_ids(p) for p in part]
+            responses = [targets[p.id] for p in part]
+            part_tokens = sum(len(r) for r in responses)
+            loss = loss + sft_loss(model, prompts, responses, tokenizer.pad_token_id) * (part_tokens / total_tokens)
+        return loss
+
+    model.train()
+    losses: list[float] = []
+    order: list[Problem] = []
+    for step in range(settings.total_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        if step < settings.drill_steps:
+            sequences, result_masks = drill_sequences(tokenizer, task, rng, num_facts=settings.drill_facts,
+                                                      max_lines=settings.drill_max_lines)
+            loss = drill_loss(model, sequences, result_masks, tokenizer.pad_token_id)
+        else:
+            loss = sft_step_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+    model.eval()
+    return losses
+
+
+def warm_start_dir(
+    task: StudyTask,
+    settings: WarmStartSettings,
+    *,
+    cache: Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Path:
+    """The cached warm-start folder for these settings, trained on the first call (see module doc).
+
+    Besides the model and tokenizer the folder holds `warm_start.json`: the settings, the parameter
+    count, the training seconds and the loss curve (every 10th step and the last).
+    """
+    final = Path(cache or cache_dir()) / f"study-warmstart-{warm_start_key(task, settings)}"
+
+    def write(folder: Path) -> dict:
+        started = time.perf_counter()
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
+                                 num_heads=settings.num_heads, intermediate_size=settings.intermediate_size,
+                                 seed=settings.seed)
+        _, _, sft_problems = task.splits()
+        losses = train_warm_start(model, tokenizer, task, sft_problems, settings, on_step=on_step)
+        seconds = time.perf_counter() - started
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        record = {
+            "task": task.to_json(),
+            "settings": asdict(settings),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_seconds": round(seconds, 1),
+            "loss_curve": {step: round(loss, 4) for step, loss in enumerate(losses, start=1)
+                           if step % 10 == 0 or step == len(losses)},
+            "final_drill_loss": _tail_mean(losses[: settings.drill_steps]),
+            "final_loss": _tail_mean(losses[settings.drill_steps :]),
+        }
+        (folder / WARM_START_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        return {"parameters": record["parameters"], "train_seconds": record["train_seconds"]}
+
+    return build_cached_folder(final, write, what=f"study warm start {warm_start_key(task, settings)}")
+
+
+def _tail_mean(values: list[float], window: int = 20) -> float | None:
+    tail = values[-window:]
+    return round(sum(tail) / len(tail), 4) if tail else None
+
+
+def read_warm_start_record(folder: Path) -> dict[str, Any]:
+    """The `warm_start.json` written beside the weights."""
+    return json.loads((Path(folder) / WARM_START_RECORD).read_text())
