@@ -329,8 +329,8 @@ class _FusedHiddenObjective(torch.autograd.Function):
                         if need_hidden_grad:
                             grad_hidden.view(B * T, d)[start * T + p.start : start * T + p.stop] = (
                                 z.grad @ weight)  # [c,V] @ [V,d]
-                        if need_weight_grad:
-                            grad_weight += (z.grad.T @ h_block[sub]).float()  # [V,c] @ [c,d]
+                        if need_weight_grad:  # in place: no [V,d] temporary per sub-chunk
+                            grad_weight.addmm_(z.grad.T.float(), h_block[sub].float())  # [V,c] @ [c,d]
             total += loss.detach().float()
             parts.append(tuple(None if x is None else x.detach() for x in block))
         ctx.save_for_backward(grad_hidden, grad_weight)
