@@ -234,7 +234,7 @@ def _fake_study(folder: Path, values: dict[str, list[tuple[float, float, list[fl
     settings = StudySettings(methods=tuple(values), seeds=max(len(v) for v in values.values()),
                              eval_samples=n).to_json()
     record = {"settings": WarmStartSettings().__dict__, "parameters": 1234, "train_seconds": 5.0,
-              "final_loss": 0.5}
+              "final_loss": 0.5, "final_drill_loss": 0.2}
     (folder / "base").mkdir(parents=True)
     base = _fake_eval(None, 0, 0.3, 0.9, n)
     base["teacher"] = _fake_eval(None, 0, 0.7, 0.2, n)["student"]

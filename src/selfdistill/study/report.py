@@ -274,6 +274,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _number(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def _warm_start_section(results: StudyResults) -> str:
     record = results.study["warm_start"]
     settings = record["settings"]
@@ -293,10 +297,13 @@ def _warm_start_section(results: StudyResults) -> str:
         "## Warm start",
         "",
         f"Tiny Qwen2 model, {record['parameters']:,} parameters (hidden {settings['hidden_size']}, "
-        f"{settings['num_layers']} layers), fine-tuned for {settings['steps']} steps × {settings['batch_size']} "
-        f"examples on {task['n_sft']} problems, {settings['teacher_fraction']:.0%} of them shown with the worked "
-        f"solution in the prompt (loss on response tokens only): **{record['train_seconds']:.0f} s** of training "
-        f"(final loss {record['final_loss']:.3f}).",
+        f"{settings['num_layers']} layers), from random weights: {settings['drill_steps']} steps of arithmetic drill "
+        f"({settings['drill_facts']} single operations per step in the solution line format, loss on the results, "
+        f"lr {settings['drill_lr']:g}; final loss {_number(record.get('final_drill_loss'))}), then "
+        f"{settings['steps']} steps × {settings['batch_size']} worked solutions of {task['n_sft']} problems, "
+        f"{settings['teacher_fraction']:.0%} shown with the worked solution in the prompt (loss on response tokens "
+        f"only, plus {settings['review_facts']} drill operations per step; peak lr {settings['lr']:g}, cosine; final "
+        f"loss {_number(record.get('final_loss'))}): **{record['train_seconds']:.0f} s** of training.",
         "",
         f"Held-out ({task['n_eval']} problems, n = {n} samples each, temperature "
         f"{results.study['settings']['temperature']}); entropy is the mean next-token entropy (nats) along the "

@@ -123,8 +123,9 @@ def train_warm_start(
 
     Stage 2 examples are single problems, prompted as the student (problem only) or, with probability
     `teacher_fraction`, as the teacher (problem and worked solution); the target is the worked
-    solution followed by EOS. The learning rate warms up linearly, stays constant through the drill,
-    then decays with a cosine to zero over stage 2.
+    solution followed by EOS, and `review_facts` drill operations are added to every stage 2 step.
+    Stage 1 runs at `drill_lr` after a linear warm-up; stage 2 warms up again to `lr` and decays with
+    a cosine to zero. The stage 2 loss recorded is the sum of the task loss and the review loss.
     """
     rng = random.Random(settings.seed)
     builder = PromptBuilder(tokenizer, template=settings.template)
@@ -133,11 +134,16 @@ def train_warm_start(
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
 
     def lr_at(step: int) -> float:
-        warmup = min(1.0, (step + 1) / max(1, settings.warmup_steps))
         if step < settings.drill_steps:
-            return settings.lr * warmup
-        progress = (step - settings.drill_steps) / settings.steps
-        return settings.lr * warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
+            return settings.drill_lr * min(1.0, (step + 1) / max(1, settings.warmup_steps))
+        stage_step = step - settings.drill_steps
+        warmup = min(1.0, (stage_step + 1) / max(1, settings.warmup_steps))
+        return settings.lr * warmup * 0.5 * (1.0 + math.cos(math.pi * stage_step / settings.steps))
+
+    def drill_step_loss(num_facts: int) -> torch.Tensor:
+        sequences, result_masks = drill_sequences(tokenizer, task, rng, num_facts=num_facts,
+                                                  max_lines=settings.drill_max_lines)
+        return drill_loss(model, sequences, result_masks, tokenizer.pad_token_id)
 
     def sft_step_loss() -> torch.Tensor:
         nonlocal order
@@ -166,11 +172,11 @@ def train_warm_start(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         if step < settings.drill_steps:
-            sequences, result_masks = drill_sequences(tokenizer, task, rng, num_facts=settings.drill_facts,
-                                                      max_lines=settings.drill_max_lines)
-            loss = drill_loss(model, sequences, result_masks, tokenizer.pad_token_id)
+            loss = drill_step_loss(settings.drill_facts)
         else:
             loss = sft_step_loss()
+            if settings.review_facts:
+                loss = loss + drill_step_loss(settings.review_facts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
