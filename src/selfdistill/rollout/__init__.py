@@ -111,6 +111,47 @@ def cut_at_eos(
     return response_ids, keep.float(), lengths, truncated
 
 
+def assemble_rollouts(
+    generated: Sequence[Sequence[int] | torch.Tensor],
+    rows: Sequence[int],
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    tokenizer: Any,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    step_entropy: Sequence[torch.Tensor | None] | None = None,
+) -> Rollouts:
+    """Build `Rollouts` from each row's generated tokens (any backend): pad, cut at EOS, decode.
+
+    generated[r]: the new tokens of row r; rows[r]: the prompt it came from; step_entropy[r]: the
+    per-token entropies of row r (optional, `[T_r]`).
+    """
+    width = max(1, max(len(t) for t in generated))
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
+    for r, row_tokens in enumerate(generated):
+        tokens[r, : len(row_tokens)] = torch.as_tensor(row_tokens, dtype=torch.long).cpu()
+    response_ids, response_mask, lengths, truncated = cut_at_eos(tokens, eos_ids, pad_id)
+    token_entropy = None
+    if step_entropy is not None:
+        token_entropy = torch.zeros(response_mask.shape, dtype=torch.float32)  # [B, T]
+        for r, row_entropy in enumerate(step_entropy):
+            kept = int(lengths[r])
+            token_entropy[r, :kept] = row_entropy[:kept].cpu()
+    texts = tokenizer.batch_decode(
+        [ids[:n].tolist() for ids, n in zip(response_ids, lengths, strict=True)], skip_special_tokens=True
+    )
+    return Rollouts(
+        prompt_index=torch.tensor(list(rows), dtype=torch.long),
+        prompt_lengths=torch.tensor([len(prompt_ids[p]) for p in rows], dtype=torch.long),
+        response_ids=response_ids,
+        response_mask=response_mask,
+        lengths=lengths,
+        truncated=truncated,
+        texts=texts,
+        token_entropy=token_entropy,
+    )
+
+
 def make_backend(name: str, model: Any, tokenizer: Any, **kwargs: Any) -> RolloutBackend:
     """The rollout backend called `name` ("hf" or "vllm") for `model` and `tokenizer`; extra keyword
     arguments go to the backend (``batch_size``, ``return_entropy`` for "hf"; ``adapter`` and
@@ -126,4 +167,4 @@ def make_backend(name: str, model: Any, tokenizer: Any, **kwargs: Any) -> Rollou
     raise ValueError(f"unknown rollout backend {name!r}; choose 'hf' or 'vllm'")
 
 
-__all__ = ["Rollouts", "RolloutBackend", "cut_at_eos", "eos_token_ids", "make_backend"]
+__all__ = ["Rollouts", "assemble_rollouts", "RolloutBackend", "cut_at_eos", "eos_token_ids", "make_backend"]

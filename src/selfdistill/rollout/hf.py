@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from selfdistill.rollout import Rollouts, cut_at_eos, eos_token_ids
+from selfdistill.rollout import Rollouts, assemble_rollouts, eos_token_ids
 
 
 @contextlib.contextmanager
@@ -123,30 +123,8 @@ class HFBackend:
                         step_entropy[r] = entropy[i]
 
         # Outside inference mode from here on, so the tensors can feed a training forward pass.
-        width = max(len(t) for t in generated)
-        tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # [B, T]
-        for r, row_tokens in enumerate(generated):
-            tokens[r, : len(row_tokens)] = row_tokens.cpu()
-        response_ids, response_mask, lengths, truncated = cut_at_eos(tokens, self.eos_ids, self.pad_id)
-        token_entropy = None
-        if self.return_entropy:
-            token_entropy = torch.zeros(response_mask.shape, dtype=torch.float32)  # [B, T]
-            for r, row_entropy in enumerate(step_entropy):
-                kept = int(lengths[r])
-                token_entropy[r, :kept] = row_entropy[:kept].cpu()
-        texts = self.tokenizer.batch_decode(
-            [ids[:n].tolist() for ids, n in zip(response_ids, lengths, strict=True)], skip_special_tokens=True
-        )
-        return Rollouts(
-            prompt_index=torch.tensor(rows, dtype=torch.long),
-            prompt_lengths=torch.tensor([len(prompt_ids[p]) for p in rows], dtype=torch.long),
-            response_ids=response_ids,
-            response_mask=response_mask,
-            lengths=lengths,
-            truncated=truncated,
-            texts=texts,
-            token_entropy=token_entropy,
-        )
+        return assemble_rollouts(generated, rows, prompt_ids, tokenizer=self.tokenizer, eos_ids=self.eos_ids,
+                                 pad_id=self.pad_id, step_entropy=step_entropy if self.return_entropy else None)
 
     def _config(self, *, temperature: float, top_p: float, max_new_tokens: int) -> GenerationConfig:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}

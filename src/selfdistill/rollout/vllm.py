@@ -22,9 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from selfdistill.rollout import Rollouts, cut_at_eos, eos_token_ids
+from selfdistill.rollout import Rollouts, assemble_rollouts, eos_token_ids
 
 INSTALL_HINT = "pip install selfdistill[vllm]  (GPU only; use backend 'hf' on CPU)"
 
@@ -171,23 +169,8 @@ class VLLMBackend:
                 rows.append(p)
                 generated.append(self._response_tokens(completion))
 
-        width = max(1, max(len(tokens) for tokens in generated))
-        tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # [B, T]
-        for r, row_tokens in enumerate(generated):
-            tokens[r, : len(row_tokens)] = torch.tensor(row_tokens, dtype=torch.long)
-        response_ids, response_mask, lengths, truncated = cut_at_eos(tokens, self.eos_ids, self.pad_id)
-        texts = self.tokenizer.batch_decode(
-            [ids[:n].tolist() for ids, n in zip(response_ids, lengths, strict=True)], skip_special_tokens=True
-        )
-        return Rollouts(
-            prompt_index=torch.tensor(rows, dtype=torch.long),
-            prompt_lengths=torch.tensor([len(prompt_ids[p]) for p in rows], dtype=torch.long),
-            response_ids=response_ids,
-            response_mask=response_mask,
-            lengths=lengths,
-            truncated=truncated,
-            texts=texts,
-        )
+        return assemble_rollouts(generated, rows, prompt_ids, tokenizer=self.tokenizer, eos_ids=self.eos_ids,
+                                 pad_id=self.pad_id)
 
     def _response_tokens(self, completion: Any) -> list[int]:
         """A completion's token ids with its stopping EOS token in place.
