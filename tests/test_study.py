@@ -40,8 +40,8 @@ from selfdistill.study.warmstart import (
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TASK = StudyTask(n_eval=4, n_rl=6, n_sft=12)
-TINY_WARM_START = WarmStartSettings(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, drill_steps=2,
-                                    drill_facts=6, steps=3, batch_size=4, warmup_steps=1)
+TINY_WARM_START = WarmStartSettings(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=3,
+                                    drill_steps=2, drill_facts=6, batch_size=4, warmup_steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_drill_loss_counts_result_tokens_only(tokenizer):
 def test_warm_start_is_cached_by_its_settings(tmp_path):
     steps_seen = []
     folder = warm_start_dir(TINY_TASK, TINY_WARM_START, cache=tmp_path, on_step=lambda s, loss: steps_seen.append(s))
-    assert steps_seen == [1, 2, 3, 4, 5]  # 2 drill steps, then 3 task steps
+    assert steps_seen == [1, 2, 3, 4, 5]  # 3 task steps, then 2 task + drill steps
     record = read_warm_start_record(folder)
     assert record["settings"]["steps"] == 3 and list(record["loss_curve"]) == ["5"]
     assert all(math.isfinite(v) for v in record["loss_curve"].values())
@@ -234,7 +234,7 @@ def _fake_study(folder: Path, values: dict[str, list[tuple[float, float, list[fl
     settings = StudySettings(methods=tuple(values), seeds=max(len(v) for v in values.values()),
                              eval_samples=n).to_json()
     record = {"settings": WarmStartSettings().__dict__, "parameters": 1234, "train_seconds": 5.0,
-              "final_loss": 0.5, "final_drill_loss": 0.2}
+              "final_loss": 0.5, "stage1_final_loss": 0.2}
     (folder / "base").mkdir(parents=True)
     base = _fake_eval(None, 0, 0.3, 0.9, n)
     base["teacher"] = _fake_eval(None, 0, 0.7, 0.2, n)["student"]

@@ -297,13 +297,14 @@ def _warm_start_section(results: StudyResults) -> str:
         "## Warm start",
         "",
         f"Tiny Qwen2 model, {record['parameters']:,} parameters (hidden {settings['hidden_size']}, "
-        f"{settings['num_layers']} layers), from random weights: {settings['drill_steps']} steps of arithmetic drill "
-        f"({settings['drill_facts']} single operations per step in the solution line format, loss on the results, "
-        f"lr {settings['drill_lr']:g}; final loss {_number(record.get('final_drill_loss'))}), then "
-        f"{settings['steps']} steps × {settings['batch_size']} worked solutions of {task['n_sft']} problems, "
-        f"{settings['teacher_fraction']:.0%} shown with the worked solution in the prompt (loss on response tokens "
-        f"only, plus {settings['review_facts']} drill operations per step; peak lr {settings['lr']:g}, cosine; final "
-        f"loss {_number(record.get('final_loss'))}): **{record['train_seconds']:.0f} s** of training.",
+        f"{settings['num_layers']} layers), from random weights. Stage 1: {settings['steps']} steps × "
+        f"{settings['batch_size']} worked solutions of {task['n_sft']} problems, "
+        f"{settings['teacher_fraction']:.0%} of them shown with the worked solution in the prompt, loss on the "
+        f"response tokens only, peak lr {settings['lr']:g} with cosine decay (final loss "
+        f"{_number(record.get('stage1_final_loss'))}). Stage 2: {settings['drill_steps']} more such steps at lr "
+        f"{settings['drill_lr']:g}, each plus an arithmetic drill of {settings['drill_facts']} single operations "
+        f"in the solution line format (final loss, task + drill, {_number(record.get('final_loss'))}). "
+        f"**{record['train_seconds']:.0f} s** of training, once; the folder is cached.",
         "",
         f"Held-out ({task['n_eval']} problems, n = {n} samples each, temperature "
         f"{results.study['settings']['temperature']}); entropy is the mean next-token entropy (nats) along the "

@@ -34,34 +34,37 @@ QUICK_METHODS = ("grpo", "opsd", "dasd")
 class WarmStartSettings:
     """The tiny model's size and the two supervised stages that teach it the task partially.
 
-    Stage 1, the arithmetic drill, stands in for the pretraining a real LLM brings: short sequences of
-    single operations in the solutions' own line format ("7*3=1"), loss on the results only. Stage 2
-    fine-tunes on worked solutions of whole problems, some with the solution in the prompt.
+    Stage 1 fine-tunes on worked solutions of whole problems, some with the solution in the prompt:
+    the model learns the format, to read the instructions, and to copy from a reference solution,
+    but not the modular arithmetic (its results stay at chance). Stage 2 keeps that fine-tuning going
+    and adds an arithmetic drill, the stand-in for the pretraining a real LLM brings: single operations
+    in the solutions' own line format ("7*3=1"), loss on the results. The order matters: drilling
+    first, then fine-tuning, gave a model that computes correctly but never learned to read the
+    instructions or copy from the prompt (student and teacher both at chance).
     """
 
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256
-    drill_steps: int = 400
-    """Stage 1 optimizer steps, at the constant rate `drill_lr` after the warm-up."""
+    steps: int = 800
+    """Stage 1 optimizer steps (warm-up, then cosine decay from `lr` to zero)."""
+    batch_size: int = 32
+    """Problems per step, in both stages."""
+    lr: float = 3e-3
+    """Stage 1 peak AdamW learning rate."""
+    teacher_fraction: float = 0.5
+    """Share of problems whose prompt is the teacher prompt (worked solution in context)."""
+    drill_steps: int = 600
+    """Stage 2 optimizer steps, at the constant rate `drill_lr` after a warm-up."""
     drill_facts: int = 256
-    """Operations per drill step, spread over sequences of 1..drill_max_lines lines."""
+    """Drill operations per stage 2 step, spread over sequences of 1..drill_max_lines lines."""
     drill_max_lines: int = 8
     """Longest drill sequence; varied lengths make the skill work at any position."""
     drill_lr: float = 1e-3
-    """Stage 1 AdamW learning rate. From random weights, 3e-3 leaves the results at chance."""
-    steps: int = 400
-    """Stage 2 optimizer steps; few enough that the student stays partially right."""
-    batch_size: int = 32
-    """Problems per stage 2 step."""
-    lr: float = 3e-3
-    """Stage 2 peak AdamW learning rate, decayed with a cosine to zero."""
-    review_facts: int = 64
-    """Drill operations added to every stage 2 step (their loss is added), so the arithmetic is kept."""
+    """Stage 2 AdamW learning rate (the drill does not learn the table at 3e-3)."""
     warmup_steps: int = 20
-    teacher_fraction: float = 0.5
-    """Share of stage 2 examples whose prompt is the teacher prompt (worked solution in context)."""
+    """Linear warm-up at the start of each stage."""
     template: str = "opsd_mild"
     """Prompt template, the same one the study's runs use."""
     seed: int = 0
@@ -72,14 +75,12 @@ class WarmStartSettings:
             raise ValueError(f"teacher_fraction must lie in [0, 1], got {self.teacher_fraction}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.drill_lr <= 0:
             raise ValueError("steps and batch_size must be >= 1 and the learning rates positive")
-        if self.review_facts < 0:
-            raise ValueError(f"review_facts must be >= 0, got {self.review_facts}")
         if self.drill_steps < 0 or self.drill_facts < 1 or self.drill_max_lines < 1:
             raise ValueError("drill_steps must be >= 0, drill_facts and drill_max_lines >= 1")
 
     @property
     def total_steps(self) -> int:
-        return self.drill_steps + self.steps
+        return self.steps + self.drill_steps
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class StudySettings:
             "seeds": 1,
             "steps": 6,
             "task": StudyTask(n_eval=16),
-            "warm_start": WarmStartSettings(drill_steps=300, steps=60, batch_size=16),
+            "warm_start": WarmStartSettings(steps=150, drill_steps=100, batch_size=16, drill_facts=128),
         }
         return cls(**{**values, **overrides})
 

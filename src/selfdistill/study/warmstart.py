@@ -1,21 +1,22 @@
 """The supervised warm start: a tiny model taught the study task partially, cached as a HF folder.
 
 A randomly initialized tiny model (`models.build_tiny_model`) cannot be post-trained with rewards: it
-never answers correctly. The warm start has two supervised stages:
+never answers correctly. The warm start has two supervised stages (`WarmStartSettings`):
 
-1. the *arithmetic drill*, the stand-in for a real LLM's pretraining: short sequences of single
-   operations drawn like the task's steps and written in the solutions' own line format ("7*3=1"),
-   with the loss on the results only. Without it the model does not learn modular arithmetic in
-   any affordable number of task steps (the results stay at chance, 10 %, after 500 steps);
-2. fine-tuning on worked solutions, loss on the response tokens only, for a fixed small number of
-   steps so that the model ends partially right. A share of the examples (`teacher_fraction`) shows
-   the worked solution inside the prompt, rendered by `PromptBuilder.teacher_ids`: the model learns
-   to use privileged context the way a pretrained LLM does, which is what makes its own
-   teacher-prompted self a better (privileged) teacher.
+1. fine-tuning on worked solutions, loss on the response tokens only. A share of the examples
+   (`teacher_fraction`) shows the worked solution inside the prompt, rendered by
+   `PromptBuilder.teacher_ids`: the model learns to use privileged context the way a pretrained LLM
+   does, which is what makes its own teacher-prompted self a better (privileged) teacher. The tiny
+   model learns the format, the reading of the instructions and the copying here, but its modular
+   arithmetic stays at chance;
+2. the same fine-tuning plus an *arithmetic drill*, the stand-in for a real LLM's pretraining:
+   short sequences of single operations drawn like the task's steps and written in the solutions'
+   own line format ("7*3=1"), loss on the results only.
 
-The result is a standard Hugging Face folder (model + tokenizer) under
-``cache_dir()/study-warmstart-<hash of every setting>``, written atomically by
-`models.build_cached_folder`, so every study run with the same settings starts from the same weights.
+Both stages are short on purpose, so that the student ends partially right. The result is a standard
+Hugging Face folder (model + tokenizer) under ``cache_dir()/study-warmstart-<hash of every
+setting>``, written atomically by `models.build_cached_folder`, so every study run with the same
+settings starts from the same weights.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from selfdistill.study.settings import WarmStartSettings
 from selfdistill.study.task import StudyTask
 
 # Bump when the warm-start procedure changes in a way its settings do not show: it is part of the key.
-WARM_START_FORMAT = 2
+WARM_START_FORMAT = 3
 WARM_START_RECORD = "warm_start.json"
 
 
@@ -119,13 +120,13 @@ def train_warm_start(
     *,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Run both warm-start stages on `model` in place; returns the loss of every step (drill first).
+    """Run both warm-start stages on `model` in place; returns the loss of every step.
 
-    Stage 2 examples are single problems, prompted as the student (problem only) or, with probability
-    `teacher_fraction`, as the teacher (problem and worked solution); the target is the worked
-    solution followed by EOS, and `review_facts` drill operations are added to every stage 2 step.
-    Stage 1 runs at `drill_lr` after a linear warm-up; stage 2 warms up again to `lr` and decays with
-    a cosine to zero. The stage 2 loss recorded is the sum of the task loss and the review loss.
+    Every step fine-tunes on `batch_size` problems, each prompted as the student (problem only) or,
+    with probability `teacher_fraction`, as the teacher (problem and worked solution), with the worked
+    solution followed by EOS as the target. Stage 1 (`steps`) warms up to `lr` and decays with a cosine
+    to zero; stage 2 (`drill_steps`) warms up to the constant `drill_lr` and adds the loss of
+    `drill_facts` drill operations to every step.
     """
     rng = random.Random(settings.seed)
     builder = PromptBuilder(tokenizer, template=settings.template)
@@ -134,18 +135,15 @@ def train_warm_start(
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
 
     def lr_at(step: int) -> float:
-        if step < settings.drill_steps:
-            return settings.drill_lr * min(1.0, (step + 1) / max(1, settings.warmup_steps))
-        stage_step = step - settings.drill_steps
+        stage_step = step if step < settings.steps else step - settings.steps
         warmup = min(1.0, (stage_step + 1) / max(1, settings.warmup_steps))
-        return settings.lr * warmup * 0.5 * (1.0 + math.cos(math.pi * stage_step / settings.steps))
+        if step < settings.steps:
+            return settings.lr * warmup * 0.5 * (1.0 + math.cos(math.pi * stage_step / settings.steps))
+        return settings.drill_lr * warmup
 
-    def drill_step_loss(num_facts: int) -> torch.Tensor:
-        sequences, result_masks = drill_sequences(tokenizer, task, rng, num_facts=num_facts,
-                                                  max_lines=settings.drill_max_lines)
-        return drill_loss(model, sequences, result_masks, tokenizer.pad_token_id)
+    order: list[Problem] = []
 
-    def sft_step_loss() -> torch.Tensor:
+    def task_loss() -> torch.Tensor:
         nonlocal order
         if len(order) < settings.batch_size:  # a fresh shuffled pass over the problems
             order += rng.sample(problems, len(problems))
@@ -167,16 +165,14 @@ def train_warm_start(
 
     model.train()
     losses: list[float] = []
-    order: list[Problem] = []
     for step in range(settings.total_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        if step < settings.drill_steps:
-            loss = drill_step_loss(settings.drill_facts)
-        else:
-            loss = sft_step_loss()
-            if settings.review_facts:
-                loss = loss + drill_step_loss(settings.review_facts)
+        loss = task_loss()
+        if step >= settings.steps:
+            sequences, result_masks = drill_sequences(tokenizer, task, rng, num_facts=settings.drill_facts,
+                                                      max_lines=settings.drill_max_lines)
+            loss = loss + drill_loss(model, sequences, result_masks, tokenizer.pad_token_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -220,8 +216,8 @@ def warm_start_dir(
             "train_seconds": round(seconds, 1),
             "loss_curve": {step: round(loss, 4) for step, loss in enumerate(losses, start=1)
                            if step % 10 == 0 or step == len(losses)},
-            "final_drill_loss": _tail_mean(losses[: settings.drill_steps]),
-            "final_loss": _tail_mean(losses[settings.drill_steps :]),
+            "stage1_final_loss": _tail_mean(losses[: settings.steps]),
+            "final_loss": _tail_mean(losses[settings.steps :] or losses),
         }
         (folder / WARM_START_RECORD).write_text(json.dumps(record, indent=1) + "\n")
         return {"parameters": record["parameters"], "train_seconds": record["train_seconds"]}
