@@ -56,9 +56,13 @@ def run_one(path: str, n_tokens: int, vocab: int, dim: int, rows: int, chunk_tok
     def loss_of(stats) -> torch.Tensor:
         return (stats.logp.sum() + stats.entropy.sum() + stats.divergence.sum()) / n
 
+    # The inputs are leaves that exist before the step, as a model's hidden states and output weight do;
+    # each step starts with no gradients, so "extra" counts the gradients the step itself allocates.
+    h = hidden.requires_grad_(True)
+    w = weight.requires_grad_(True)
+
     def step() -> float:
-        h = hidden.clone().requires_grad_(True)
-        w = weight.clone().requires_grad_(True)
+        h.grad = w.grad = None
         if path == "naive":
             loss = loss_of(naive_token_stats(h @ w.T, tokens, teacher_logits=teacher_hidden @ w.detach().T,
                                              divergence=spec))

@@ -15,7 +15,8 @@ vocabulary. Three paths compute the same numbers (tested equal, values and gradi
   - `hidden_objective`: the fused path. The caller passes the loss of a block of rows as a function
     of that block's statistics; the gradient with respect to each block's logits is taken while
     the block is in memory, during the forward pass, so the backward pass only rescales stored
-    gradients. Same matmul count as the naive path. This is what the trainer uses.
+    gradients. Only the student's block logits are held whole; the teacher's are formed a few
+    positions at a time (one extra teacher matmul). This is what the trainer uses.
 
 Logits are divided by `temperature` before any softmax (the sampling temperature).
 """
@@ -267,7 +268,7 @@ holds for every objective here: they are per-rollout, and `aggregate` normalizes
 
 
 # Softmax-sized work inside a block is done this many positions at a time, so a block's peak memory is
-# its student and teacher logits plus a few [SUBCHUNK_TOKENS, V] temporaries.
+# its student logits plus a few [SUBCHUNK_TOKENS, V] temporaries (the teacher's logits included).
 SUBCHUNK_TOKENS = 64
 _DIFFERENTIABLE = (0, 1, 4)  # logp, entropy, divergence: the statistics that carry the student's gradient
 
@@ -275,9 +276,10 @@ _DIFFERENTIABLE = (0, 1, 4)  # logp, entropy, divergence: the statistics that ca
 class _FusedHiddenObjective(torch.autograd.Function):
     """Forward computes the loss and, block by block, its gradient; backward rescales it.
 
-    Per block of rows: (1) student and teacher logits, one matmul each; (2) the statistics, a few
-    positions at a time, without gradient; (3) the block's loss from them and its gradient with
-    respect to the statistics (cheap: `[rows, T]` tensors); (4) again a few positions at a time, the
+    Per block of rows: (1) the student's logits, one matmul; (2) the statistics, a few positions at a
+    time, without gradient, the teacher's logits of those positions formed on the spot; (3) the
+    block's loss from them and its gradient with respect to the statistics (cheap: `[rows, T]`
+    tensors); (4) again a few positions at a time (the teacher's logits formed once more), the
     softmax-level backward from those statistic gradients to the logits, and the two matmuls that
     turn it into gradients for the hidden states and the weight.
     """
@@ -299,14 +301,13 @@ class _FusedHiddenObjective(torch.autograd.Function):
             h_block = hidden[rows].reshape(n, d)  # [n,d]
             block_tokens = tokens[rows].reshape(-1)  # [n]
             logits = _logits_block(h_block, weight)  # [n,V]
-            t_logits = None
-            if teacher_hidden is not None:
-                t_logits = _logits_block(teacher_hidden[rows].reshape(n, d), teacher_weight)  # [n,V]
+            t_block = None if teacher_hidden is None else teacher_hidden[rows].reshape(n, d)  # [n,d]
             pieces = [range(i, min(i + SUBCHUNK_TOKENS, n)) for i in range(0, n, SUBCHUNK_TOKENS)]
 
-            def stats_of(z: Tensor, piece: range, t_logits=t_logits, block_tokens=block_tokens):
+            def stats_of(z: Tensor, piece: range, t_block=t_block, block_tokens=block_tokens):
                 sub = slice(piece.start, piece.stop)
-                t_sub = None if t_logits is None else t_logits[sub]
+                # the teacher's logits exist one sub-chunk at a time: formed again in the gradient pass
+                t_sub = None if t_block is None else _logits_block(t_block[sub], teacher_weight)  # [c,V]
                 return _block_stats(z, block_tokens[sub], t_sub, temperature, divergence)
 
             block = [torch.cat(column) if column[0] is not None else None
