@@ -47,7 +47,9 @@ from selfdistill.models import load_model
 from selfdistill.rollout import Rollouts, make_backend
 from selfdistill.rollout.hf import HFBackend
 
-TINY_ARGS = ["--model", "tiny", "--benchmarks", "math500,gsm8k", "--limit", "3", "--n", "2", "--max-new-tokens", "8"]
+# --batch-size 2: one problem per generate call, so a run writes several batches (resume tests kill it between).
+TINY_ARGS = ["--model", "tiny", "--benchmarks", "math500,gsm8k", "--limit", "3", "--n", "2", "--max-new-tokens", "8",
+             "--batch-size", "2"]
 
 
 def run_cli(argv: list[str]) -> int:
@@ -184,7 +186,9 @@ def test_samples_are_seeded_per_problem(tiny, data_root):
     kwargs = {"n": 2, "temperature": 1.0, "max_new_tokens": 6, "progress": False}
     together = evaluate_problems(model, tokenizer, problems, **kwargs)
     batches: list[list[SampleRecord]] = []
-    alone = evaluate_problems(model, tokenizer, problems[2:] + problems[:1], on_records=batches.append, **kwargs)
+    # batch_size=2 rows: one problem per generate call, where `together` had all three in one call.
+    alone = evaluate_problems(model, tokenizer, problems[2:] + problems[:1], on_records=batches.append,
+                              batch_size=2, **kwargs)
     by_key = {r.key: r for r in together}
     assert [r.key for r in together] == [(p.source, p.id, j) for p in problems for j in range(2)]
     assert all(by_key[r.key].completion == r.completion for r in alone)  # order and company do not matter

@@ -8,7 +8,7 @@ import torch
 
 from selfdistill.models import build_tiny_model, build_tiny_tokenizer, load_model
 from selfdistill.rollout import Rollouts, cut_at_eos, eos_token_ids, make_backend
-from selfdistill.rollout.hf import HFBackend
+from selfdistill.rollout.hf import HFBackend, _RowSampler, nucleus_mask, row_seed
 
 # Question -> the exact answer the trained tiny model learns to give (then EOS). The prompts have
 # different lengths, so batches need left padding; the longest comes first so that sorting by length
@@ -207,6 +207,39 @@ def test_same_seed_same_rollouts(tok, random_model):
     torch.manual_seed(5)
     e = backend.generate(prompts, seed=None, **kwargs)
     assert torch.equal(d.response_ids, e.response_ids)
+
+
+def test_a_prompts_samples_depend_only_on_its_seed(tok, random_model):
+    """Per-prompt seeds: the same rows alone, next to other prompts, and under any batching."""
+    prompts = [chat_ids(tok, q) for q, _ in QA]
+    kwargs = {"num_samples": 3, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 8}
+    together = HFBackend(random_model, tok).generate(prompts, seed=[7, 8, 9], **kwargs)
+    batched = HFBackend(random_model, tok, batch_size=2).generate(prompts, seed=[7, 8, 9], **kwargs)
+    assert together.texts == batched.texts
+    for p, seed in enumerate([7, 8, 9]):
+        alone = HFBackend(random_model, tok).generate([prompts[p]], seed=[seed], **kwargs)
+        assert alone.texts == together.texts[3 * p : 3 * p + 3]
+    assert len(set(together.texts[:3])) > 1  # the samples of a prompt differ from each other
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        HFBackend(random_model, tok).generate(prompts, seed=[1, 2], **kwargs)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.8)])
+def test_row_sampler_draws_from_the_tempered_nucleus(temperature, top_p):
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])  # [1, V]
+    probs = torch.softmax(logits[0].double() / temperature, dim=-1)  # [V]
+    outside = nucleus_mask(logits / temperature, top_p)[0]  # [V]
+    probs = probs.masked_fill(outside, 0.0)
+    probs = probs / probs.sum()
+    sampler = _RowSampler([row_seed(0, 0)], temperature, top_p, torch.device("cpu"))
+    draws = 20000
+    counts = torch.zeros(6, dtype=torch.float64)
+    for _ in range(draws):
+        scores = sampler(None, logits)  # [1, V]: -inf except the drawn token
+        assert torch.isfinite(scores).sum() == 1
+        counts[scores[0].argmax()] += 1
+    assert torch.allclose(counts / draws, probs, atol=0.012)  # ~3.5 standard errors at p = 0.5
+    assert counts[outside].sum() == 0
 
 
 def test_sampling_is_from_the_full_distribution(tok, random_model):

@@ -126,8 +126,7 @@ def run_demo(settings: DemoSettings, out: Path | None = None) -> Path:
                       f"{settings.eval_samples} samples")
         records = evaluate_problems(model, tokenizer, held_out, n=settings.eval_samples,
                                     temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
-                                    seed=settings.seed, prompt_builder=builder, grader=grader,
-                                    batch_size=settings.eval_samples)
+                                    seed=settings.seed, prompt_builder=builder, grader=grader)
         with open(out / f"eval_{name}.jsonl", "w") as f:
             for record in records:
                 f.write(json.dumps(record_to_json(record)) + "\n")

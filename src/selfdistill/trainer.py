@@ -242,17 +242,15 @@ class Trainer:
 
     def _rollouts(self, picked: list[tuple[int, Problem]]) -> RolloutGroup:
         cfg = self.config.rollout
-        responses, texts, truncated, prompt_of_row = [], [], [], []
-        for local, (k, problem) in enumerate(picked):
-            # Seeded per global prompt: the same samples whichever process draws the prompt.
-            out = self.backend.generate([self.prompts.student_ids(problem)], num_samples=cfg.group_size,
-                                        temperature=cfg.temperature, top_p=cfg.top_p,
-                                        max_new_tokens=cfg.max_new_tokens, seed=_seed_for(self.config.optim.seed, k))
-            for row in range(len(out)):
-                responses.append(out.response_ids[row, : out.lengths[row]].tolist())
-                texts.append(out.texts[row])
-                truncated.append(bool(out.truncated[row]))
-                prompt_of_row.append(local)
+        # One call for all prompts, each seeded by its global index: the same samples whichever process
+        # draws the prompt and whichever prompts share the call.
+        out = self.backend.generate([self.prompts.student_ids(problem) for _, problem in picked],
+                                    num_samples=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_new_tokens=cfg.max_new_tokens,
+                                    seed=[_seed_for(self.config.optim.seed, k) for k, _ in picked])
+        responses = [out.response_ids[row, : out.lengths[row]].tolist() for row in range(len(out))]
+        texts, truncated = list(out.texts), [bool(t) for t in out.truncated]
+        prompt_of_row = out.prompt_index.tolist()
         row_problems = [picked[p][1] for p in prompt_of_row]
         if self.reward_fn is None:
             scores = self.grader.grade_many(texts, [p.answer for p in row_problems])

@@ -102,7 +102,8 @@ def register(commands: Any) -> None:
     evaluate.add_argument("--seed", type=int, default=0, help="run seed; each problem samples with its own (default 0)")
     evaluate.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation backend (default hf)")
     evaluate.add_argument("--batch-size", type=_positive_int,
-                          help="hf: rows per generate call (default: the n samples of one problem)")
+                          help="rows (problems x n) per generate call (default: 32 for hf, 512 for vllm); "
+                               "the samples do not depend on it")
     evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     evaluate.add_argument("--device", default="auto", help="hf: auto (CUDA if available), cpu, cuda, cuda:1 ...")
     evaluate.add_argument("--out", required=True, help="run folder (created; an existing one is resumed)")

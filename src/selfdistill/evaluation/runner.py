@@ -50,7 +50,9 @@ from selfdistill.rollout import RolloutBackend, Rollouts, make_backend
 
 log = logging.getLogger(__name__)
 
-# Rows handed to a backend that seeds each prompt itself (vLLM) per call when batch_size is None.
+# Rows per generate call when batch_size is None: transformers on a CPU or one GPU, and vLLM (which
+# schedules its own batches).
+DEFAULT_HF_ROWS = 32
 DEFAULT_MULTI_PROMPT_ROWS = 512
 
 
@@ -104,8 +106,7 @@ def _resolve_backend(backend: str | RolloutBackend, model: Any, tokenizer: Any, 
     if not isinstance(backend, str):
         return backend
     if backend == "hf":
-        # One generate call per problem (its own seed): batch_size caps the rows of one call.
-        return make_backend("hf", model, tokenizer, batch_size=batch_size or n, return_entropy=True)
+        return make_backend("hf", model, tokenizer, batch_size=batch_size or DEFAULT_HF_ROWS, return_entropy=True)
     return make_backend(backend, model, tokenizer)
 
 
@@ -147,10 +148,10 @@ def evaluate_problems(
         prompt_builder: renders the student prompt (default: ``PromptBuilder(tokenizer)`` with the
             "opsd_mild" template; only the student side is used).
         backend: "hf", "vllm", or a backend object with the `RolloutBackend` ``generate``. A backend
-            with ``per_prompt_seeds = True`` (vLLM) gets many problems per call, each with its seed.
-        batch_size: "hf": the most rows per ``generate`` call (None: the n samples of one problem in
-            one call); samples depend on it only when it is below n. Per-prompt-seed backends: the most
-            rows per call (None: 512).
+            with ``per_prompt_seeds = True`` ("hf" and "vllm") gets many problems per call, each with
+            its own seed; any other gets one problem per call.
+        batch_size: the most rows (problems x n) per ``generate`` call; None: 32 for "hf", 512 for
+            "vllm". The samples do not depend on it.
         grader: the grading pool (None: one is created and closed here).
         progress: show a rich progress bar with samples/s.
         on_records: called with the records of each finished generation call, in order, so a caller
@@ -183,7 +184,8 @@ def evaluate_problems(
     builder = prompt_builder if prompt_builder is not None else PromptBuilder(tokenizer, template="opsd_mild")
     generator = _resolve_backend(backend, model, tokenizer, batch_size, n)
     if getattr(generator, "per_prompt_seeds", False):
-        problems_per_call = max(1, (batch_size or DEFAULT_MULTI_PROMPT_ROWS) // n)
+        rows_per_call = batch_size or (DEFAULT_HF_ROWS if backend == "hf" else DEFAULT_MULTI_PROMPT_ROWS)
+        problems_per_call = max(1, rows_per_call // n)
     else:
         problems_per_call = 1
     own_grader = grader is None

@@ -4,6 +4,15 @@ Sampling draws from ``softmax(logits / temperature)`` restricted to the top-p nu
 else: the model's own generation defaults (top_k, repetition penalty, ...) are not applied, because
 the training objectives score the responses under exactly that distribution.
 
+Seeds. With a seed (one int, or one per prompt) every row draws its tokens from its own random
+stream, seeded by (prompt seed, sample index): a prompt's samples are the same whichever other
+prompts share the ``generate`` call, and however the rows are cut into batches (up to floating-point
+differences of the batched forward pass). So the trainer and the evaluation put many prompts into one
+call and stay reproducible per prompt. The draw is the Gumbel-max trick (``argmax(logits / T - log E)``
+with ``E ~ Exp(1)`` from the row's stream, which samples ``softmax(logits / T)`` exactly) in a logits
+processor that leaves only the drawn token, under greedy decoding. With ``seed=None`` sampling uses
+transformers' own sampler and the global RNG.
+
 With ``return_entropy=True`` the backend also records, at every generated token, the entropy of
 ``softmax(logits / temperature)`` (before top-p's cut; plain ``softmax(logits)`` for greedy decoding),
 one float per row and step, so memory stays O(rows x steps) rather than the O(rows x steps x vocabulary)
@@ -13,7 +22,8 @@ of keeping the logits with ``output_logits=True``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -62,13 +72,50 @@ class _EntropyRecorder(LogitsProcessor):
         return scores
 
 
+def row_seed(prompt_seed: int, sample: int) -> int:
+    """The random stream of one row: a stable 63-bit hash of (prompt seed, sample index)."""
+    digest = hashlib.sha256(f"{prompt_seed}\x00{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """True for the tokens outside the top-p nucleus of ``softmax(logits)`` [b, V]; the most likely
+    token is always kept. Same rule as transformers' top-p warper."""
+    sorted_logits, order = torch.sort(logits, dim=-1)  # ascending, [b, V]
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [b, V]
+    remove_sorted = cumulative <= 1.0 - top_p  # [b, V]
+    remove_sorted[:, -1] = False
+    return remove_sorted.scatter(1, order, remove_sorted)  # back to vocabulary order
+
+
+class _RowSampler(LogitsProcessor):
+    """Draws each row's next token from ``softmax(logits / temperature)`` (top-p nucleus) with the row's
+    own generator, and returns scores that are -inf everywhere but the drawn token, so greedy decoding
+    emits it. Rows are the rows of the batch, in order."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float() / self.temperature  # [b, V]
+        if self.top_p < 1.0:
+            logits = logits.masked_fill(nucleus_mask(logits, self.top_p), float("-inf"))
+        noise = torch.empty_like(logits)  # [b, V]
+        for row, generator in enumerate(self.generators):
+            noise[row].exponential_(generator=generator)
+        drawn = (logits - noise.log()).argmax(dim=-1, keepdim=True)  # [b, 1], Gumbel-max
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)  # [b, V]
+
+
 class HFBackend:
     """Generate rollouts with ``model.generate``.
 
     batch_size: the most sequences (prompt x sample rows) per ``generate`` call; None puts all rows in
     one call. When set, rows are sorted by prompt length before being cut into batches (less padding),
-    and put back in prompt-major order afterwards. Sampled outputs for a given seed depend on the
-    batching; greedy outputs do not.
+    and put back in prompt-major order afterwards. Seeded and greedy outputs do not depend on the
+    batching; with ``seed=None`` they do.
 
     return_entropy: also fill ``Rollouts.token_entropy`` (see the module docstring); off by default
     so training rollouts do not pay for it.
@@ -86,6 +133,9 @@ class HFBackend:
         self.eos_ids = eos_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
+    # Samples of a prompt depend only on its own seed: callers may put many prompts into one call.
+    per_prompt_seeds = True
+
     def generate(
         self,
         prompt_ids: list[list[int]],
@@ -94,9 +144,12 @@ class HFBackend:
         temperature: float,
         top_p: float,
         max_new_tokens: int,
-        seed: int | None,
+        seed: int | Sequence[int] | None,
     ) -> Rollouts:
-        """Sample `num_samples` responses per prompt; rows are prompt-major (see `Rollouts`)."""
+        """Sample `num_samples` responses per prompt; rows are prompt-major (see `Rollouts`).
+
+        seed: one int for every prompt, one int per prompt, or None (the global RNG).
+        """
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("prompt_ids must be a non-empty list of non-empty token-id lists")
         if num_samples < 1 or max_new_tokens < 1:
@@ -104,19 +157,35 @@ class HFBackend:
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
 
+        if seed is not None and not isinstance(seed, int):
+            seed = [int(s) for s in seed]
+            if len(seed) != len(prompt_ids):
+                raise ValueError(f"got {len(seed)} seeds for {len(prompt_ids)} prompts")
         rows = [p for p in range(len(prompt_ids)) for _ in range(num_samples)]  # prompt-major
+        # Row r's random stream (seeded sampling): prompt seed and sample index.
+        streams = None
+        if seed is not None and temperature > 0:
+            prompt_seeds = [seed] * len(prompt_ids) if isinstance(seed, int) else seed
+            streams = [row_seed(prompt_seeds[p], r - p * num_samples) for r, p in enumerate(rows)]
         order = list(range(len(rows)))
         if self.batch_size is not None:
             order.sort(key=lambda r: len(prompt_ids[rows[r]]))  # stable: samples of a prompt stay together
         step = self.batch_size or len(rows)
-        config = self._config(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        # Seeded sampling decodes greedily through `_RowSampler`; transformers samples only without a seed.
+        config = self._config(temperature=0.0 if streams is not None else temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens)
 
         generated: list[torch.Tensor] = [torch.empty(0)] * len(rows)  # row -> [T_row] new tokens
         step_entropy: list[torch.Tensor] = [torch.empty(0)] * len(rows)  # row -> [T_row] entropies
-        with _generation_state(self.model, seed):
+        with _generation_state(self.model, None if streams is not None else seed):
             for start in range(0, len(order), step):
                 batch = order[start : start + step]
-                new_tokens, entropy = self._generate_batch([prompt_ids[rows[r]] for r in batch], config)  # [b, T_b]
+                sampler = None
+                if streams is not None:
+                    sampler = _RowSampler([streams[r] for r in batch], temperature, top_p, self._device())
+                new_tokens, entropy = self._generate_batch(
+                    [prompt_ids[rows[r]] for r in batch], config, temperature=temperature, sampler=sampler
+                )  # [b, T_b]
                 for i, r in enumerate(batch):
                     generated[r] = new_tokens[i]
                     if entropy is not None:
@@ -137,24 +206,29 @@ class HFBackend:
             **(sampling if temperature > 0 else {"do_sample": False}),
         )
 
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _generate_batch(
-        self, prompts: list[list[int]], config: GenerationConfig
+        self, prompts: list[list[int]], config: GenerationConfig, *, temperature: float,
+        sampler: _RowSampler | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Left-pad `prompts`, generate, and return only the new tokens [b, T_b], with their entropies
-        [b, T_b] when return_entropy is set (else None)."""
-        device = next(self.model.parameters()).device
+        [b, T_b] when return_entropy is set (else None). `sampler` draws the tokens when given."""
+        device = self._device()
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # [b, P]
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [b, P]
         for i, p in enumerate(prompts):
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention_mask[i, width - len(p) :] = 1
-        recorder = _EntropyRecorder(config.temperature if config.do_sample else 0.0) if self.return_entropy else None
+        recorder = _EntropyRecorder(temperature) if self.return_entropy else None
+        processors = [x for x in (recorder, sampler) if x is not None]  # the recorder sees the raw logits
         out = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             generation_config=config,
-            logits_processor=LogitsProcessorList([recorder] if recorder is not None else []),
+            logits_processor=LogitsProcessorList(processors),
         )  # [b, P + T_b]
         new_tokens = out[:, width:]  # [b, T_b]
         if recorder is None:
