@@ -125,19 +125,30 @@ def _row_dependent_loss(stats: TokenStats, rows: slice) -> torch.Tensor:
 
 @pytest.mark.parametrize("subchunk", [2, 64])
 @pytest.mark.parametrize("chunk_tokens", [1, T, 2 * T, 100])
-def test_fused_hidden_objective_matches_naive(chunk_tokens, subchunk, monkeypatch):
+@pytest.mark.parametrize("spec", [DivergenceSpec(beta=0.2, clip=0.5), DivergenceSpec(beta=0.4)], ids=str)
+def test_fused_hidden_objective_matches_naive(chunk_tokens, subchunk, spec, monkeypatch):
+    """Blocks and sub-chunks of every size, with the closed-form backward (plain JSD) and autograd (clipped)."""
+    _check_fused_against_naive(spec, 1.0, chunk_tokens, subchunk, monkeypatch)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_hidden_objective_matches_naive_for_every_divergence(spec, temperature, monkeypatch):
+    _check_fused_against_naive(spec, temperature, T, 3, monkeypatch)
+
+
+def _check_fused_against_naive(spec, temperature, chunk_tokens, subchunk, monkeypatch):
     import selfdistill.tokenstats
 
     monkeypatch.setattr(selfdistill.tokenstats, "SUBCHUNK_TOKENS", subchunk)  # positions per softmax pass
-    spec = DivergenceSpec(beta=0.2, clip=0.5)
     h, w, th, tokens = inputs(3)
     ha, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     hb, wb = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    naive = naive_token_stats(ha @ wa.T, tokens, teacher_logits=th @ w.T, divergence=spec)
+    naive = naive_token_stats(ha @ wa.T, tokens, teacher_logits=th @ w.T, divergence=spec, temperature=temperature)
     naive_loss = _row_dependent_loss(naive, slice(0, B))
     naive_loss.backward()
     fused_loss, stats = hidden_objective(hb, wb, tokens, _row_dependent_loss, teacher_hidden=th, divergence=spec,
-                                         chunk_tokens=chunk_tokens)
+                                         chunk_tokens=chunk_tokens, temperature=temperature)
     (2.0 * fused_loss).backward()  # the upstream gradient is applied in backward
     torch.testing.assert_close(fused_loss, naive_loss.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(hb.grad, 2.0 * ha.grad, rtol=1e-5, atol=1e-6)

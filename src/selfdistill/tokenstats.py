@@ -127,6 +127,53 @@ def _block_stats(
     return logp, entropy, t_logp, t_entropy, div
 
 
+def _analytic_backward_applies(divergence: DivergenceSpec | None) -> bool:
+    """`_block_stats_backward` covers every divergence except clipped or top-k ones (autograd does those)."""
+    return divergence is None or (divergence.clip is None and divergence.top_k is None)
+
+
+def _block_stats_backward(
+    student_logits: Tensor,
+    tokens: Tensor,
+    teacher_logits: Tensor | None,
+    temperature: float,
+    divergence: DivergenceSpec | None,
+    grad_logp: Tensor | None,
+    grad_entropy: Tensor | None,
+    grad_divergence: Tensor | None,
+) -> Tensor:
+    """The gradient `[n,V]` float32 with respect to the student logits of
+    `Σ g_logp·logp + g_entropy·entropy + g_divergence·divergence` (the statistics of `_block_stats`),
+    in closed form: one softmax instead of autograd's graph through `_block_stats`.
+
+    With p = softmax(z/τ), l = log p and, per row, a vector a such that the statistic's gradient with
+    respect to p is a (up to a constant, which the softmax removes): ∂/∂z = p ⊙ (a − Σ p a) / τ.
+    Entropy: a = −l. Reverse KL(S‖T): a = l − l_T. Forward KL(T‖S): p ⊙ a = −p_T. Generalized JSD
+    with mixture M: a = (1−β)(l − l_M). The sampled token's log-prob adds (onehot − p) / τ.
+    """
+    logp_all = _scaled(student_logits, temperature).log_softmax(-1)  # [n,V]
+    probs = logp_all.exp()  # [n,V]
+    weighted = torch.zeros_like(probs)  # [n,V]: p ⊙ a, summed over the statistics
+    if grad_entropy is not None:
+        weighted -= grad_entropy[:, None] * probs * logp_all
+    if grad_divergence is not None and divergence is not None and teacher_logits is not None:
+        t_logp_all = _scaled(teacher_logits, temperature).log_softmax(-1)  # [n,V]
+        if divergence.beta == 1.0:
+            term = probs * (logp_all - t_logp_all)  # [n,V]
+        elif divergence.beta == 0.0:
+            term = -t_logp_all.exp()  # [n,V]
+        else:
+            beta = divergence.beta
+            mix_logp = torch.logaddexp(t_logp_all + math.log(beta), logp_all + math.log(1.0 - beta))  # [n,V]
+            term = (1.0 - beta) * probs * (logp_all - mix_logp)  # [n,V]
+        weighted += grad_divergence[:, None] * term
+    grad = weighted - probs * weighted.sum(-1, keepdim=True)  # [n,V]
+    if grad_logp is not None:
+        grad -= grad_logp[:, None] * probs
+        grad.scatter_add_(1, tokens[:, None], grad_logp[:, None])
+    return grad if temperature == 1.0 else grad / temperature
+
+
 def _check_inputs(tokens: Tensor, student: Tensor, teacher: Tensor | None, what: str) -> None:
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [B,T], got shape {tuple(tokens.shape)}")
@@ -280,7 +327,8 @@ class _FusedHiddenObjective(torch.autograd.Function):
     time, without gradient, the teacher's logits of those positions formed on the spot; (3) the
     block's loss from them and its gradient with respect to the statistics (cheap: `[rows, T]`
     tensors); (4) again a few positions at a time (the teacher's logits formed once more), the
-    softmax-level backward from those statistic gradients to the logits, and the two matmuls that
+    softmax-level backward from those statistic gradients to the logits, in closed form
+    (`_block_stats_backward`; autograd for clipped or top-k divergences), and the two matmuls that
     turn it into gradients for the hidden states and the weight.
     """
 
@@ -293,6 +341,7 @@ class _FusedHiddenObjective(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None  # [B,T,d]
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None  # [V,d]
         total = hidden.new_zeros((), dtype=torch.float32)
+        analytic = _analytic_backward_applies(divergence)
         parts = []
         for start in range(0, B, rows_per_block):
             rows = slice(start, min(start + rows_per_block, B))
@@ -324,14 +373,23 @@ class _FusedHiddenObjective(torch.autograd.Function):
                         if g is not None]
                     for p in pieces:
                         sub = slice(p.start, p.stop)
-                        z = logits[sub].detach().requires_grad_(True)  # [c,V]
-                        out = stats_of(z, p)
-                        torch.autograd.backward([out[i] for i, _ in wanted], [g[sub] for _, g in wanted])
+                        if analytic:
+                            by_field = {i: g[sub] for i, g in wanted}
+                            t_sub = None if t_block is None else _logits_block(t_block[sub], teacher_weight)
+                            grad_z = _block_stats_backward(
+                                logits[sub], block_tokens[sub], t_sub, temperature, divergence,
+                                by_field.get(0), by_field.get(1), by_field.get(4),
+                            )  # [c,V] float32
+                        else:
+                            z = logits[sub].detach().requires_grad_(True)  # [c,V]
+                            out = stats_of(z, p)
+                            torch.autograd.backward([out[i] for i, _ in wanted], [g[sub] for _, g in wanted])
+                            grad_z = z.grad.float()  # [c,V]
                         if need_hidden_grad:
                             grad_hidden.view(B * T, d)[start * T + p.start : start * T + p.stop] = (
-                                z.grad @ weight)  # [c,V] @ [V,d]
+                                grad_z.to(weight.dtype) @ weight)  # [c,V] @ [V,d]
                         if need_weight_grad:  # in place: no [V,d] temporary per sub-chunk
-                            grad_weight.addmm_(z.grad.T.float(), h_block[sub].float())  # [V,c] @ [c,d]
+                            grad_weight.addmm_(grad_z.T, h_block[sub].float())  # [V,c] @ [c,d]
             total += loss.detach().float()
             parts.append(tuple(None if x is None else x.detach() for x in block))
         ctx.save_for_backward(grad_hidden, grad_weight)
