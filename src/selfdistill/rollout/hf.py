@@ -8,9 +8,9 @@ Seeds. With a seed (one int, or one per prompt) every row draws its tokens from 
 stream, seeded by (prompt seed, sample index): a prompt's samples are the same whichever other
 prompts share the ``generate`` call, and however the rows are cut into batches (up to floating-point
 differences of the batched forward pass). So the trainer and the evaluation put many prompts into one
-call and stay reproducible per prompt. The draw is the Gumbel-max trick (``argmax(logits / T - log E)``
-with ``E ~ Exp(1)`` from the row's stream, which samples ``softmax(logits / T)`` exactly) in a logits
-processor that leaves only the drawn token, under greedy decoding. With ``seed=None`` sampling uses
+call and stay reproducible per prompt. The draw (inverse CDF: one uniform number from the row's stream,
+located in the row's cumulative ``softmax(logits / T)``) happens in a logits processor that leaves only
+the drawn token, under greedy decoding. With ``seed=None`` sampling uses
 transformers' own sampler and the global RNG.
 
 With ``return_entropy=True`` the backend also records, at every generated token, the entropy of
@@ -91,7 +91,11 @@ def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 class _RowSampler(LogitsProcessor):
     """Draws each row's next token from ``softmax(logits / temperature)`` (top-p nucleus) with the row's
     own generator, and returns scores that are -inf everywhere but the drawn token, so greedy decoding
-    emits it. Rows are the rows of the batch, in order."""
+    emits it. Rows are the rows of the batch, in order.
+
+    Inverse-CDF sampling: one uniform number per row from the row's generator, located in the row's
+    cumulative distribution; the softmax and the search run on the whole batch at once.
+    """
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device) -> None:
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
@@ -102,10 +106,14 @@ class _RowSampler(LogitsProcessor):
         logits = scores.float() / self.temperature  # [b, V]
         if self.top_p < 1.0:
             logits = logits.masked_fill(nucleus_mask(logits, self.top_p), float("-inf"))
-        noise = torch.empty_like(logits)  # [b, V]
-        for row, generator in enumerate(self.generators):
-            noise[row].exponential_(generator=generator)
-        drawn = (logits - noise.log()).argmax(dim=-1, keepdim=True)  # [b, 1], Gumbel-max
+        probs = logits.softmax(dim=-1)  # [b, V]
+        cdf = probs.double().cumsum(dim=-1)  # [b, V]
+        uniform = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64)
+                             for g in self.generators])  # [b]
+        target = (uniform * cdf[:, -1])[:, None]  # [b, 1], in [0, total)
+        drawn = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)  # [b, 1]
+        # Rounding can land past the last token with probability: take the most likely token then.
+        drawn = torch.where(probs.gather(1, drawn) > 0, drawn, probs.argmax(dim=-1, keepdim=True))  # [b, 1]
         return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)  # [b, V]
 
 
