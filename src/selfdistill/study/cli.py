@@ -21,6 +21,8 @@ def _study(args: argparse.Namespace) -> int:
         overrides["seeds"] = args.seeds
     if args.steps is not None:
         overrides["steps"] = args.steps
+    if args.lr is not None:
+        overrides["lr"] = args.lr
     settings = StudySettings.quick(**overrides) if args.quick else StudySettings(**overrides)
     out = args.out or ("runs/study-quick" if args.quick else "runs/study")
     run_study(settings, out, workers=args.workers, progress=not args.no_progress)
@@ -45,6 +47,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="methods to run, space- or comma-separated, from: " + ", ".join(METHODS)
                             + " (default: all but dasd_bottom; --quick: grpo opsd dasd)")
     study.add_argument("--steps", type=int, help="optimizer steps per run (default 30; --quick: 6)")
+    study.add_argument("--lr", type=float, help="learning rate of every run (default 1e-4)")
     study.add_argument("--out", help="study folder (default runs/study, or runs/study-quick)")
     study.add_argument("--workers", type=int, default=2, help="worker processes running runs in parallel")
     study.add_argument("--no-progress", action="store_true", help="no progress display")

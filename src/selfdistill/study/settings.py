@@ -23,10 +23,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "dasd": {"method": "dasd"},
     "conform": {"method": "dasd", "direction": "conform"},  # DASD ablation: always pull (ω = +1)
     "novelty": {"method": "dasd", "direction": "novelty"},  # DASD ablation: always push (ω = −1)
+    # DASD's bounded form: ω-weighted full-vocabulary JSD added to the GRPO loss (the push cannot diverge).
+    "dasd_divergence": {"method": "dasd_divergence"},
     # The other reading of DASD's threshold: τ = the ρ-quantile, so only the calmest ρ of tokens are pulled.
     "dasd_bottom": {"method": "dasd", "quantile": "bottom"},
 }
-DEFAULT_METHODS = ("grpo", "opsd", "opsd_clip", "rlsd", "egrsd", "cl_egrsd", "dasd", "conform", "novelty")
+DEFAULT_METHODS = ("grpo", "opsd", "opsd_clip", "rlsd", "egrsd", "cl_egrsd", "dasd", "conform", "novelty",
+                   "dasd_divergence")
 QUICK_METHODS = ("grpo", "opsd", "dasd")
 
 
@@ -94,8 +97,9 @@ class StudySettings:
     """Optimizer steps per run."""
     prompts_per_step: int = 4
     group_size: int = 8
-    lr: float = 1e-3
-    """Constant AdamW learning rate of every run (full fine-tuning of the tiny model)."""
+    lr: float = 1e-4
+    """Constant AdamW learning rate of every run (full fine-tuning of the tiny model). At 1e-3 every method,
+    GRPO included, lost held-out accuracy within 30 steps; at 3e-4 GRPO did and DASD collapsed."""
     max_new_tokens: int = 48
     """Rollout and evaluation length limit; the longest worked solution is 35 tokens."""
     temperature: float = 1.0
