@@ -245,7 +245,9 @@ def _fake_study(folder: Path, values: dict[str, list[tuple[float, float, list[fl
         for seed, (avg, free, curve) in enumerate(per_seed):
             run = folder / "runs" / f"{method}-seed{seed}"
             run.mkdir(parents=True)
-            (run / "eval.json").write_text(json.dumps(_fake_eval(method, seed, avg, free, n)))
+            evaluation = _fake_eval(method, seed, avg, free, n)
+            evaluation["held_out_curve"] = [{"step": 2, "avg@n": (0.3 + avg) / 2, f"pass@{n}": 0.5}]
+            (run / "eval.json").write_text(json.dumps(evaluation))
             rows = [{"step": i + 1, "entropy": h, "reward": 0.1 * i} for i, h in enumerate(curve)]
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -265,6 +267,8 @@ def test_report_tables_plots_and_paired_differences(tmp_path):
         assert (tmp_path / name).stat().st_size < 200_000
         assert f"]({name})" in text
     results = load_results(tmp_path)
+    # held-out Avg@k vs step: the warm start at step 0, the evaluation at step 2, the final one at step 3
+    assert results.runs["grpo"][0].held_out_curve(0.3) == ([0, 2, 3], [0.3, pytest.approx(0.35), 0.40])
     # final training entropy: mean of the last steps of each curve; OPSD lower than GRPO in both seeds
     diff = paired_difference(results.runs["opsd"], results.runs["grpo"], "train_entropy_final", results.ks)
     assert diff.values == pytest.approx([(1.0 + 0.5 + 0.2) / 3 - 0.9, (1.0 + 0.4 + 0.1) / 3 - (2.6 / 3)])
@@ -308,6 +312,9 @@ def test_study_quick_end_to_end(tmp_path):
         run = out / "runs" / f"{method}-seed0"
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == settings.steps
+        curve = json.loads((run / "eval.json").read_text())["held_out_curve"]
+        assert [point["step"] for point in curve] == list(range(settings.eval_every, settings.steps,
+                                                                 settings.eval_every))
         for row in rows:
             for name in ("loss", "reward", "entropy", "grad_norm"):
                 assert math.isfinite(row[name]), (method, name, row)

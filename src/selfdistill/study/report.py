@@ -19,7 +19,7 @@ from typing import Any
 EVAL_FILE = "eval.json"
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.md"
-PLOTS = ("entropy.png", "pass_at_k.png", "reward.png", "choice_entropy.png")
+PLOTS = ("entropy.png", "avg_at_k.png", "pass_at_k.png", "reward.png", "choice_entropy.png")
 # How many final training steps are averaged for "final" training entropy / reward.
 FINAL_WINDOW = 5
 # Pairs (a, b) reported as paired differences a − b when both methods were run.
@@ -38,6 +38,13 @@ class RunResult:
 
     def curve(self, name: str) -> list[float]:
         return [float(row[name]) for row in self.metrics if name in row]
+
+    def held_out_curve(self, base_avg: float) -> tuple[list[int], list[float]]:
+        """(steps, held-out Avg@n): step 0 is the warm start, then the evaluations during training, then the end."""
+        points = [(0, base_avg)] + [(int(p["step"]), float(p["avg@n"]))
+                                    for p in self.evaluation.get("held_out_curve", [])]
+        points.append((len(self.metrics), float(self.evaluation["student"]["summary"]["avg@n"])))
+        return [step for step, _ in points], [value for _, value in points]
 
     def scalars(self, ks: Sequence[int]) -> dict[str, float]:
         """The run's numbers that the tables aggregate."""
@@ -186,7 +193,7 @@ def _line_style(method: str) -> str:
 
 
 def write_plots(results: StudyResults, folder: Path) -> list[Path]:
-    """entropy.png, pass_at_k.png, reward.png, choice_entropy.png in `folder`."""
+    """The `PLOTS` in `folder`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,6 +222,31 @@ def write_plots(results: StudyResults, folder: Path) -> list[Path]:
         paths.append(folder / filename)
         fig.savefig(paths[-1], dpi=90)
         plt.close(fig)
+
+    base_avg = float(results.base["student"]["summary"]["avg@n"])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method in methods:
+        curves = [run.held_out_curve(base_avg) for run in results.runs[method]]
+        steps = curves[0][0]
+        if any(c[0] != steps for c in curves):  # runs evaluated at different steps: plot the common ends only
+            steps = [0, steps[-1]]
+            curves = [([0, c[0][-1]], [c[1][0], c[1][-1]]) for c in curves]
+        columns = list(zip(*(c[1] for c in curves), strict=True))
+        ax.plot(steps, [statistics.fmean(c) for c in columns], _line_style(method) + "o", color=colors[method],
+                label=method, linewidth=1.6, markersize=3)
+        if seeds > 1:
+            ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=colors[method],
+                            alpha=0.12, linewidth=0)
+    n = results.ks[-1]
+    ax.set_xlabel("optimizer step (0 = warm start)")
+    ax.set_ylabel(f"held-out Avg@{n}")
+    ax.set_title(f"held-out Avg@{n} during training (mean over seeds; {band_note})", fontsize=10)
+    ax.legend(fontsize=8, ncol=3)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(folder / "avg_at_k.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
 
     ks = results.ks
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -428,6 +460,8 @@ def build_report(folder: str | Path) -> Path:
         "## Plots",
         "",
         "![entropy during training](entropy.png)",
+        "",
+        f"![held-out Avg@{n} during training](avg_at_k.png)",
         "",
         "![held-out pass@k](pass_at_k.png)",
         "",

@@ -123,8 +123,23 @@ def _measure(model: Any, tokenizer: Any, job: RunJob, roles: tuple[str, ...]) ->
     return measured
 
 
+def _held_out_accuracy(model: Any, tokenizer: Any, job: RunJob, grader: Any) -> dict[str, float]:
+    """The student's held-out Avg@n and pass@n, sampled as in the final evaluation."""
+    from selfdistill.prompts import PromptBuilder
+    from selfdistill.study.probes import sample_accuracy
+
+    settings = job.settings
+    builder = PromptBuilder(tokenizer, template=settings.warm_start.template, max_prompt_tokens=512)
+    summary, _ = sample_accuracy(model, tokenizer, settings.task.splits()[0], builder, n=settings.eval_samples,
+                                 max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                 seed=EVAL_SEED, role="student", grader=grader)
+    n = settings.eval_samples
+    return {"avg@n": summary["avg@n"], f"pass@{n}": summary[f"pass@{n}"]}
+
+
 def execute_job(job: RunJob) -> dict[str, Any]:
     """Train (unless this is the base job) and evaluate; writes and returns the job's eval.json."""
+    from selfdistill.grading import Grader
     from selfdistill.models import load_model
 
     folder = Path(job.folder)
@@ -140,10 +155,24 @@ def execute_job(job: RunJob) -> dict[str, Any]:
         from selfdistill.trainer import Trainer
 
         trainer = Trainer(config_from_dict(run_config(job)), run_dir=folder)
-        trainer.run()
+        curve: list[dict[str, Any]] = []  # held-out accuracy during training
+        every, eval_seconds = job.settings.eval_every, 0.0
+
+        def measure_during_training(metrics: dict[str, Any]) -> None:
+            nonlocal eval_seconds
+            if every and metrics["step"] % every == 0 and metrics["step"] < job.settings.steps:
+                t0 = time.perf_counter()
+                with Grader(workers=1) as grader:
+                    curve.append({"step": metrics["step"],
+                                  **_held_out_accuracy(trainer.model, trainer.tokenizer, job, grader)})
+                eval_seconds += time.perf_counter() - t0
+
+        trainer.run(callback=measure_during_training)
         model, tokenizer = trainer.model, trainer.tokenizer
         roles = ("student",)
-        result["train_seconds"] = round(time.perf_counter() - started, 1)
+        result["held_out_curve"] = curve
+        result["train_seconds"] = round(time.perf_counter() - started - eval_seconds, 1)
+        result["curve_eval_seconds"] = round(eval_seconds, 1)
     eval_started = time.perf_counter()
     result.update(_measure(model, tokenizer, job, roles))
     result["eval_seconds"] = round(time.perf_counter() - eval_started, 1)

@@ -106,6 +106,8 @@ class StudySettings:
     """Rollout and evaluation sampling temperature."""
     eval_samples: int = 16
     """Samples per held-out problem (pass@k and Avg@k for k = 1 .. eval_samples)."""
+    eval_every: int = 10
+    """Also measure the student's held-out Avg@k every this many steps during training (0: only at the end)."""
     task: StudyTask = field(default_factory=StudyTask)
     warm_start: WarmStartSettings = field(default_factory=WarmStartSettings)
 
@@ -118,6 +120,8 @@ class StudySettings:
             raise ValueError(f"methods must be a non-empty list without repeats, got {self.methods}")
         if self.seeds < 1 or self.steps < 1 or self.eval_samples < 1:
             raise ValueError("seeds, steps and eval_samples must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> StudySettings:
@@ -126,6 +130,7 @@ class StudySettings:
             "methods": QUICK_METHODS,
             "seeds": 1,
             "steps": 6,
+            "eval_every": 3,
             "task": StudyTask(n_eval=16),
             "warm_start": WarmStartSettings(steps=150, drill_steps=100, batch_size=16, drill_facts=128),
         }
