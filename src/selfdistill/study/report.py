@@ -24,7 +24,7 @@ PLOTS = ("entropy.png", "avg_at_k.png", "pass_at_k.png", "reward.png", "choice_e
 FINAL_WINDOW = 5
 # Pairs (a, b) reported as paired differences a − b when both methods were run.
 COMPARISONS = (("opsd", "grpo"), ("dasd", "opsd"), ("dasd", "grpo"), ("dasd", "conform"), ("dasd", "novelty"),
-               ("egrsd", "grpo"), ("opsd_clip", "grpo"))
+               ("egrsd", "grpo"), ("opsd_clip", "grpo"), ("dasd_divergence", "grpo"), ("dasd_divergence", "opsd"))
 
 
 @dataclass
