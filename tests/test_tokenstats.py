@@ -196,3 +196,20 @@ def test_shape_errors_name_the_shapes():
         token_stats(h @ w.T, tokens, teacher_logits=(th @ w.T)[:, :4])
     with pytest.raises(ValueError, match="beta"):
         DivergenceSpec(beta=1.5)
+
+
+def test_fused_hidden_objective_teacher_without_divergence():
+    """DASD-like: the teacher's log-probs and entropy weight the student's tokens but carry no gradient."""
+    h, w, th, tokens = inputs(6)
+    ha, hb = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+
+    def loss_of(stats, rows):
+        weight = (stats.teacher_logp - stats.logp).detach() * stats.teacher_entropy  # [n,T]
+        return (-(weight * stats.logp) + 0.2 * stats.entropy).sum() / (B * T)
+
+    naive = naive_token_stats(ha @ w.T, tokens, teacher_logits=th @ w.T)
+    loss_of(naive, slice(0, B)).backward()
+    loss, stats = hidden_objective(hb, w, tokens, loss_of, teacher_hidden=th, chunk_tokens=T)
+    loss.backward()
+    torch.testing.assert_close(hb.grad, ha.grad, rtol=1e-5, atol=1e-7)
+    assert stats.divergence is None and stats.teacher_logp is not None

@@ -375,7 +375,9 @@ class _FusedHiddenObjective(torch.autograd.Function):
                         sub = slice(p.start, p.stop)
                         if analytic:
                             by_field = {i: g[sub] for i, g in wanted}
-                            t_sub = None if t_block is None else _logits_block(t_block[sub], teacher_weight)
+                            t_sub = None  # the teacher enters the gradient only through the divergence
+                            if t_block is not None and 4 in by_field:
+                                t_sub = _logits_block(t_block[sub], teacher_weight)  # [c,V]
                             grad_z = _block_stats_backward(
                                 logits[sub], block_tokens[sub], t_sub, temperature, divergence,
                                 by_field.get(0), by_field.get(1), by_field.get(4),
