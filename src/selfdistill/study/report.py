@@ -192,6 +192,21 @@ def _line_style(method: str) -> str:
     return "--" if method in ("conform", "novelty") else "-"
 
 
+def _save_line_plot(fig: Any, ax: Any, path: Path, *, xlabel: str, ylabel: str, title: str, ncol: int = 3) -> Path:
+    """Label, legend and grid a line plot, write it to `path` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, ncol=ncol)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def write_plots(results: StudyResults, folder: Path) -> list[Path]:
     """The `PLOTS` in `folder`."""
     import matplotlib
@@ -213,15 +228,8 @@ def write_plots(results: StudyResults, folder: Path) -> list[Path]:
             ax.plot(steps, mean, _line_style(method), color=colors[method], label=method, linewidth=1.6)
             if seeds > 1:
                 ax.fill_between(steps, low, high, color=colors[method], alpha=0.12, linewidth=0)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{metric} during training (mean over seeds; {band_note})", fontsize=10)
-        ax.legend(fontsize=8, ncol=3)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(folder / filename)
-        fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
+        paths.append(_save_line_plot(fig, ax, folder / filename, xlabel="optimizer step", ylabel=ylabel,
+                                     title=f"{metric} during training (mean over seeds; {band_note})"))
 
     base_avg = float(results.base["student"]["summary"]["avg@n"])
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -238,15 +246,9 @@ def write_plots(results: StudyResults, folder: Path) -> list[Path]:
             ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=colors[method],
                             alpha=0.12, linewidth=0)
     n = results.ks[-1]
-    ax.set_xlabel("optimizer step (0 = warm start)")
-    ax.set_ylabel(f"held-out Avg@{n}")
-    ax.set_title(f"held-out Avg@{n} during training (mean over seeds; {band_note})", fontsize=10)
-    ax.legend(fontsize=8, ncol=3)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(folder / "avg_at_k.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(_save_line_plot(fig, ax, folder / "avg_at_k.png", xlabel="optimizer step (0 = warm start)",
+                                 ylabel=f"held-out Avg@{n}",
+                                 title=f"held-out Avg@{n} during training (mean over seeds; {band_note})"))
 
     ks = results.ks
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -259,15 +261,9 @@ def write_plots(results: StudyResults, folder: Path) -> list[Path]:
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks if len(ks) <= 8 else [k for k in ks if k & (k - 1) == 0])
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("k")
-    ax.set_ylabel("held-out pass@k (unbiased)")
-    ax.set_title(f"held-out pass@k, mean over seeds ({seeds} seed{'s' if seeds > 1 else ''})", fontsize=10)
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(folder / "pass_at_k.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(_save_line_plot(fig, ax, folder / "pass_at_k.png", xlabel="k", ylabel="held-out pass@k (unbiased)",
+                                 title=f"held-out pass@k, mean over seeds ({seeds} seed{'s' if seeds > 1 else ''})",
+                                 ncol=2))
 
     labels = ["base", *methods]
     free = [Spread([results.base["student"]["choice_entropy"]["free"]])]
