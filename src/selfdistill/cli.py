@@ -22,9 +22,20 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.overrides)
         run_dir = Trainer(config).run()
+    _end_process_group()
     if os.environ.get("RANK", "0") == "0":
         print(f"run folder: {run_dir}")
     return 0
+
+
+def _end_process_group() -> None:
+    """With several processes: wait for all, then shut the process group down before the interpreter exits
+    (leaving it to exit can abort a process while the communication threads still run)."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _grade(args: argparse.Namespace) -> int:
