@@ -146,8 +146,8 @@ def test_make_backend(tok, random_model):
     except ImportError:
         with pytest.raises(ImportError, match=r"pip install selfdistill\[vllm\]"):
             make_backend("vllm", random_model, tok)
-    else:
-        with pytest.raises(NotImplementedError):
+    else:  # vLLM generates from a folder or a vllm.LLM, never from an in-memory transformers model
+        with pytest.raises(TypeError, match="model folder or a vllm.LLM"):
             make_backend("vllm", random_model, tok)
 
 
