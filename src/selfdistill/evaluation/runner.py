@@ -102,11 +102,15 @@ def _make_progress(enabled: bool) -> Progress:
     )
 
 
-def _resolve_backend(backend: str | RolloutBackend, model: Any, tokenizer: Any, batch_size: int | None, n: int):
+def _rows_per_call(backend: str | RolloutBackend, batch_size: int | None) -> int:
+    return batch_size or (DEFAULT_HF_ROWS if backend == "hf" else DEFAULT_MULTI_PROMPT_ROWS)
+
+
+def _resolve_backend(backend: str | RolloutBackend, model: Any, tokenizer: Any, rows_per_call: int):
     if not isinstance(backend, str):
         return backend
     if backend == "hf":
-        return make_backend("hf", model, tokenizer, batch_size=batch_size or DEFAULT_HF_ROWS, return_entropy=True)
+        return make_backend("hf", model, tokenizer, batch_size=rows_per_call, return_entropy=True)
     return make_backend(backend, model, tokenizer)
 
 
@@ -182,12 +186,10 @@ def evaluate_problems(
         return []
 
     builder = prompt_builder if prompt_builder is not None else PromptBuilder(tokenizer, template="opsd_mild")
-    generator = _resolve_backend(backend, model, tokenizer, batch_size, n)
-    if getattr(generator, "per_prompt_seeds", False):
-        rows_per_call = batch_size or (DEFAULT_HF_ROWS if backend == "hf" else DEFAULT_MULTI_PROMPT_ROWS)
-        problems_per_call = max(1, rows_per_call // n)
-    else:
-        problems_per_call = 1
+    rows_per_call = _rows_per_call(backend, batch_size)
+    generator = _resolve_backend(backend, model, tokenizer, rows_per_call)
+    # A backend that seeds each prompt itself gets many problems per call, any other one per call.
+    problems_per_call = max(1, rows_per_call // n) if getattr(generator, "per_prompt_seeds", False) else 1
     own_grader = grader is None
     grader = Grader() if grader is None else grader
 

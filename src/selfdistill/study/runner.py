@@ -103,28 +103,8 @@ def _init_worker(threads: int) -> None:
     hf_logging.disable_progress_bar()
 
 
-def _measure(model: Any, tokenizer: Any, job: RunJob, roles: tuple[str, ...]) -> dict[str, Any]:
-    """Held-out sampled accuracy and teacher-forced choice entropy of `model`, for each prompt role."""
-    from selfdistill.grading import Grader
-    from selfdistill.prompts import PromptBuilder
-    from selfdistill.study.probes import choice_entropy, sample_accuracy
-
-    settings = job.settings
-    held_out = settings.task.splits()[0]
-    builder = PromptBuilder(tokenizer, template=settings.warm_start.template, max_prompt_tokens=512)
-    measured: dict[str, Any] = {}
-    with Grader(workers=1) as grader:
-        for role in roles:
-            summary, _ = sample_accuracy(model, tokenizer, held_out, builder, n=settings.eval_samples,
-                                         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                         seed=EVAL_SEED, role=role, grader=grader)
-            entropy = choice_entropy(model, tokenizer, held_out, builder, role=role)
-            measured[role] = {"summary": summary, "choice_entropy": asdict(entropy)}
-    return measured
-
-
-def _held_out_accuracy(model: Any, tokenizer: Any, job: RunJob, grader: Any) -> dict[str, float]:
-    """The student's held-out Avg@n and pass@n, sampled as in the final evaluation."""
+def _held_out_summary(model: Any, tokenizer: Any, job: RunJob, role: str, grader: Any) -> dict[str, Any]:
+    """The `summarize` macro row of n samples per held-out problem, from the student or teacher prompt."""
     from selfdistill.prompts import PromptBuilder
     from selfdistill.study.probes import sample_accuracy
 
@@ -132,18 +112,38 @@ def _held_out_accuracy(model: Any, tokenizer: Any, job: RunJob, grader: Any) -> 
     builder = PromptBuilder(tokenizer, template=settings.warm_start.template, max_prompt_tokens=512)
     summary, _ = sample_accuracy(model, tokenizer, settings.task.splits()[0], builder, n=settings.eval_samples,
                                  max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                 seed=EVAL_SEED, role="student", grader=grader)
-    n = settings.eval_samples
-    return {"avg@n": summary["avg@n"], f"pass@{n}": summary[f"pass@{n}"]}
+                                 seed=EVAL_SEED, role=role, grader=grader)
+    return summary
+
+
+def _measure(model: Any, tokenizer: Any, job: RunJob, roles: tuple[str, ...], grader: Any) -> dict[str, Any]:
+    """Held-out sampled accuracy and teacher-forced choice entropy of `model`, for each prompt role."""
+    from selfdistill.prompts import PromptBuilder
+    from selfdistill.study.probes import choice_entropy
+
+    settings = job.settings
+    held_out = settings.task.splits()[0]
+    builder = PromptBuilder(tokenizer, template=settings.warm_start.template, max_prompt_tokens=512)
+    return {role: {"summary": _held_out_summary(model, tokenizer, job, role, grader),
+                   "choice_entropy": asdict(choice_entropy(model, tokenizer, held_out, builder, role=role))}
+            for role in roles}
 
 
 def execute_job(job: RunJob) -> dict[str, Any]:
     """Train (unless this is the base job) and evaluate; writes and returns the job's eval.json."""
     from selfdistill.grading import Grader
-    from selfdistill.models import load_model
 
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
+    with Grader(workers=1) as grader:  # one grading process for every evaluation of the job
+        result = _train_and_measure(job, folder, grader)
+    write_json_atomic(folder / EVAL_FILE, result)
+    return result
+
+
+def _train_and_measure(job: RunJob, folder: Path, grader: Any) -> dict[str, Any]:
+    from selfdistill.models import load_model
+
     result: dict[str, Any] = {"key": job.key, "name": job.name, "method": job.method, "seed": job.seed}
     started = time.perf_counter()
     if job.method is None:
@@ -162,9 +162,9 @@ def execute_job(job: RunJob) -> dict[str, Any]:
             nonlocal eval_seconds
             if every and metrics["step"] % every == 0 and metrics["step"] < job.settings.steps:
                 t0 = time.perf_counter()
-                with Grader(workers=1) as grader:
-                    curve.append({"step": metrics["step"],
-                                  **_held_out_accuracy(trainer.model, trainer.tokenizer, job, grader)})
+                summary = _held_out_summary(trainer.model, trainer.tokenizer, job, "student", grader)
+                n = job.settings.eval_samples
+                curve.append({"step": metrics["step"], "avg@n": summary["avg@n"], f"pass@{n}": summary[f"pass@{n}"]})
                 eval_seconds += time.perf_counter() - t0
 
         trainer.run(callback=measure_during_training)
@@ -174,9 +174,8 @@ def execute_job(job: RunJob) -> dict[str, Any]:
         result["train_seconds"] = round(time.perf_counter() - started - eval_seconds, 1)
         result["curve_eval_seconds"] = round(eval_seconds, 1)
     eval_started = time.perf_counter()
-    result.update(_measure(model, tokenizer, job, roles))
+    result.update(_measure(model, tokenizer, job, roles, grader))
     result["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
-    write_json_atomic(folder / EVAL_FILE, result)
     return result
 
 
