@@ -69,6 +69,9 @@ SPECS = [
     DivergenceSpec(beta=0.5),
     DivergenceSpec(beta=0.3, clip=0.02),
     DivergenceSpec(beta=0.0, clip=0.05, top_k=5),
+    DivergenceSpec(beta=0.5, top_k=5),  # closed-form backward over the top-k entries
+    DivergenceSpec(beta=1.0, top_k=3),
+    DivergenceSpec(beta=0.0, top_k=4),
 ]
 
 

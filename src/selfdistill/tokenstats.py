@@ -128,8 +128,20 @@ def _block_stats(
 
 
 def _analytic_backward_applies(divergence: DivergenceSpec | None) -> bool:
-    """`_block_stats_backward` covers every divergence except clipped or top-k ones (autograd does those)."""
-    return divergence is None or (divergence.clip is None and divergence.top_k is None)
+    """`_block_stats_backward` covers every divergence except clipped ones (autograd does those)."""
+    return divergence is None or divergence.clip is None
+
+
+def _divergence_weighted(probs: Tensor, logp: Tensor, t_logp: Tensor, divergence: DivergenceSpec) -> Tensor:
+    """p ⊙ a for an unclipped divergence (see `_block_stats_backward`), from the student's probabilities and
+    log-probs and the teacher's log-probs over the same entries `[n,V]` (or `[n,k]`)."""
+    if divergence.beta == 1.0:
+        return probs * (logp - t_logp)  # reverse KL(S‖T)
+    if divergence.beta == 0.0:
+        return -t_logp.exp()  # forward KL(T‖S)
+    beta = divergence.beta
+    mix_logp = torch.logaddexp(t_logp + math.log(beta), logp + math.log(1.0 - beta))  # [n,V]
+    return (1.0 - beta) * probs * (logp - mix_logp)  # generalized JSD
 
 
 def _block_stats_backward(
@@ -150,24 +162,31 @@ def _block_stats_backward(
     respect to p is a (up to a constant, which the softmax removes): ∂/∂z = p ⊙ (a − Σ p a) / τ.
     Entropy: a = −l. Reverse KL(S‖T): a = l − l_T. Forward KL(T‖S): p ⊙ a = −p_T. Generalized JSD
     with mixture M: a = (1−β)(l − l_M). The sampled token's log-prob adds (onehot − p) / τ.
+    A top-k divergence depends only on the logits of the teacher's top-k tokens, through the
+    distributions renormalized over them: the same rule with p, l, l_T restricted and renormalized
+    to those k entries, scattered back into the vocabulary.
     """
     logp_all = _scaled(student_logits, temperature).log_softmax(-1)  # [n,V]
     probs = logp_all.exp()  # [n,V]
     weighted = torch.zeros_like(probs)  # [n,V]: p ⊙ a, summed over the statistics
     if grad_entropy is not None:
         weighted -= grad_entropy[:, None] * probs * logp_all
+    top = top_grad = None
     if grad_divergence is not None and divergence is not None and teacher_logits is not None:
         t_logp_all = _scaled(teacher_logits, temperature).log_softmax(-1)  # [n,V]
-        if divergence.beta == 1.0:
-            term = probs * (logp_all - t_logp_all)  # [n,V]
-        elif divergence.beta == 0.0:
-            term = -t_logp_all.exp()  # [n,V]
-        else:
-            beta = divergence.beta
-            mix_logp = torch.logaddexp(t_logp_all + math.log(beta), logp_all + math.log(1.0 - beta))  # [n,V]
-            term = (1.0 - beta) * probs * (logp_all - mix_logp)  # [n,V]
-        weighted += grad_divergence[:, None] * term
+        if divergence.top_k is None:
+            weighted += grad_divergence[:, None] * _divergence_weighted(probs, logp_all, t_logp_all, divergence)
+        else:  # only the top-k logits carry this gradient, through the renormalized distributions
+            top = t_logp_all.topk(min(divergence.top_k, t_logp_all.shape[-1]), dim=-1).indices  # [n,k]
+            top_logp = logp_all.gather(-1, top).log_softmax(-1)  # [n,k]
+            top_probs = top_logp.exp()  # [n,k]
+            top_t_logp = t_logp_all.gather(-1, top).log_softmax(-1)  # [n,k]
+            top_weighted = grad_divergence[:, None] * _divergence_weighted(top_probs, top_logp, top_t_logp,
+                                                                           divergence)  # [n,k]
+            top_grad = top_weighted - top_probs * top_weighted.sum(-1, keepdim=True)  # [n,k]
     grad = weighted - probs * weighted.sum(-1, keepdim=True)  # [n,V]
+    if top is not None:
+        grad.scatter_add_(1, top, top_grad)
     if grad_logp is not None:
         grad -= grad_logp[:, None] * probs
         grad.scatter_add_(1, tokens[:, None], grad_logp[:, None])
@@ -330,7 +349,7 @@ class _FusedHiddenObjective(torch.autograd.Function):
     block's loss from them and its gradient with respect to the statistics (cheap: `[rows, T]`
     tensors); (4) again a few positions at a time (the teacher's logits formed once more), the
     softmax-level backward from those statistic gradients to the logits, in closed form
-    (`_block_stats_backward`; autograd for clipped or top-k divergences), and the two matmuls that
+    (`_block_stats_backward`; autograd for clipped divergences), and the two matmuls that
     turn it into gradients for the hidden states and the weight.
     """
 
