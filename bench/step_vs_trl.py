@@ -23,7 +23,7 @@ TRL generates once per optimizer step and computes no old log-probs), micro-batc
 AdamW (TRL: optim="adamw_torch") with the same learning rate, no weight decay, gradient clipping at 1.0, float32,
 no gradient checkpointing (TRL's default is on; switched off on both sides unless --gradient-checkpointing),
 sampling at temperature 1 with no top-k / top-p, and a fixed completion length: min_new_tokens = max_new_tokens on
-both sides (TRL through generation_kwargs, ours by wrapping HFBackend._config in the worker process), so every
+both sides (TRL through generation_kwargs, ours through the rollout backend's min_new_tokens), so every
 completion has exactly --max-new-tokens tokens; the table shows the mean lengths seen, to confirm it.
 
 Each (side, pair, size) runs in its own process, so its peak resident memory (ru_maxrss) is its own; "extra" is the
@@ -228,20 +228,6 @@ def bench_problems(spec: dict):
 # our side
 
 
-def fix_our_generation_length() -> None:
-    """Make our HF backend generate exactly max_new_tokens tokens (EOS is suppressed until then)."""
-    from selfdistill.rollout.hf import HFBackend
-
-    original = HFBackend._config
-
-    def fixed_length_config(self, *, temperature: float, top_p: float, max_new_tokens: int):
-        config = original(self, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        config.min_new_tokens = max_new_tokens
-        return config
-
-    HFBackend._config = fixed_length_config
-
-
 def run_ours(spec: dict, run_dir: str) -> dict:
     import torch
 
@@ -250,7 +236,6 @@ def run_ours(spec: dict, run_dir: str) -> dict:
     from selfdistill.trainer import Trainer
 
     register_bench_template()
-    fix_our_generation_length()
     method, _, trl_mode = PAIRS[spec["pair"]]
     objective = {"method": method, "teacher": "frozen"}
     if trl_mode == "topk_logits":
@@ -266,6 +251,7 @@ def run_ours(spec: dict, run_dir: str) -> dict:
         "logging": {"output_dir": run_dir, "sample_every": 0, "tensorboard": False, "progress": False},
     })
     trainer = Trainer(config, run_dir=run_dir, problems=bench_problems(spec))
+    trainer.backend.min_new_tokens = spec["max_new_tokens"]  # EOS held back: every completion has that length
     rss_loaded = rss_mib()
 
     timer = PhaseTimer()

@@ -1,75 +1,65 @@
-"""Rollouts with transformers ``generate``: batched, left-padded, KV cache, CPU or GPU.
+"""Rollouts from a transformers causal LM: batched, left-padded, KV cache, CPU or GPU.
+
+Decoding is a plain loop over the model's forward pass, one token per step for every row (not
+``model.generate``, whose per-step machinery costs as much as a small model's forward pass; bench/
+generation.py measures it). The KV cache is preallocated (``StaticCache``: no copy of the cache per
+token) when the architecture supports it and the cache for ``rows x (prompt + max_new_tokens)``
+positions fits in ``STATIC_CACHE_BYTES``; otherwise it grows (``DynamicCache``). Rows that emitted EOS
+are filled with the pad token until every row is done or ``max_new_tokens`` is reached.
 
 Sampling draws from ``softmax(logits / temperature)`` restricted to the top-p nucleus and nothing
 else: the model's own generation defaults (top_k, repetition penalty, ...) are not applied, because
-the training objectives score the responses under exactly that distribution.
+the training objectives score the responses under exactly that distribution. Temperature 0 decodes
+greedily.
 
 Seeds. With a seed (one int, or one per prompt) every row draws its tokens from its own random
 stream, seeded by (prompt seed, sample index): a prompt's samples are the same whichever other
-prompts share the ``generate`` call, and however the rows are cut into batches (up to floating-point
+prompts share the batch, and however the rows are cut into batches (up to floating-point
 differences of the batched forward pass). So the trainer and the evaluation put many prompts into one
-call and stay reproducible per prompt. The draw (inverse CDF: one uniform number from the row's stream,
-located in the row's cumulative ``softmax(logits / T)``) happens in a logits processor that leaves only
-the drawn token, under greedy decoding. With ``seed=None`` sampling uses
-transformers' own sampler and the global RNG.
+batch and stay reproducible per prompt. The draw is by inverse CDF: one uniform number from the row's
+stream, located in the row's cumulative ``softmax(logits / T)``. With ``seed=None`` sampling uses
+``torch.multinomial`` and the global RNG.
 
 With ``return_entropy=True`` the backend also records, at every generated token, the entropy of
 ``softmax(logits / temperature)`` (before top-p's cut; plain ``softmax(logits)`` for greedy decoding),
 one float per row and step, so memory stays O(rows x steps) rather than the O(rows x steps x vocabulary)
-of keeping the logits with ``output_logits=True``.
+of keeping the logits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, StaticCache
 
 from selfdistill.rollout import Rollouts, assemble_rollouts, eos_token_ids
+
+# The most bytes a preallocated KV cache may take; above it the cache grows with the tokens decoded.
+STATIC_CACHE_BYTES = 1 << 30
+
+TokenChooser = Callable[[torch.Tensor], torch.Tensor]
+"""Maps a batch's next-token logits `[b, V]` float32 to the chosen token ids `[b]`."""
 
 
 @contextlib.contextmanager
 def _generation_state(model: Any, seed: int | None) -> Iterator[None]:
-    """Eval mode, no autograd, a clean generation config and (with a seed) a private RNG stream for the
-    duration of the block; the model's mode, generation config and the global RNG are restored."""
-    # A PEFT wrapper generates through its base transformers model, which holds the generation config.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    was_training, saved_config = model.training, base.generation_config
+    """Eval mode, no autograd and (with a seed) a private RNG stream for the duration of the block; the
+    model's mode and the global RNG are restored."""
+    was_training = model.training
     device = next(model.parameters()).device
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     try:
         model.eval()
-        # generate() fills every unset field from model.generation_config: start from a clean one.
-        base.generation_config = GenerationConfig()
         with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None), torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
             yield
     finally:
-        base.generation_config = saved_config
         model.train(was_training)
-
-
-class _EntropyRecorder(LogitsProcessor):
-    """Records the entropy of ``softmax(logits / temperature)`` at every generation step.
-
-    ``generate`` runs the processors it is given before its sampling warpers (temperature, top-p), and
-    the clean generation config activates no other processor, so the scores seen here are the raw
-    logits (tests/test_eval.py checks the result against a forward pass). Returns them unchanged.
-    """
-
-    def __init__(self, temperature: float) -> None:
-        self.scale = 1.0 / temperature if temperature > 0 else 1.0  # greedy: the model's own distribution
-        self.steps: list[torch.Tensor] = []  # one [b] float tensor per generated token
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float() * self.scale, dim=-1)  # [b, V]
-        self.steps.append(torch.special.entr(probs).sum(dim=-1))  # [b]; entr(0) = 0, so -inf logits are safe
-        return scores
 
 
 def row_seed(prompt_seed: int, sample: int) -> int:
@@ -88,10 +78,9 @@ def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return remove_sorted.scatter(1, order, remove_sorted)  # back to vocabulary order
 
 
-class _RowSampler(LogitsProcessor):
+class _RowSampler:
     """Draws each row's next token from ``softmax(logits / temperature)`` (top-p nucleus) with the row's
-    own generator, and returns scores that are -inf everywhere but the drawn token, so greedy decoding
-    emits it. Rows are the rows of the batch, in order.
+    own generator. Rows are the rows of the batch, in order.
 
     Inverse-CDF sampling: one uniform number per row from the row's generator, located in the row's
     cumulative distribution; the softmax and the search run on the whole batch at once.
@@ -102,11 +91,8 @@ class _RowSampler(LogitsProcessor):
         self.temperature = temperature
         self.top_p = top_p
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logits = scores.float() / self.temperature  # [b, V]
-        if self.top_p < 1.0:
-            logits = logits.masked_fill(nucleus_mask(logits, self.top_p), float("-inf"))
-        probs = logits.softmax(dim=-1)  # [b, V]
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = _sampling_probs(logits, self.temperature, self.top_p)  # [b, V]
         cdf = probs.double().cumsum(dim=-1)  # [b, V]
         uniform = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64)
                              for g in self.generators])  # [b]
@@ -114,30 +100,59 @@ class _RowSampler(LogitsProcessor):
         drawn = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)  # [b, 1]
         # Rounding can land past the last token with probability: take the most likely token then.
         drawn = torch.where(probs.gather(1, drawn) > 0, drawn, probs.argmax(dim=-1, keepdim=True))  # [b, 1]
-        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)  # [b, V]
+        return drawn.squeeze(1)  # [b]
+
+
+def _sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """``softmax(logits / temperature)`` restricted to the top-p nucleus and renormalized, `[b, V]`."""
+    scaled = logits / temperature  # [b, V]
+    if top_p < 1.0:
+        scaled = scaled.masked_fill(nucleus_mask(scaled, top_p), float("-inf"))
+    return scaled.softmax(dim=-1)
+
+
+def _choose_greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)  # [b]
+
+
+def _global_rng_sampler(temperature: float, top_p: float) -> TokenChooser:
+    """Sampling with the global RNG (``seed=None``)."""
+    return lambda logits: torch.multinomial(_sampling_probs(logits, temperature, top_p), 1).squeeze(1)  # [b]
+
+
+def _entropy(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Entropy of ``softmax(logits * scale)`` per row, `[b]`; entr(0) = 0, so -inf logits are safe."""
+    return torch.special.entr(torch.softmax(logits * scale, dim=-1)).sum(dim=-1)
 
 
 class HFBackend:
-    """Generate rollouts with ``model.generate``.
+    """Sample rollouts from a transformers causal LM (or a peft model wrapping one).
 
-    batch_size: the most sequences (prompt x sample rows) per ``generate`` call; None puts all rows in
-    one call. When set, rows are sorted by prompt length before being cut into batches (less padding),
+    batch_size: the most sequences (prompt x sample rows) decoded together; None puts all rows in one
+    batch. When set, rows are sorted by prompt length before being cut into batches (less padding),
     and put back in prompt-major order afterwards. Seeded and greedy outputs do not depend on the
     batching; with ``seed=None`` they do.
 
     return_entropy: also fill ``Rollouts.token_entropy`` (see the module docstring); off by default
     so training rollouts do not pay for it.
+
+    min_new_tokens: EOS cannot be drawn before this many new tokens (0: any time). Benchmarks use it to
+    fix the response length.
     """
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, batch_size: int | None = None, return_entropy: bool = False
+        self, model: Any, tokenizer: Any, *, batch_size: int | None = None, return_entropy: bool = False,
+        min_new_tokens: int = 0,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        if min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.return_entropy = return_entropy
+        self.min_new_tokens = min_new_tokens
         self.eos_ids = eos_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -179,20 +194,23 @@ class HFBackend:
         if self.batch_size is not None:
             order.sort(key=lambda r: len(prompt_ids[rows[r]]))  # stable: samples of a prompt stay together
         step = self.batch_size or len(rows)
-        # Seeded sampling decodes greedily through `_RowSampler`; transformers samples only without a seed.
-        config = self._config(temperature=0.0 if streams is not None else temperature, top_p=top_p,
-                              max_new_tokens=max_new_tokens)
+        # Greedy decoding reports the entropy of the model's own distribution.
+        entropy_scale = 1.0 / temperature if temperature > 0 else 1.0
 
         generated: list[torch.Tensor] = [torch.empty(0)] * len(rows)  # row -> [T_row] new tokens
         step_entropy: list[torch.Tensor] = [torch.empty(0)] * len(rows)  # row -> [T_row] entropies
         with _generation_state(self.model, None if streams is not None else seed):
             for start in range(0, len(order), step):
                 batch = order[start : start + step]
-                sampler = None
-                if streams is not None:
-                    sampler = _RowSampler([streams[r] for r in batch], temperature, top_p, self._device())
-                new_tokens, entropy = self._generate_batch(
-                    [prompt_ids[rows[r]] for r in batch], config, temperature=temperature, sampler=sampler
+                if temperature == 0:
+                    choose = _choose_greedy
+                elif streams is not None:
+                    choose = _RowSampler([streams[r] for r in batch], temperature, top_p, self._device())
+                else:
+                    choose = _global_rng_sampler(temperature, top_p)
+                new_tokens, entropy = self._decode(
+                    [prompt_ids[rows[r]] for r in batch], choose, max_new_tokens=max_new_tokens,
+                    entropy_scale=entropy_scale if self.return_entropy else None,
                 )  # [b, T_b]
                 for i, r in enumerate(batch):
                     generated[r] = new_tokens[i]
@@ -203,43 +221,75 @@ class HFBackend:
         return assemble_rollouts(generated, rows, prompt_ids, tokenizer=self.tokenizer, eos_ids=self.eos_ids,
                                  pad_id=self.pad_id, step_entropy=step_entropy if self.return_entropy else None)
 
-    def _config(self, *, temperature: float, top_p: float, max_new_tokens: int) -> GenerationConfig:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
-            use_cache=True,
-            num_beams=1,
-            **(sampling if temperature > 0 else {"do_sample": False}),
-        )
-
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _generate_batch(
-        self, prompts: list[list[int]], config: GenerationConfig, *, temperature: float,
-        sampler: _RowSampler | None,
+    def _cache(self, rows: int, length: int) -> StaticCache | DynamicCache:
+        """A preallocated KV cache for `rows` x `length` positions when the model supports one and it fits
+        in STATIC_CACHE_BYTES, else a growing one."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        config = base.config.get_text_config()
+        size = _kv_cache_bytes(config, rows, length, next(self.model.parameters()).element_size())
+        if getattr(base, "_can_compile_fullgraph", False) and size is not None and size <= STATIC_CACHE_BYTES:
+            return StaticCache(config=base.config, max_cache_len=length)
+        return DynamicCache(config=base.config)
+
+    def _decode(
+        self, prompts: list[list[int]], choose: TokenChooser, *, max_new_tokens: int, entropy_scale: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Left-pad `prompts`, generate, and return only the new tokens [b, T_b], with their entropies
-        [b, T_b] when return_entropy is set (else None). `sampler` draws the tokens when given."""
+        """Left-pad `prompts` and decode up to `max_new_tokens` tokens for each; returns the new tokens
+        `[b, T_b]` (pad after a row's EOS) and, when `entropy_scale` is given, the entropy of
+        ``softmax(logits * entropy_scale)`` at each of them `[b, T_b]` (else None)."""
         device = self._device()
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # [b, P]
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [b, P]
+        b, width = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)  # [b, P]
+        attention_mask = torch.zeros((b, width + max_new_tokens), dtype=torch.long)  # [b, P + T]
         for i, p in enumerate(prompts):
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention_mask[i, width - len(p) :] = 1
-        recorder = _EntropyRecorder(temperature) if self.return_entropy else None
-        processors = [x for x in (recorder, sampler) if x is not None]  # the recorder sees the raw logits
-        out = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=config,
-            logits_processor=LogitsProcessorList(processors),
-        )  # [b, P + T_b]
-        new_tokens = out[:, width:]  # [b, T_b]
-        if recorder is None:
-            return new_tokens, None
-        entropy = torch.stack(recorder.steps, dim=1)  # [b, T_b]
-        return new_tokens, entropy
+            attention_mask[i, width - len(p) : width] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        positions = (attention_mask[:, :width].cumsum(dim=1) - 1).clamp(min=0)  # [b, P]; padding does not count
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
+        cache = self._cache(b, width + max_new_tokens)
+        # A preallocated cache takes the whole mask (zeros past the current token): the same shapes every step.
+        static = isinstance(cache, StaticCache)
+
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask if static else attention_mask[:, :width],
+                         position_ids=positions,
+                         past_key_values=cache, use_cache=True, cache_position=torch.arange(width, device=device),
+                         logits_to_keep=1)
+        next_position = positions[:, -1:] + 1  # [b, 1]
+        finished = torch.zeros(b, dtype=torch.bool, device=device)  # [b]
+        tokens: list[torch.Tensor] = []  # one [b] per step
+        entropies: list[torch.Tensor] = []  # one [b] per step
+        for step in range(max_new_tokens):
+            logits = out.logits[:, -1].float()  # [b, V]
+            if step < self.min_new_tokens:
+                logits[:, eos] = float("-inf")
+            if entropy_scale is not None:
+                entropies.append(_entropy(logits, entropy_scale))  # [b]
+            token = torch.where(finished, self.pad_id, choose(logits))  # [b]
+            tokens.append(token)
+            finished |= torch.isin(token, eos)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            column = width + step
+            attention_mask[:, column] = 1
+            out = self.model(input_ids=token[:, None],
+                             attention_mask=attention_mask if static else attention_mask[:, : column + 1],
+                             position_ids=next_position, past_key_values=cache, use_cache=True,
+                             cache_position=torch.tensor([column], device=device))
+            next_position = next_position + 1
+        new_tokens = torch.stack(tokens, dim=1)  # [b, T_b]
+        return new_tokens, torch.stack(entropies, dim=1) if entropy_scale is not None else None
+
+
+def _kv_cache_bytes(config: Any, rows: int, length: int, element_size: int) -> int | None:
+    """Bytes of keys and values for `rows` x `length` positions, or None when the config does not say."""
+    try:
+        layers, heads = config.num_hidden_layers, config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    except (AttributeError, TypeError):
+        return None
+    return 2 * layers * rows * kv_heads * length * head_dim * element_size
