@@ -367,8 +367,9 @@ def test_smollm2_greedy_answer():
 def test_greedy_decoding_equals_transformers_generate(tok, trained_model, arch, cache, monkeypatch):
     """Our decoding loop (either KV cache) gives transformers' greedy tokens, with left padding and (trained
     model) rows that end early with EOS."""
-    import selfdistill.rollout.hf as hf
     from transformers import GenerationConfig
+
+    import selfdistill.rollout.hf as hf
 
     if cache == "dynamic":
         monkeypatch.setattr(hf, "STATIC_CACHE_BYTES", 0)
