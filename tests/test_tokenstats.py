@@ -7,6 +7,7 @@ import torch
 
 from selfdistill.tokenstats import (
     DivergenceSpec,
+    FusedBuffers,
     TokenStats,
     hidden_objective,
     hidden_token_stats,
@@ -216,3 +217,28 @@ def test_fused_hidden_objective_teacher_without_divergence():
     loss.backward()
     torch.testing.assert_close(hb.grad, ha.grad, rtol=1e-5, atol=1e-7)
     assert stats.divergence is None and stats.teacher_logp is not None
+
+
+def test_fused_buffers_reused_across_calls_give_the_same_results():
+    """One FusedBuffers through calls of different batch sizes, dtypes and vocabularies: the same loss,
+    statistics and gradients as calls that allocate their own."""
+    spec = DivergenceSpec(beta=0.5)
+    buffers = FusedBuffers()
+    for seed, rows, dtype, vocab in [(0, B, torch.float32, V), (1, 1, torch.float32, V),
+                                     (2, B, torch.bfloat16, V), (3, B, torch.float32, V // 2)]:
+        h, w, th, tokens = inputs(seed, dtype)
+        h, th, w, tokens = h[:rows], th[:rows], w[:vocab], tokens[:rows] % vocab
+        results = []
+        for shared in (None, buffers):
+            hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            loss, stats = hidden_objective(hx, wx, tokens, _row_dependent_loss, teacher_hidden=th, divergence=spec,
+                                           chunk_tokens=T, buffers=shared)
+            loss.backward()
+            results.append((loss.detach(), stats.divergence, hx.grad, wx.grad))
+        for fresh, reused in zip(*results, strict=True):
+            torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
+        if seed == 0:
+            first = buffers.workspace.data_ptr()
+        if seed == 1:  # a smaller batch reuses the buffers
+            assert buffers.workspace.data_ptr() == first
+    assert buffers.workspace.shape[2] == V // 2  # another vocabulary: made anew

@@ -128,35 +128,114 @@ def _block_stats(
 
 
 def _analytic_backward_applies(divergence: DivergenceSpec | None) -> bool:
-    """`_block_stats_backward` covers every divergence except clipped ones (autograd does those)."""
+    """`_subchunk_grad` covers every divergence except clipped ones (autograd does those)."""
     return divergence is None or divergence.clip is None
 
 
-def _divergence_weighted(probs: Tensor, logp: Tensor, t_logp: Tensor, divergence: DivergenceSpec) -> Tensor:
-    """p ⊙ a for an unclipped divergence (see `_block_stats_backward`), from the student's probabilities and
-    log-probs and the teacher's log-probs over the same entries `[n,V]` (or `[n,k]`)."""
-    if divergence.beta == 1.0:
-        return probs * (logp - t_logp)  # reverse KL(S‖T)
-    if divergence.beta == 0.0:
-        return -t_logp.exp()  # forward KL(T‖S)
-    beta = divergence.beta
-    mix_logp = torch.logaddexp(t_logp + math.log(beta), logp + math.log(1.0 - beta))  # [n,V]
-    return (1.0 - beta) * probs * (logp - mix_logp)  # generalized JSD
+class FusedBuffers:
+    """The fused path's large buffers: one block of student logits `[n,V]` and a workspace of five
+    `[positions,V]` float32 buffers that every sub-chunk reuses. Pass the same instance to successive
+    `hidden_objective` calls (the trainer keeps one per run) and they are allocated once, at the
+    largest size asked for; without one, each call allocates its own.
+
+    Allocating the softmax-sized temporaries afresh for each sub-chunk cost more than the arithmetic on
+    this CPU: above glibc's largest mmap threshold (32 MiB) every one is mapped, page-faulted in and
+    unmapped again; below it, freed ones fragment the heap and the resident memory grows
+    (docs/performance.md). The sub-chunk functions write into the workspace with ``out=`` and in-place ops.
+    """
+
+    def __init__(self) -> None:
+        self.workspace = torch.empty(0)  # [5,c,V] float32
+        self.block = torch.empty(0)  # [n,V]
+
+    def prepare(self, block_positions: int, positions: int, vocab: int, dtype: torch.dtype,
+                device: torch.device) -> None:
+        """Make room for blocks of `block_positions` logits of `dtype` and sub-chunks of `positions`."""
+        if self.block.dtype != dtype or self.block.device != device or self.block.shape[1:] != (vocab,) \
+                or self.block.shape[0] < block_positions:
+            self.block = torch.empty(0)  # let the old one go before the new one is made
+            self.block = torch.empty((block_positions, vocab), dtype=dtype, device=device)
+        if self.workspace.device != device or self.workspace.shape[2:] != (vocab,) \
+                or self.workspace.shape[1] < positions:
+            self.workspace = torch.empty(0)
+            self.workspace = torch.empty((5, positions, vocab), dtype=torch.float32, device=device)
+
+    def release(self) -> None:
+        """Give the memory back (the next call allocates again)."""
+        self.workspace, self.block = torch.empty(0), torch.empty(0)
+
+    def views(self, positions: int) -> tuple[Tensor, ...]:
+        """The five workspace buffers cut to `positions` rows, 5 x `[positions,V]`."""
+        return tuple(buffer[:positions] for buffer in self.workspace)
 
 
-def _block_stats_backward(
-    student_logits: Tensor,
-    tokens: Tensor,
-    teacher_logits: Tensor | None,
-    temperature: float,
-    divergence: DivergenceSpec | None,
-    grad_logp: Tensor | None,
-    grad_entropy: Tensor | None,
-    grad_divergence: Tensor | None,
+def _scaled_log_softmax(logits: Tensor, temperature: float, out: Tensor, scratch: Tensor) -> Tensor:
+    """``log_softmax(logits / temperature)`` written into `out` [c,V] float32 (`scratch` may be overwritten)."""
+    if logits.dtype != torch.float32 or temperature != 1.0:
+        torch.div(logits, temperature, out=scratch)
+        logits = scratch
+    return torch.log_softmax(logits, -1, out=out)
+
+
+def _entropy_of(logp: Tensor, scratch: Tensor) -> Tensor:
+    """``-Σ exp(l)·l`` per row `[c]` from log-probs `[c,V]`."""
+    torch.exp(logp, out=scratch)
+    return -scratch.mul_(logp).sum(-1)
+
+
+def _teacher_logits_into(teacher_hidden: Tensor, teacher_weight: Tensor, out: Tensor) -> Tensor:
+    """The teacher's logits of a sub-chunk `[c,d] @ [d,V]`, in `out` when the dtypes allow it."""
+    if teacher_hidden.dtype == torch.float32 and teacher_weight.dtype == torch.float32:
+        return torch.mm(teacher_hidden, teacher_weight.T, out=out)
+    return out.copy_(_logits_block(teacher_hidden, teacher_weight))
+
+
+def _subchunk_stats(
+    logits: Tensor, tokens: Tensor, teacher_hidden: Tensor | None, teacher_weight: Tensor | None,
+    temperature: float, divergence: DivergenceSpec | None, workspace: FusedBuffers,
+) -> tuple[Tensor | None, ...]:
+    """`_block_stats` without gradient, for a sub-chunk's student logits `[c,V]` (left untouched) and the
+    teacher's hidden states `[c,d]` (its logits are formed here), in the workspace's buffers."""
+    s_logp, scratch, t_logp_all, extra, t_logits = workspace.views(logits.shape[0])  # 5 x [c,V]
+    _scaled_log_softmax(logits, temperature, s_logp, scratch)
+    logp = s_logp.gather(-1, tokens[:, None]).squeeze(-1)  # [c]
+    entropy = _entropy_of(s_logp, scratch)  # [c]
+    if teacher_hidden is None:
+        return logp, entropy, None, None, None
+    _teacher_logits_into(teacher_hidden, teacher_weight, t_logits)
+    _scaled_log_softmax(t_logits, temperature, t_logp_all, scratch)
+    t_logp = t_logp_all.gather(-1, tokens[:, None]).squeeze(-1)  # [c]
+    t_entropy = _entropy_of(t_logp_all, scratch)  # [c]
+    if divergence is None:
+        return logp, entropy, t_logp, t_entropy, None
+    if divergence.top_k is not None:  # [c,k]: small, the plain function does it
+        return logp, entropy, t_logp, t_entropy, divergence_terms(s_logp, t_logp_all, divergence).sum(-1)
+    terms = scratch
+    if divergence.beta == 0.0:  # p_T (l_T - l)
+        torch.sub(t_logp_all, s_logp, out=terms).mul_(torch.exp(t_logp_all, out=extra))
+    elif divergence.beta == 1.0:  # p (l - l_T)
+        torch.sub(s_logp, t_logp_all, out=terms).mul_(torch.exp(s_logp, out=extra))
+    else:  # β p_T (l_T - l_M) + (1-β) p (l - l_M), l_M = log(β p_T + (1-β) p)
+        beta = divergence.beta
+        mix = torch.logaddexp(torch.add(t_logp_all, math.log(beta), out=t_logits),
+                              torch.add(s_logp, math.log(1.0 - beta), out=extra), out=t_logits)  # [c,V]
+        torch.sub(t_logp_all, mix, out=terms).mul_(torch.exp(t_logp_all, out=extra)).mul_(beta)
+        student_part = torch.sub(s_logp, mix, out=t_logp_all)  # the teacher's log-probs are no longer needed
+        terms.add_(student_part.mul_(torch.exp(s_logp, out=extra)), alpha=1.0 - beta)
+    if divergence.clip is not None:
+        terms.clamp_(max=divergence.clip)
+    return logp, entropy, t_logp, t_entropy, terms.sum(-1)
+
+
+def _subchunk_grad(
+    logits: Tensor, tokens: Tensor, teacher_hidden: Tensor | None, teacher_weight: Tensor | None,
+    temperature: float, divergence: DivergenceSpec | None, workspace: FusedBuffers,
+    grad_logp: Tensor | None, grad_entropy: Tensor | None, grad_divergence: Tensor | None,
 ) -> Tensor:
-    """The gradient `[n,V]` float32 with respect to the student logits of
+    """The gradient `[c,V]` float32 with respect to the student logits of
     `Σ g_logp·logp + g_entropy·entropy + g_divergence·divergence` (the statistics of `_block_stats`),
-    in closed form: one softmax instead of autograd's graph through `_block_stats`.
+    in closed form, in a workspace buffer (valid until the workspace is used again). Not for clipped
+    divergences (autograd does those).
 
     With p = softmax(z/τ), l = log p and, per row, a vector a such that the statistic's gradient with
     respect to p is a (up to a constant, which the softmax removes): ∂/∂z = p ⊙ (a − Σ p a) / τ.
@@ -166,31 +245,53 @@ def _block_stats_backward(
     distributions renormalized over them: the same rule with p, l, l_T restricted and renormalized
     to those k entries, scattered back into the vocabulary.
     """
-    logp_all = _scaled(student_logits, temperature).log_softmax(-1)  # [n,V]
-    probs = logp_all.exp()  # [n,V]
-    weighted = torch.zeros_like(probs)  # [n,V]: p ⊙ a, summed over the statistics
+    s_logp, probs, weighted, scratch, other = workspace.views(logits.shape[0])  # 5 x [c,V]
+    _scaled_log_softmax(logits, temperature, s_logp, scratch)
+    torch.exp(s_logp, out=probs)
+    weighted.zero_()  # p ⊙ a, summed over the statistics
     if grad_entropy is not None:
-        weighted -= grad_entropy[:, None] * probs * logp_all
+        weighted.sub_(torch.mul(probs, s_logp, out=scratch).mul_(grad_entropy[:, None]))
     top = top_grad = None
-    if grad_divergence is not None and divergence is not None and teacher_logits is not None:
-        t_logp_all = _scaled(teacher_logits, temperature).log_softmax(-1)  # [n,V]
-        if divergence.top_k is None:
-            weighted += grad_divergence[:, None] * _divergence_weighted(probs, logp_all, t_logp_all, divergence)
-        else:  # only the top-k logits carry this gradient, through the renormalized distributions
-            top = t_logp_all.topk(min(divergence.top_k, t_logp_all.shape[-1]), dim=-1).indices  # [n,k]
-            top_logp = logp_all.gather(-1, top).log_softmax(-1)  # [n,k]
-            top_probs = top_logp.exp()  # [n,k]
-            top_t_logp = t_logp_all.gather(-1, top).log_softmax(-1)  # [n,k]
-            top_weighted = grad_divergence[:, None] * _divergence_weighted(top_probs, top_logp, top_t_logp,
-                                                                           divergence)  # [n,k]
-            top_grad = top_weighted - top_probs * top_weighted.sum(-1, keepdim=True)  # [n,k]
-    grad = weighted - probs * weighted.sum(-1, keepdim=True)  # [n,V]
+    if grad_divergence is not None and divergence is not None and teacher_hidden is not None:
+        t_logp_all = _scaled_log_softmax(_teacher_logits_into(teacher_hidden, teacher_weight, scratch), temperature,
+                                         other, scratch)  # [c,V]
+        if divergence.top_k is not None:  # only the top-k logits carry this gradient, renormalized over them
+            top = t_logp_all.topk(min(divergence.top_k, t_logp_all.shape[-1]), dim=-1).indices  # [c,k]
+            top_logp = s_logp.gather(-1, top).log_softmax(-1)  # [c,k]
+            top_probs = top_logp.exp()  # [c,k]
+            top_t_logp = t_logp_all.gather(-1, top).log_softmax(-1)  # [c,k]
+            top_weighted = _divergence_weighted(top_probs, top_logp, top_t_logp, divergence)  # [c,k]
+            top_weighted.mul_(grad_divergence[:, None])
+            top_grad = top_weighted - top_probs * top_weighted.sum(-1, keepdim=True)  # [c,k]
+        else:
+            term = _divergence_weighted(probs, s_logp, t_logp_all, divergence, out=scratch)  # [c,V]
+            weighted.add_(term.mul_(grad_divergence[:, None]))
+    grad = weighted.sub_(torch.mul(probs, weighted.sum(-1, keepdim=True), out=scratch))  # [c,V]
     if top is not None:
         grad.scatter_add_(1, top, top_grad)
     if grad_logp is not None:
-        grad -= grad_logp[:, None] * probs
+        grad.sub_(torch.mul(probs, grad_logp[:, None], out=scratch))
         grad.scatter_add_(1, tokens[:, None], grad_logp[:, None])
-    return grad if temperature == 1.0 else grad / temperature
+    return grad if temperature == 1.0 else grad.div_(temperature)
+
+
+def _divergence_weighted(
+    probs: Tensor, logp: Tensor, t_logp: Tensor, divergence: DivergenceSpec, out: Tensor | None = None,
+) -> Tensor:
+    """p ⊙ a for an unclipped divergence (see `_subchunk_grad`) from the student's probabilities and
+    log-probs and the teacher's log-probs over the same entries `[c,V]` (or `[c,k]`); into `out` if given
+    (then `t_logp` is overwritten for the JSD)."""
+    if divergence.beta == 1.0:  # reverse KL(S‖T)
+        return torch.sub(logp, t_logp, out=out).mul_(probs)
+    if divergence.beta == 0.0:  # forward KL(T‖S)
+        return torch.exp(t_logp, out=out).neg_()
+    beta = divergence.beta  # generalized JSD: (1-β) p (l - l_M)
+    if out is None:
+        mix = torch.logaddexp(t_logp + math.log(beta), logp + math.log(1.0 - beta))
+    else:
+        mix = torch.logaddexp(t_logp.add_(math.log(beta)), torch.add(logp, math.log(1.0 - beta), out=out),
+                              out=t_logp)
+    return torch.sub(logp, mix, out=out).mul_(probs).mul_(1.0 - beta)
 
 
 def _check_inputs(tokens: Tensor, student: Tensor, teacher: Tensor | None, what: str) -> None:
@@ -333,11 +434,20 @@ holds for every objective here: they are per-rollout, and `aggregate` normalizes
 """
 
 
-# Softmax-sized work inside a block is done this many positions at a time, so a block's peak memory is
-# its student logits plus a few [SUBCHUNK_TOKENS, V] temporaries (the teacher's logits included). 128
-# rather than 64: the teacher's per-sub-chunk matmul runs faster on taller blocks (bench/tokenstats.py:
-# 1.02x instead of 1.23x the naive time, 0.20x instead of 0.19x its memory).
+# Softmax-sized work inside a block is done at most this many positions at a time, in a workspace of five
+# [positions, V] float32 buffers (`FusedBuffers`), so a block's peak memory is its student logits plus that
+# workspace. Each sub-chunk also makes about five passes over the [V, d] weight (the teacher's logits twice,
+# the two gradient matmuls), so taller sub-chunks pay off when d is large: 128 rather than 64 at d = 896
+# (bench/tokenstats.py: 1.02x instead of 1.23x the naive time). With a small d those passes are cheap and
+# the workspace is sized down to d / 2 positions (at least 16): at d = 64 and V = 151,936 that saved 0.28 GiB
+# of a training step's peak at the same speed (bench/step_vs_trl.py, docs/performance.md).
 SUBCHUNK_TOKENS = 128
+
+
+def _subchunk_positions(hidden_size: int) -> int:
+    return min(SUBCHUNK_TOKENS, max(16, hidden_size // 2))
+
+
 _DIFFERENTIABLE = (0, 1, 4)  # logp, entropy, divergence: the statistics that carry the student's gradient
 
 
@@ -349,39 +459,41 @@ class _FusedHiddenObjective(torch.autograd.Function):
     block's loss from them and its gradient with respect to the statistics (cheap: `[rows, T]`
     tensors); (4) again a few positions at a time (the teacher's logits formed once more), the
     softmax-level backward from those statistic gradients to the logits, in closed form
-    (`_block_stats_backward`; autograd for clipped divergences), and the two matmuls that
+    (`_subchunk_grad`; autograd for clipped divergences), and the two matmuls that
     turn it into gradients for the hidden states and the weight.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, tokens, block_loss, options):
-        temperature, divergence, rows_per_block = options
+        temperature, divergence, rows_per_block, buffers = options
         B, T, d = hidden.shape
         need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Gradients are formed by hand below (some of it under enable_grad, for block_loss): record no graph.
+        hidden, weight = hidden.detach(), weight.detach()
         ctx.weight_dtype = weight.dtype
         grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None  # [B,T,d]
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None  # [V,d]
         total = hidden.new_zeros((), dtype=torch.float32)
         analytic = _analytic_backward_applies(divergence)
         parts = []
+        block_positions = min(B, rows_per_block) * T
+        positions = min(_subchunk_positions(d), block_positions)
+        workspace = buffers if buffers is not None else FusedBuffers()
+        workspace.prepare(block_positions, positions, weight.shape[0], torch.result_type(hidden, weight),
+                          hidden.device)
         for start in range(0, B, rows_per_block):
             rows = slice(start, min(start + rows_per_block, B))
             n_rows = rows.stop - rows.start
             n = n_rows * T
             h_block = hidden[rows].reshape(n, d)  # [n,d]
             block_tokens = tokens[rows].reshape(-1)  # [n]
-            logits = _logits_block(h_block, weight)  # [n,V]
+            logits = torch.mm(h_block, weight.T, out=workspace.block[:n])  # [n,V]
             t_block = None if teacher_hidden is None else teacher_hidden[rows].reshape(n, d)  # [n,d]
-            pieces = [range(i, min(i + SUBCHUNK_TOKENS, n)) for i in range(0, n, SUBCHUNK_TOKENS)]
-
-            def stats_of(z: Tensor, piece: range, t_block=t_block, block_tokens=block_tokens):
-                sub = slice(piece.start, piece.stop)
-                # the teacher's logits exist one sub-chunk at a time: formed again in the gradient pass
-                t_sub = None if t_block is None else _logits_block(t_block[sub], teacher_weight)  # [c,V]
-                return _block_stats(z, block_tokens[sub], t_sub, temperature, divergence)
-
-            block = [torch.cat(column) if column[0] is not None else None
-                     for column in zip(*(stats_of(logits[p.start : p.stop], p) for p in pieces), strict=True)]
+            subs = [slice(i, min(i + positions, n)) for i in range(0, n, positions)]
+            block = [torch.cat(column) if column[0] is not None else None for column in zip(*(
+                _subchunk_stats(logits[sub], block_tokens[sub], None if t_block is None else t_block[sub],
+                                teacher_weight, temperature, divergence, workspace)
+                for sub in subs), strict=True)]
             with torch.enable_grad():
                 fields = [None if x is None else x.view(n_rows, T).requires_grad_(i in _DIFFERENTIABLE)
                           for i, x in enumerate(block)]
@@ -392,25 +504,27 @@ class _FusedHiddenObjective(torch.autograd.Function):
                     wanted = [(i, g.reshape(-1)) for i, g in zip(
                         [i for i in _DIFFERENTIABLE if fields[i] is not None], stat_grads, strict=True)
                         if g is not None]
-                    for p in pieces:
-                        sub = slice(p.start, p.stop)
+                    for sub in subs:
+                        by_field = {i: g[sub] for i, g in wanted}
+                        # the teacher enters the gradient only through the divergence
+                        t_sub = t_block[sub] if t_block is not None and 4 in by_field else None  # [c,d]
                         if analytic:
-                            by_field = {i: g[sub] for i, g in wanted}
-                            t_sub = None  # the teacher enters the gradient only through the divergence
-                            if t_block is not None and 4 in by_field:
-                                t_sub = _logits_block(t_block[sub], teacher_weight)  # [c,V]
-                            grad_z = _block_stats_backward(
-                                logits[sub], block_tokens[sub], t_sub, temperature, divergence,
-                                by_field.get(0), by_field.get(1), by_field.get(4),
-                            )  # [c,V] float32
-                        else:
+                            grad_z = _subchunk_grad(
+                                logits[sub], block_tokens[sub], t_sub, teacher_weight, temperature, divergence,
+                                workspace, by_field.get(0), by_field.get(1), by_field.get(4),
+                            )  # [c,V] float32, a workspace buffer
+                        else:  # clipped divergence: autograd through `_block_stats`
                             z = logits[sub].detach().requires_grad_(True)  # [c,V]
-                            out = stats_of(z, p)
-                            torch.autograd.backward([out[i] for i, _ in wanted], [g[sub] for _, g in wanted])
+                            t_logits = None if t_block is None else _logits_block(t_block[sub], teacher_weight)
+                            out = _block_stats(z, block_tokens[sub], t_logits, temperature, divergence)
+                            torch.autograd.backward([out[i] for i in by_field], list(by_field.values()))
                             grad_z = z.grad.float()  # [c,V]
                         if need_hidden_grad:
-                            grad_hidden.view(B * T, d)[start * T + p.start : start * T + p.stop] = (
-                                grad_z.to(weight.dtype) @ weight)  # [c,V] @ [V,d]
+                            rows_out = grad_hidden.view(B * T, d)[start * T + sub.start : start * T + sub.stop]
+                            if grad_z.dtype == weight.dtype == rows_out.dtype:
+                                torch.mm(grad_z, weight, out=rows_out)  # [c,V] @ [V,d]
+                            else:
+                                rows_out.copy_(grad_z.to(weight.dtype) @ weight)
                         if need_weight_grad:  # in place: no [V,d] temporary per sub-chunk
                             grad_weight.addmm_(grad_z.T, h_block[sub].float())  # [V,c] @ [c,d]
             total += loss.detach().float()
@@ -442,6 +556,7 @@ def hidden_objective(
     teacher_weight: Tensor | None = None,
     divergence: DivergenceSpec | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    buffers: FusedBuffers | None = None,
 ) -> tuple[Tensor, TokenStats]:
     """Fused output layer + statistics + loss, over blocks of whole rows.
 
@@ -451,13 +566,14 @@ def hidden_objective(
     Returns the scalar loss (differentiable in `hidden` and `weight`) and the detached statistics
     of the whole batch. Rows are grouped so that a block holds about `chunk_tokens` positions
     (at least one row): a block's logits `[rows·T, V]` are the largest tensor ever formed.
+    buffers: reused between calls when given (see `FusedBuffers`).
     """
     _check_inputs(tokens, hidden, teacher_hidden, "hidden states")
     if teacher_hidden is not None:
         teacher_hidden = teacher_hidden.detach()
         teacher_weight = (weight if teacher_weight is None else teacher_weight).detach()
     rows_per_block = max(1, chunk_tokens // max(1, tokens.shape[1]))
-    options = (temperature, divergence, rows_per_block)
+    options = (temperature, divergence, rows_per_block, buffers)
     loss, *fields = _FusedHiddenObjective.apply(
         hidden, weight, teacher_hidden, teacher_weight, tokens, block_loss, options
     )

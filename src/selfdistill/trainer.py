@@ -38,7 +38,7 @@ from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, group_advantages,
 from selfdistill.prompts import PromptBuilder, pack
 from selfdistill.rollout import make_backend
 from selfdistill.teacher import Teacher, check_output_layer, output_weight, response_hidden_states
-from selfdistill.tokenstats import TokenStats, hidden_objective
+from selfdistill.tokenstats import FusedBuffers, TokenStats, hidden_objective
 
 RewardFn = Callable[[list[str], list[Problem]], list[float]]
 
@@ -169,6 +169,7 @@ class Trainer:
                                 min_ratio=optim.min_lr_ratio),
         )
         self.grader = Grader(workers=2)
+        self.fused_buffers = FusedBuffers()  # the output layer's logits buffers, reused every micro-batch
         self.step = 0
         self.cursor = 0
         self.run_dir = Path(run_dir or config.logging.output_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -325,7 +326,8 @@ class Trainer:
             hidden = response_hidden_states(self.model, student)  # [b,T,d]
             loss, stats = hidden_objective(hidden, weight, tokens, block_loss, temperature=cfg.rollout.temperature,
                                            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                                           divergence=spec, chunk_tokens=cfg.optim.chunk_tokens)
+                                           divergence=spec, chunk_tokens=cfg.optim.chunk_tokens,
+                                           buffers=self.fused_buffers)
             loss.backward()
             total_loss += loss.detach().float().cpu()
             n = float(mask.sum())
@@ -427,6 +429,7 @@ class Trainer:
                     callback(metrics)
                 if every and self.step % every == 0 and self.step < total:
                     self.save()
+        self.fused_buffers.release()
         self.save()
         if self.writer is not None:
             self.writer.close()
