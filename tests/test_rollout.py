@@ -231,8 +231,8 @@ def test_row_sampler_draws_from_the_tempered_nucleus(temperature, top_p):
     outside = nucleus_mask(logits / temperature, top_p)[0]  # [V]
     probs = probs.masked_fill(outside, 0.0)
     probs = probs / probs.sum()
-    sampler = _RowSampler([row_seed(0, 0)], temperature, top_p, torch.device("cpu"))
     draws = 20000
+    sampler = _RowSampler([row_seed(0, 0)], temperature, top_p, torch.device("cpu"), steps=draws)
     counts = torch.zeros(6, dtype=torch.float64)
     for _ in range(draws):
         drawn = sampler(logits)  # [1]
@@ -404,3 +404,49 @@ def test_min_new_tokens_holds_back_eos(tok, trained_model):
     assert held.lengths[0] >= 6 and tok.eos_token_id not in held.response_ids[0, :5].tolist()
     with pytest.raises(ValueError, match="min_new_tokens"):
         HFBackend(trained_model, tok, min_new_tokens=-1)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("static", [True, False])
+def test_prefill_runs_each_distinct_prompt_once_with_the_same_samples(tok, arch, static, monkeypatch):
+    """The samples of a prompt share its prefill (its keys and values copied to its rows): the prefill sees one
+    row per distinct prompt, and every sampled and greedy token is what prefilling every row gives."""
+    import selfdistill.rollout.hf as rollout_hf
+
+    model = build_tiny_model(tok, arch=arch, seed=3)
+    if not static:
+        monkeypatch.setattr(rollout_hf, "STATIC_CACHE_BYTES", 0)
+    prompts = [chat_ids(tok, "What is 2+3?"), chat_ids(tok, "Name a colour, please."), chat_ids(tok, "Hi")]
+    prefill_rows = []
+    forward = model.forward
+
+    def counted(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefill_rows.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    results = {}
+    for shared in (True, False):
+        monkeypatch.setattr(rollout_hf, "_plain_layers", (lambda cache: True) if shared else (lambda cache: False))
+        monkeypatch.setattr(model, "forward", counted)
+        backend = HFBackend(model, tok, min_new_tokens=3)
+        for temperature in (1.0, 0.0):
+            out = backend.generate(prompts, num_samples=4, temperature=temperature, top_p=1.0, max_new_tokens=12,
+                                   seed=[5, 6, 7])
+            results[shared, temperature] = out.response_ids.tolist()
+    assert prefill_rows == [3, 3, 12, 12]  # shared: one row per distinct prompt; else every row
+    assert results[True, 1.0] == results[False, 1.0]
+    assert results[True, 0.0] == results[False, 0.0]
+    assert len({tuple(r) for r in results[True, 1.0][:4]}) > 1  # the samples of a prompt still differ
+
+
+def test_prefill_is_not_shared_for_sliding_window_caches(tok):
+    from transformers import DynamicCache, Qwen2Config
+
+    from selfdistill.rollout.hf import _plain_layers
+
+    config = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=0)
+    assert not _plain_layers(DynamicCache(config=config))
+    assert _plain_layers(DynamicCache(config=build_tiny_model(tok).config))

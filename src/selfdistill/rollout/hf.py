@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from selfdistill.rollout import Rollouts, assemble_rollouts, eos_token_ids
 
@@ -82,20 +83,29 @@ class _RowSampler:
     """Draws each row's next token from ``softmax(logits / temperature)`` (top-p nucleus) with the row's
     own generator. Rows are the rows of the batch, in order.
 
-    Inverse-CDF sampling: one uniform number per row from the row's generator, located in the row's
-    cumulative distribution; the softmax and the search run on the whole batch at once.
+    Inverse-CDF sampling: one uniform number per row and step from the row's generator, located in the
+    row's cumulative distribution; the softmax and the search run on the whole batch at once. The
+    uniform numbers of all `steps` are drawn up front, one call per row rather than one per row and step.
     """
 
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device) -> None:
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device,
+                 steps: int) -> None:
+        self.uniforms = torch.stack([
+            torch.rand(steps, generator=torch.Generator(device=device).manual_seed(s), device=device,
+                       dtype=torch.float64)
+            for s in seeds
+        ], dim=1)  # [steps, b]
+        self.step = 0
         self.temperature = temperature
         self.top_p = top_p
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.step == self.uniforms.shape[0]:
+            raise RuntimeError(f"the row sampler was made for {self.step} steps")
         probs = _sampling_probs(logits, self.temperature, self.top_p)  # [b, V]
-        cdf = probs.double().cumsum(dim=-1)  # [b, V]
-        uniform = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64)
-                             for g in self.generators])  # [b]
+        cdf = probs.double().cumsum_(dim=-1)  # [b, V], in place: one float64 buffer
+        uniform = self.uniforms[self.step]  # [b]
+        self.step += 1
         target = (uniform * cdf[:, -1])[:, None]  # [b, 1], in [0, total)
         drawn = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)  # [b, 1]
         # Rounding can land past the last token with probability: take the most likely token then.
@@ -105,7 +115,7 @@ class _RowSampler:
 
 def _sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """``softmax(logits / temperature)`` restricted to the top-p nucleus and renormalized, `[b, V]`."""
-    scaled = logits / temperature  # [b, V]
+    scaled = logits if temperature == 1.0 else logits / temperature  # [b, V]
     if top_p < 1.0:
         scaled = scaled.masked_fill(nucleus_mask(scaled, top_p), float("-inf"))
     return scaled.softmax(dim=-1)
@@ -199,13 +209,17 @@ class HFBackend:
 
         generated: list[torch.Tensor] = [torch.empty(0)] * len(rows)  # row -> [T_row] new tokens
         step_entropy: list[torch.Tensor] = [torch.empty(0)] * len(rows)  # row -> [T_row] entropies
-        with _generation_state(self.model, None if streams is not None else seed):
+        # The global RNG is seeded only for unseeded-stream sampling with one seed; greedy decoding draws nothing
+        # (and a list of per-prompt seeds is not one seed).
+        global_seed = seed if streams is None and isinstance(seed, int) else None
+        with _generation_state(self.model, global_seed):
             for start in range(0, len(order), step):
                 batch = order[start : start + step]
                 if temperature == 0:
                     choose = _choose_greedy
                 elif streams is not None:
-                    choose = _RowSampler([streams[r] for r in batch], temperature, top_p, self._device())
+                    choose = _RowSampler([streams[r] for r in batch], temperature, top_p, self._device(),
+                                         steps=max_new_tokens)
                 else:
                     choose = _global_rng_sampler(temperature, top_p)
                 new_tokens, entropy = self._decode(
@@ -234,6 +248,36 @@ class HFBackend:
             return StaticCache(config=base.config, max_cache_len=length)
         return DynamicCache(config=base.config)
 
+    def _prefill(
+        self, prompts: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        positions: torch.Tensor, cache: StaticCache | DynamicCache,
+    ) -> torch.Tensor:
+        """Run the left-padded prompts `[b, P]` into `cache`; returns the logits that predict the first new
+        token `[b, V]`. The samples of one prompt share its rows' prefix: each distinct prompt runs once and
+        its keys and values are copied to its rows (when every cache layer is a full-attention one)."""
+        width = input_ids.shape[1]
+        device = input_ids.device
+        distinct: dict[tuple[int, ...], int] = {}
+        prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]  # [b]
+        first_rows = list({k: i for i, k in reversed(list(enumerate(prompt_of_row)))}.values())[::-1]  # [U]
+        static = isinstance(cache, StaticCache)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        prefix_cache = DynamicCache(config=base.config)
+        if len(distinct) == len(prompts) or not (_plain_layers(cache) and _plain_layers(prefix_cache)):
+            prompt_mask = attention_mask if static else attention_mask[:, :width]  # [b, P + T] or [b, P]
+            out = self.model(input_ids=input_ids, attention_mask=prompt_mask,
+                             position_ids=positions, past_key_values=cache, use_cache=True,
+                             cache_position=torch.arange(width, device=device), logits_to_keep=1)
+            return out.logits[:, -1]  # [b, V]
+        rows = torch.tensor(first_rows, device=device)  # [U] one row of each distinct prompt
+        out = self.model(input_ids=input_ids[rows], attention_mask=attention_mask[rows, :width],
+                         position_ids=positions[rows], past_key_values=prefix_cache, use_cache=True,
+                         cache_position=torch.arange(width, device=device), logits_to_keep=1)
+        to_rows = torch.tensor(prompt_of_row, device=device)  # [b]
+        for index, layer in enumerate(prefix_cache.layers):
+            cache.update(layer.keys.index_select(0, to_rows), layer.values.index_select(0, to_rows), index)
+        return out.logits[:, -1].index_select(0, to_rows)  # [U, V] -> [b, V]
+
     def _decode(
         self, prompts: list[list[int]], choose: TokenChooser, *, max_new_tokens: int, entropy_scale: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -253,17 +297,18 @@ class HFBackend:
         cache = self._cache(b, width + max_new_tokens)
         # A preallocated cache takes the whole mask (zeros past the current token): the same shapes every step.
         static = isinstance(cache, StaticCache)
+        # A one-token step attends to exactly the columns its mask row holds, so with SDPA the step's 4D mask is
+        # that row as booleans, which transformers takes as it is instead of building one every step.
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        step_mask_4d = getattr(base.config, "_attn_implementation", None) == "sdpa"
 
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask if static else attention_mask[:, :width],
-                         position_ids=positions,
-                         past_key_values=cache, use_cache=True, cache_position=torch.arange(width, device=device),
-                         logits_to_keep=1)
+        logits = self._prefill(prompts, input_ids, attention_mask, positions, cache)  # [b, V]
         next_position = positions[:, -1:] + 1  # [b, 1]
         finished = torch.zeros(b, dtype=torch.bool, device=device)  # [b]
         tokens: list[torch.Tensor] = []  # one [b] per step
         entropies: list[torch.Tensor] = []  # one [b] per step
         for step in range(max_new_tokens):
-            logits = out.logits[:, -1].float()  # [b, V]
+            logits = logits.float()  # [b, V]
             if step < self.min_new_tokens:
                 logits[:, eos] = float("-inf")
             if entropy_scale is not None:
@@ -275,13 +320,20 @@ class HFBackend:
                 break
             column = width + step
             attention_mask[:, column] = 1
-            out = self.model(input_ids=token[:, None],
-                             attention_mask=attention_mask if static else attention_mask[:, : column + 1],
-                             position_ids=next_position, past_key_values=cache, use_cache=True,
-                             cache_position=torch.tensor([column], device=device))
+            step_mask = attention_mask if static else attention_mask[:, : column + 1]  # [b, K]
+            logits = self.model(input_ids=token[:, None],
+                                attention_mask=step_mask[:, None, None, :].bool() if step_mask_4d else step_mask,
+                                position_ids=next_position, past_key_values=cache, use_cache=True,
+                                cache_position=torch.tensor([column], device=device)).logits[:, -1]  # [b, V]
             next_position = next_position + 1
         new_tokens = torch.stack(tokens, dim=1)  # [b, T_b]
         return new_tokens, torch.stack(entropies, dim=1) if entropy_scale is not None else None
+
+
+def _plain_layers(cache: StaticCache | DynamicCache) -> bool:
+    """Whether every layer of `cache` is a full-attention one (no sliding window, no hybrid state), so that
+    a prompt's keys and values can be computed once and copied to several rows."""
+    return all(type(layer) in (StaticLayer, DynamicLayer) for layer in cache.layers)
 
 
 def _kv_cache_bytes(config: Any, rows: int, length: int, element_size: int) -> int | None:
