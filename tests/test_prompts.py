@@ -17,6 +17,7 @@ from selfdistill.prompts import (
     PromptTooLongError,
     fill,
     pack,
+    pack_shared,
 )
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -231,3 +232,37 @@ def test_pack_rejects_bad_input():
         pack([], [], pad_id=0)
     empty = pack([[1, 2]], [[]], pad_id=0)
     assert empty.response_mask.shape == (1, 0) and empty.input_ids.tolist() == [[1, 2]]
+
+
+def test_pack_shared_keeps_each_distinct_prompt_once_and_lays_rows_out_as_pack():
+    eos = 2
+    prompts = [[11, 12, 13], [21], [11, 12, 13], [31, 32], [21], [11, 12, 13]]  # rows of one prompt apart
+    responses = [[5, eos], [6, 7, eos, 8], [eos], [9], [10, 11], [eos, eos, eos]]  # eos (= pad) inside
+    shared = pack_shared(prompts, responses, pad_id=eos)
+    full = pack(prompts, responses, pad_id=eos)
+    assert shared.prefix_ids.tolist() == [[11, 12, 13], [eos, eos, 21], [eos, 31, 32]]  # first-seen order
+    assert shared.prefix_of_row.tolist() == [0, 1, 0, 2, 1, 0]
+    assert shared.prompt_width == full.prompt_width == 3
+    # Row by row, the same tensors `pack` builds.
+    width = full.prompt_width
+    assert torch.equal(shared.prefix_ids[shared.prefix_of_row], full.input_ids[:, :width])
+    assert torch.equal(shared.prefix_position_ids[shared.prefix_of_row], full.position_ids[:, :width])
+    assert torch.equal(shared.row_attention_mask(), full.attention_mask)
+    assert torch.equal(shared.response_position_ids(), full.position_ids[:, width:])
+    assert torch.equal(shared.response_ids, full.response_ids)
+    assert torch.equal(shared.response_mask, full.response_mask)
+    assert shared.response_mask.sum(1).tolist() == [2.0, 4.0, 1.0, 1.0, 2.0, 3.0]  # eos counted, from lengths
+    assert shared.response_mask.dtype == torch.float32 and shared.prefix_of_row.dtype == torch.long
+
+
+def test_pack_shared_with_distinct_prompts_shares_nothing_and_rejects_bad_input():
+    shared = pack_shared([[1, 2], [1, 3], [2, 1]], [[4], [5], [6]], pad_id=0)  # same tokens, other order
+    assert shared.prefix_of_row.tolist() == [0, 1, 2] and shared.prefix_ids.shape == (3, 2)
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        pack_shared([[1], [2]], [[3]], pad_id=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        pack_shared([[]], [[3]], pad_id=0)
+    with pytest.raises(ValueError, match="empty batch"):
+        pack_shared([], [], pad_id=0)
+    empty = pack_shared([[1, 2]], [[]], pad_id=0)
+    assert empty.response_mask.shape == (1, 0) and empty.row_attention_mask().tolist() == [[1, 1]]

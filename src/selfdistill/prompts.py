@@ -7,6 +7,8 @@ time, and never truncated: a prompt over the limit raises `PromptTooLongError` w
 
 Alignment (used by every consumer of `pack`): with prompts left-padded to width P, response token
 t of every row sits at column P + t, and the logits that predict it are at column P - 1 + t.
+`pack_shared` lays out the same batch with each distinct prompt kept once (`SharedPrefixBatch`), for
+a forward pass that runs each prompt once and the responses on its KV cache.
 """
 
 from __future__ import annotations
@@ -342,3 +344,85 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: 
     # Positions count real tokens only, so left padding does not shift them.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, L]
     return PackedBatch(input_ids, attention_mask, position_ids, prompt_width, response_mask)
+
+
+@dataclass
+class SharedPrefixBatch:
+    """Each distinct prompt once, left-padded to width P, and every row's right-padded response.
+
+    Rows that share a prompt (the G samples of one problem) share its forward pass: the decoder runs
+    over the U distinct prompts once, their KV cache is indexed out to the B rows, and the responses
+    run on top of it (`selfdistill.teacher.response_hidden_states`): the hidden states of the `pack`
+    layout, computed without repeating the prompt.
+
+    prefix_ids, prefix_attention_mask, prefix_position_ids: [U, P] long, laid out as `pack` lays out
+    prompts. prefix_of_row: [B] long, the prompt of each row. response_ids: [B, T] long, padded with
+    pad_id. response_mask: [B, T] float, 1.0 on real response tokens (EOS included, even when
+    pad == EOS).
+    """
+
+    prefix_ids: torch.Tensor
+    prefix_attention_mask: torch.Tensor
+    prefix_position_ids: torch.Tensor
+    prefix_of_row: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+    @property
+    def prompt_width(self) -> int:
+        """P, the width of the left-padded prompts; response token t sits at column P + t."""
+        return self.prefix_ids.shape[1]
+
+    def row_attention_mask(self) -> torch.Tensor:
+        """Each row's prompt mask followed by its response mask, [B, P + T] long (as `pack` makes it)."""
+        prompt_mask = self.prefix_attention_mask[self.prefix_of_row]  # [B, P]
+        return torch.cat([prompt_mask, self.response_mask.to(prompt_mask.dtype)], dim=1)  # [B, P+T]
+
+    def response_position_ids(self) -> torch.Tensor:
+        """Positions of the response columns, [B, T] long: counting each row's real tokens, as in `pack`."""
+        prompt_lengths = self.prefix_attention_mask.sum(dim=1)[self.prefix_of_row]  # [B]
+        real_tokens = prompt_lengths[:, None] + self.response_mask.long().cumsum(dim=1)  # [B, T]
+        return (real_tokens - 1).clamp(min=0)  # [B, T]
+
+    def to(self, device: torch.device | str) -> SharedPrefixBatch:
+        """The same batch with every tensor on `device`."""
+        return SharedPrefixBatch(
+            prefix_ids=self.prefix_ids.to(device),
+            prefix_attention_mask=self.prefix_attention_mask.to(device),
+            prefix_position_ids=self.prefix_position_ids.to(device),
+            prefix_of_row=self.prefix_of_row.to(device),
+            response_ids=self.response_ids.to(device),
+            response_mask=self.response_mask.to(device),
+        )
+
+
+def pack_shared(
+    prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: int
+) -> SharedPrefixBatch:
+    """Like `pack`, with each distinct prompt kept once: rows whose prompt token lists are identical
+    share it, wherever they sit in the batch. Rows with prompts of their own (the sibling teacher
+    template) simply share nothing.
+    """
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    if not prompt_ids:
+        raise ValueError("cannot pack an empty batch")
+    index_of_prompt: dict[tuple[int, ...], int] = {}
+    prefix_of_row = [index_of_prompt.setdefault(tuple(prompt), len(index_of_prompt)) for prompt in prompt_ids]
+    distinct = [list(prompt) for prompt in index_of_prompt]  # [U] in order of first appearance
+    # The distinct prompts with empty responses: `pack` lays out (and checks) the prompt block.
+    prompts = pack(distinct, [[] for _ in distinct], pad_id=pad_id)
+    response_length = max(len(response) for response in response_ids)
+    responses = torch.full((len(response_ids), response_length), pad_id, dtype=torch.long)  # [B, T]
+    response_mask = torch.zeros((len(response_ids), response_length), dtype=torch.float32)  # [B, T]
+    for row, response in enumerate(response_ids):
+        responses[row, : len(response)] = torch.tensor(response, dtype=torch.long)
+        response_mask[row, : len(response)] = 1.0
+    return SharedPrefixBatch(
+        prefix_ids=prompts.input_ids,
+        prefix_attention_mask=prompts.attention_mask,
+        prefix_position_ids=prompts.position_ids,
+        prefix_of_row=torch.tensor(prefix_of_row, dtype=torch.long),
+        response_ids=responses,
+        response_mask=response_mask,
+    )
