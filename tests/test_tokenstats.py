@@ -144,7 +144,7 @@ def test_fused_hidden_objective_matches_naive_for_every_divergence(spec, tempera
 def _check_fused_against_naive(spec, temperature, chunk_tokens, subchunk, monkeypatch):
     import selfdistill.tokenstats
 
-    monkeypatch.setattr(selfdistill.tokenstats, "SUBCHUNK_TOKENS", subchunk)  # positions per softmax pass
+    monkeypatch.setattr(selfdistill.tokenstats, "_subchunk_positions", lambda d, v: subchunk)  # per softmax pass
     h, w, th, tokens = inputs(3)
     ha, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     hb, wb = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -242,3 +242,83 @@ def test_fused_buffers_reused_across_calls_give_the_same_results():
         if seed == 1:  # a smaller batch reuses the buffers
             assert buffers.workspace.data_ptr() == first
     assert buffers.workspace.shape[2] == V // 2  # another vocabulary: made anew
+
+
+@pytest.mark.parametrize("spec", [DivergenceSpec(beta=0.4), DivergenceSpec(beta=0.0, top_k=5),
+                                  DivergenceSpec(beta=0.2, clip=0.5)], ids=str)
+def test_streamed_logits_equal_held_blocks(spec):
+    """A row longer than chunk_tokens: the student's logits are formed per sub-chunk in both passes (the
+    block is the whole batch); the same loss, statistics and gradients as blocks held whole."""
+    h, w, th, tokens = inputs(7)
+    results = []
+    for chunk_tokens in (T - 1, B * T):  # streamed, then one held block
+        hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, stats = hidden_objective(hx, wx, tokens, _row_dependent_loss, teacher_hidden=th, divergence=spec,
+                                       chunk_tokens=chunk_tokens, buffers=FusedBuffers())
+        loss.backward()
+        results.append((loss.detach(), stats.logp, stats.divergence, hx.grad, wx.grad))
+    for streamed, held in zip(*results, strict=True):
+        torch.testing.assert_close(streamed, held, rtol=1e-6, atol=1e-7)
+
+
+def test_streamed_buffers_hold_one_subchunk(monkeypatch):
+    import selfdistill.tokenstats
+
+    monkeypatch.setattr(selfdistill.tokenstats, "_subchunk_positions", lambda d, v: 2)
+    h, w, th, tokens = inputs(8)
+    buffers = FusedBuffers()
+    hidden_objective(h, w, tokens, lambda s, rows: s.logp.sum(), teacher_hidden=th, chunk_tokens=1, buffers=buffers)
+    assert buffers.block.shape == (2, V)  # a sub-chunk's logits, not a block's
+    assert buffers.workspace.shape == (5, 2, V)
+
+
+def test_auto_chunk_tokens_bounds_the_block_by_bytes():
+    from selfdistill.tokenstats import AUTO_BLOCK_BYTES, auto_chunk_tokens
+
+    assert auto_chunk_tokens(151_936) == 55
+    assert auto_chunk_tokens(151_936) * 151_936 * 4 <= AUTO_BLOCK_BYTES
+    assert auto_chunk_tokens(10**9) == 1
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        h, w, _, tokens = inputs()
+        hidden_objective(h, w, tokens, lambda s, rows: s.logp.sum(), chunk_tokens=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_out_accumulates_the_same_gradient(dtype):
+    """The weight's gradient added into a given tensor during the call (two calls accumulate, as micro-batches
+    do) equals the gradient autograd gives; the hidden states' gradient still flows through autograd."""
+    spec = DivergenceSpec(beta=0.5)
+    h, w, th, tokens = inputs(9, dtype)
+    ha, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    hb, wb = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out = torch.zeros_like(w, dtype=torch.float32 if dtype == torch.float32 else dtype)
+    for half in (slice(0, 1), slice(1, B)):
+        loss_a, _ = hidden_objective(ha[half], wa, tokens[half], _row_dependent_loss, teacher_hidden=th[half],
+                                     divergence=spec, chunk_tokens=T)
+        loss_a.backward()
+        loss_b, _ = hidden_objective(hb[half], wb, tokens[half], _row_dependent_loss, teacher_hidden=th[half],
+                                     divergence=spec, chunk_tokens=T, weight_grad_out=out)
+        loss_b.backward()
+        torch.testing.assert_close(loss_b, loss_a)
+    assert wb.grad is None  # nothing through autograd
+    tolerance = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-2}
+    torch.testing.assert_close(out.float(), wa.grad.float(), **tolerance)
+    torch.testing.assert_close(hb.grad, ha.grad)
+
+
+def test_weight_grad_out_refuses_a_scaled_loss():
+    h, w, _, tokens = inputs(10)
+    w = w.clone().requires_grad_(True)
+    loss, _ = hidden_objective(h, w, tokens, lambda s, rows: s.logp.sum(), weight_grad_out=torch.zeros_like(w))
+    with pytest.raises(RuntimeError, match="unscaled"):
+        (0.5 * loss).backward()
+    with pytest.raises(ValueError, match="weight_grad_out has shape"):
+        hidden_objective(h, w, tokens, lambda s, rows: s.logp.sum(), weight_grad_out=torch.zeros(3, 2))
+
+
+def test_subchunk_positions_by_hidden_size_and_vocabulary():
+    from selfdistill.tokenstats import _subchunk_positions
+
+    assert _subchunk_positions(64, 151_936) == 16  # the workspace is 46 MiB, not 371
+    assert _subchunk_positions(896, 151_936) == 128  # taller sub-chunks where the matmuls dominate
+    assert _subchunk_positions(128, 833) > 1024  # a small vocabulary: few sub-chunks

@@ -227,8 +227,15 @@ class OptimConfig:
     """Gradient clipping by global norm; 0 disables it."""
     micro_batch_size: int = 8
     """Rollouts per forward/backward pass; gradients accumulate over the step's rollouts."""
-    chunk_tokens: int = 1024
-    """Token statistics are computed over blocks of about this many response tokens (memory knob)."""
+    chunk_tokens: int = 0
+    """Memory knob of the fused output layer: the most response positions whose student logits are held at
+    once (blocks of whole rows); a row longer than this has its logits formed a few positions at a time, twice.
+    0: as many as fit in 32 MiB of float32 logits (55 positions at a 151,936-token vocabulary)."""
+    shared_prefix: bool = True
+    """Run each distinct prompt of a micro-batch once and its rows' responses on its KV cache, for the
+    student and the teacher (the same hidden states and gradients as running every row's prompt).
+    Where the model does not allow it the trainer packs every row in full and logs why: the student
+    under model.gradient_checkpointing, a decoder that takes no KV cache or has sliding-window layers."""
     seed: int = 0
     """Seed for data order, rollouts and initialization."""
 
@@ -243,7 +250,9 @@ class OptimConfig:
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
         _require(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
         _require(self.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
-        _require(self.chunk_tokens >= 1, "optim.chunk_tokens", "must be >= 1")
+        _require(isinstance(self.shared_prefix, bool), "optim.shared_prefix",
+                 f"true or false, got {self.shared_prefix!r}")
+        _require(self.chunk_tokens >= 0, "optim.chunk_tokens", f"must be >= 0 (0: automatic), got {self.chunk_tokens}")
 
 
 @dataclass

@@ -15,8 +15,10 @@ vocabulary. Three paths compute the same numbers (tested equal, values and gradi
   - `hidden_objective`: the fused path. The caller passes the loss of a block of rows as a function
     of that block's statistics; the gradient with respect to each block's logits is taken while
     the block is in memory, during the forward pass, so the backward pass only rescales stored
-    gradients. Only the student's block logits are held whole; the teacher's are formed a few
-    positions at a time (one extra teacher matmul). This is what the trainer uses.
+    gradients. The student's logits of a block of rows are held whole when they fit in
+    `chunk_tokens` positions, else formed a few positions at a time in both passes (one extra
+    student matmul); the teacher's are always formed a few positions at a time (one extra teacher
+    matmul). This is what the trainer uses.
 
 Logits are divided by `temperature` before any softmax (the sampling temperature).
 """
@@ -32,6 +34,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_TOKENS = 1024
+# `hidden_objective`'s default block: as many positions as fit in this many bytes of float32 logits
+# (55 positions at V = 151,936; 170 at SmolLM2's 49,152), so the block's memory does not grow with the vocabulary.
+AUTO_BLOCK_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -133,10 +138,11 @@ def _analytic_backward_applies(divergence: DivergenceSpec | None) -> bool:
 
 
 class FusedBuffers:
-    """The fused path's large buffers: one block of student logits `[n,V]` and a workspace of five
-    `[positions,V]` float32 buffers that every sub-chunk reuses. Pass the same instance to successive
-    `hidden_objective` calls (the trainer keeps one per run) and they are allocated once, at the
-    largest size asked for; without one, each call allocates its own.
+    """The fused path's large buffers: one block of student logits `[n,V]` (a sub-chunk's, when the
+    logits are streamed) and a workspace of five `[positions,V]` float32 buffers that every sub-chunk
+    reuses. Pass the same instance to successive `hidden_objective` calls (the trainer keeps one per
+    run) and they are allocated once, at the largest size asked for; without one, each call allocates
+    its own.
 
     Allocating the softmax-sized temporaries afresh for each sub-chunk cost more than the arithmetic on
     this CPU: above glibc's largest mmap threshold (32 MiB) every one is mapped, page-faulted in and
@@ -439,13 +445,21 @@ holds for every objective here: they are per-rollout, and `aggregate` normalizes
 # workspace. Each sub-chunk also makes about five passes over the [V, d] weight (the teacher's logits twice,
 # the two gradient matmuls), so taller sub-chunks pay off when d is large: 128 rather than 64 at d = 896
 # (bench/tokenstats.py: 1.02x instead of 1.23x the naive time). With a small d those passes are cheap and
-# the workspace is sized down to d / 2 positions (at least 16): at d = 64 and V = 151,936 that saved 0.28 GiB
-# of a training step's peak at the same speed (bench/step_vs_trl.py, docs/performance.md).
+# the workspace is sized down to d / 4 positions (at least 16): at d = 64 and V = 151,936 that is 16 positions,
+# 46 MiB instead of 371 MiB at 128, at the same speed (bench/step_vs_trl.py, docs/performance.md). With a small
+# vocabulary the workspace is small whatever the positions, and each sub-chunk's fixed cost (some thirty tensor
+# operations) dominates: there sub-chunks take as many positions as fit in AUTO_BLOCK_BYTES of workspace.
 SUBCHUNK_TOKENS = 128
 
 
-def _subchunk_positions(hidden_size: int) -> int:
-    return min(SUBCHUNK_TOKENS, max(16, hidden_size // 2))
+def _subchunk_positions(hidden_size: int, vocab_size: int) -> int:
+    by_hidden = min(SUBCHUNK_TOKENS, max(16, hidden_size // 4))
+    return max(by_hidden, AUTO_BLOCK_BYTES // (5 * 4 * vocab_size))
+
+
+def auto_chunk_tokens(vocab_size: int) -> int:
+    """The default block of `hidden_objective`: the positions whose float32 logits fit in AUTO_BLOCK_BYTES."""
+    return max(1, AUTO_BLOCK_BYTES // (4 * vocab_size))
 
 
 _DIFFERENTIABLE = (0, 1, 4)  # logp, entropy, divergence: the statistics that carry the student's gradient
@@ -461,37 +475,56 @@ class _FusedHiddenObjective(torch.autograd.Function):
     softmax-level backward from those statistic gradients to the logits, in closed form
     (`_subchunk_grad`; autograd for clipped divergences), and the two matmuls that
     turn it into gradients for the hidden states and the weight.
+
+    Streamed (`rows_per_block == 0`: one row has more positions than a block may hold): the block is the
+    whole batch, and the student's logits are formed a sub-chunk at a time in (2) and again in (4) instead of
+    once in (1), so memory no longer grows with the response length.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, tokens, block_loss, options):
-        temperature, divergence, rows_per_block, buffers = options
+        temperature, divergence, rows_per_block, buffers, weight_grad_out = options
         B, T, d = hidden.shape
-        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        streamed = rows_per_block == 0
+        rows_per_block = B if streamed else rows_per_block
+        need_hidden_grad = ctx.needs_input_grad[0]
+        need_weight_grad = ctx.needs_input_grad[1] or weight_grad_out is not None
+        ctx.weight_grad_outside = weight_grad_out is not None
         # Gradients are formed by hand below (some of it under enable_grad, for block_loss): record no graph.
         hidden, weight = hidden.detach(), weight.detach()
         ctx.weight_dtype = weight.dtype
         grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None  # [B,T,d]
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None  # [V,d]
+        grad_weight = None  # [V,d] float32: the caller's tensor when it is float32, else our own
+        if weight_grad_out is not None and weight_grad_out.dtype == torch.float32:
+            grad_weight = weight_grad_out
+        elif need_weight_grad:
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         total = hidden.new_zeros((), dtype=torch.float32)
         analytic = _analytic_backward_applies(divergence)
         parts = []
         block_positions = min(B, rows_per_block) * T
-        positions = min(_subchunk_positions(d), block_positions)
+        positions = min(_subchunk_positions(d, weight.shape[0]), block_positions)
         workspace = buffers if buffers is not None else FusedBuffers()
-        workspace.prepare(block_positions, positions, weight.shape[0], torch.result_type(hidden, weight),
-                          hidden.device)
+        workspace.prepare(positions if streamed else block_positions, positions, weight.shape[0],
+                          torch.result_type(hidden, weight), hidden.device)
         for start in range(0, B, rows_per_block):
             rows = slice(start, min(start + rows_per_block, B))
             n_rows = rows.stop - rows.start
             n = n_rows * T
             h_block = hidden[rows].reshape(n, d)  # [n,d]
             block_tokens = tokens[rows].reshape(-1)  # [n]
-            logits = torch.mm(h_block, weight.T, out=workspace.block[:n])  # [n,V]
+            held = None if streamed else torch.mm(h_block, weight.T, out=workspace.block[:n])  # [n,V]
+
+            def student_logits(sub: slice, h_block=h_block, held=held) -> Tensor:
+                """The student's logits of a sub-chunk `[c,V]`: a view of the held block, or formed now."""
+                if held is not None:
+                    return held[sub]
+                return torch.mm(h_block[sub], weight.T, out=workspace.block[: sub.stop - sub.start])
+
             t_block = None if teacher_hidden is None else teacher_hidden[rows].reshape(n, d)  # [n,d]
             subs = [slice(i, min(i + positions, n)) for i in range(0, n, positions)]
             block = [torch.cat(column) if column[0] is not None else None for column in zip(*(
-                _subchunk_stats(logits[sub], block_tokens[sub], None if t_block is None else t_block[sub],
+                _subchunk_stats(student_logits(sub), block_tokens[sub], None if t_block is None else t_block[sub],
                                 teacher_weight, temperature, divergence, workspace)
                 for sub in subs), strict=True)]
             with torch.enable_grad():
@@ -510,11 +543,11 @@ class _FusedHiddenObjective(torch.autograd.Function):
                         t_sub = t_block[sub] if t_block is not None and 4 in by_field else None  # [c,d]
                         if analytic:
                             grad_z = _subchunk_grad(
-                                logits[sub], block_tokens[sub], t_sub, teacher_weight, temperature, divergence,
-                                workspace, by_field.get(0), by_field.get(1), by_field.get(4),
+                                student_logits(sub), block_tokens[sub], t_sub, teacher_weight, temperature,
+                                divergence, workspace, by_field.get(0), by_field.get(1), by_field.get(4),
                             )  # [c,V] float32, a workspace buffer
                         else:  # clipped divergence: autograd through `_block_stats`
-                            z = logits[sub].detach().requires_grad_(True)  # [c,V]
+                            z = student_logits(sub).detach().requires_grad_(True)  # [c,V]
                             t_logits = None if t_block is None else _logits_block(t_block[sub], teacher_weight)
                             out = _block_stats(z, block_tokens[sub], t_logits, temperature, divergence)
                             torch.autograd.backward([out[i] for i in by_field], list(by_field.values()))
@@ -529,6 +562,10 @@ class _FusedHiddenObjective(torch.autograd.Function):
                             grad_weight.addmm_(grad_z.T, h_block[sub].float())  # [V,c] @ [c,d]
             total += loss.detach().float()
             parts.append(tuple(None if x is None else x.detach() for x in block))
+        if ctx.weight_grad_outside:
+            if grad_weight is not weight_grad_out:
+                weight_grad_out.add_(grad_weight.to(weight_grad_out.dtype))
+            grad_weight = None
         ctx.save_for_backward(grad_hidden, grad_weight)
         stats = _assemble(parts, tokens.shape)
         outputs = [x if x is not None else hidden.new_empty(0) for x in stats._fields()]
@@ -537,6 +574,9 @@ class _FusedHiddenObjective(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, *unused):
+        if ctx.weight_grad_outside and float(grad_total) != 1.0:
+            raise RuntimeError("hidden_objective(weight_grad_out=...) added the weight's gradient of the loss itself; "
+                               f"backpropagate the loss unscaled (got an upstream gradient of {float(grad_total)})")
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden.mul_(grad_total.to(grad_hidden.dtype))  # in place: used once
@@ -555,8 +595,9 @@ def hidden_objective(
     teacher_hidden: Tensor | None = None,
     teacher_weight: Tensor | None = None,
     divergence: DivergenceSpec | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     buffers: FusedBuffers | None = None,
+    weight_grad_out: Tensor | None = None,
 ) -> tuple[Tensor, TokenStats]:
     """Fused output layer + statistics + loss, over blocks of whole rows.
 
@@ -564,16 +605,28 @@ def hidden_objective(
     weight: `[V,d]` output-layer weight (no bias, no logit soft-capping).
     block_loss: the loss of a block of rows from its `TokenStats` (see `BlockLoss`).
     Returns the scalar loss (differentiable in `hidden` and `weight`) and the detached statistics
-    of the whole batch. Rows are grouped so that a block holds about `chunk_tokens` positions
-    (at least one row): a block's logits `[rows·T, V]` are the largest tensor ever formed.
+    of the whole batch. Rows are grouped so that a block holds at most `chunk_tokens` positions,
+    whose student logits `[rows·T, V]` are held for the block; when a single row has more positions than
+    that, the logits are streamed: formed a sub-chunk at a time, twice, and the block is the whole batch.
+    chunk_tokens: None picks `auto_chunk_tokens(V)` (32 MiB of float32 logits).
     buffers: reused between calls when given (see `FusedBuffers`).
+    weight_grad_out: a `[V,d]` tensor (e.g. `weight.grad`) into which the loss's gradient with respect to
+    `weight` is added during this call; `weight` then gets none through autograd. This saves a second
+    `[V,d]` gradient per call (the output layer is a model's largest matrix), and requires the loss to be
+    backpropagated unscaled (gradient 1; checked in the backward pass), as the trainer does.
     """
     _check_inputs(tokens, hidden, teacher_hidden, "hidden states")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1 or None, got {chunk_tokens}")
     if teacher_hidden is not None:
         teacher_hidden = teacher_hidden.detach()
         teacher_weight = (weight if teacher_weight is None else teacher_weight).detach()
-    rows_per_block = max(1, chunk_tokens // max(1, tokens.shape[1]))
-    options = (temperature, divergence, rows_per_block, buffers)
+    if chunk_tokens is None:
+        chunk_tokens = auto_chunk_tokens(weight.shape[0])
+    rows_per_block = chunk_tokens // max(1, tokens.shape[1])  # 0: streamed
+    if weight_grad_out is not None and weight_grad_out.shape != weight.shape:
+        raise ValueError(f"weight_grad_out has shape {tuple(weight_grad_out.shape)}, the weight {tuple(weight.shape)}")
+    options = (temperature, divergence, rows_per_block, buffers, weight_grad_out)
     loss, *fields = _FusedHiddenObjective.apply(
         hidden, weight, teacher_hidden, teacher_weight, tokens, block_loss, options
     )

@@ -6,7 +6,9 @@ One optimizer step:
   2. grade them → rewards → group advantages;
   3. in micro-batches: the teacher's hidden states over `teacher_prompt ⊕ response` (no gradient),
      the student's over `student_prompt ⊕ response`, then the fused output layer + statistics +
-     objective (`tokenstats.hidden_objective`), normalized with the *global* token count;
+     objective (`tokenstats.hidden_objective`), normalized with the *global* token count. With
+     `optim.shared_prefix` each distinct prompt of a micro-batch runs once and its rows' responses run
+     on its KV cache (`prompts.pack_shared`); the same hidden states as packing every row in full;
   4. gradients summed over micro-batches and processes; a non-finite loss or gradient skips the step;
   5. AdamW with warm-up + cosine, gradient clipping; the EMA teacher follows.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import time
@@ -35,12 +38,19 @@ from selfdistill.data import BENCHMARKS, SYNTHETIC_TASKS, Problem, load_benchmar
 from selfdistill.grading import Grader
 from selfdistill.models import load_model
 from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, group_advantages, token_weights
-from selfdistill.prompts import PromptBuilder, pack
+from selfdistill.prompts import PromptBuilder, pack, pack_shared
 from selfdistill.rollout import make_backend
-from selfdistill.teacher import Teacher, check_output_layer, output_weight, response_hidden_states
+from selfdistill.teacher import (
+    Teacher,
+    check_output_layer,
+    output_weight,
+    response_hidden_states,
+    shared_prefix_blocker,
+)
 from selfdistill.tokenstats import FusedBuffers, TokenStats, hidden_objective
 
 RewardFn = Callable[[list[str], list[Problem]], list[float]]
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # data
@@ -156,13 +166,16 @@ class Trainer:
         self.model = self._prepare_model(self.model).to(self.device)
         self.teacher = Teacher(config.objective.teacher, self.model, ema_decay=config.objective.ema_decay) \
             if self.objective.needs_teacher else None
+        self.pack_student, self.pack_teacher = self._packing()
         self.backend = make_backend(config.rollout.backend, self.model, self.tokenizer,
                                     batch_size=config.rollout.generation_batch_size or None)
         self.pad_id = self.backend.pad_id
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optim = config.optim
+        # The fused kernel: one pass per parameter and no update-sized temporaries (the for-loop AdamW that is
+        # torch's default on CPUs allocates a parameter-sized tensor per update).
         self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=optim.adam_betas,
-                                           weight_decay=optim.weight_decay)
+                                           weight_decay=optim.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, warmup_steps=optim.warmup_steps, total_steps=optim.steps,
@@ -214,6 +227,20 @@ class Trainer:
                 model.enable_input_require_grads()
         model.train()
         return model
+
+    def _packing(self) -> tuple[Callable, Callable]:
+        """How micro-batches are packed for the student and for the teacher: `pack_shared` (each distinct
+        prompt runs once) where `optim.shared_prefix` is on and the model allows it, else `pack`. Decided
+        here only; a shared prefix the model does not allow is logged with the reason."""
+        if not self.config.optim.shared_prefix:
+            return pack, pack
+        packing = []
+        for role, backward in (("student", True), ("teacher", False)):
+            blocker = shared_prefix_blocker(self.model, backward=backward)
+            if blocker is not None and (role == "student" or self.teacher is not None):
+                log.warning("optim.shared_prefix: the %s forward packs every row's prompt in full: %s", role, blocker)
+            packing.append(pack if blocker else pack_shared)
+        return packing[0], packing[1]
 
     def _check_prompts(self) -> None:
         """Fail before the first rollout if any prompt is over the limit or lacks its context."""
@@ -302,8 +329,8 @@ class Trainer:
         for start in range(0, B, cfg.optim.micro_batch_size):
             rows = list(range(start, min(start + cfg.optim.micro_batch_size, B)))
             responses = [group.responses[r] for r in rows]
-            student = pack([self.prompts.student_ids(group.problems[group.prompt_of_row[r]]) for r in rows],
-                           responses, pad_id=self.pad_id).to(self.device)
+            student = self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]])
+                                         for r in rows], responses, pad_id=self.pad_id).to(self.device)
             mask = student.response_mask  # [b,T]
             tokens = student.response_ids  # [b,T]
             weights = token_weights(mask, mode=aggregation, global_tokens=global_tokens,
@@ -311,8 +338,8 @@ class Trainer:
             adv = group_adv[rows].to(self.device)  # [b]
             teacher_hidden = teacher_weight = None
             if self.teacher is not None:
-                teacher = pack([self._teacher_prompt(group, r) for r in rows], responses,
-                               pad_id=self.pad_id).to(self.device)
+                teacher = self.pack_teacher([self._teacher_prompt(group, r) for r in rows], responses,
+                                            pad_id=self.pad_id).to(self.device)
                 teacher_hidden, teacher_weight = self.teacher.hidden_states(teacher)  # [b,T,d], [V,d]
 
             def block_loss(stats: TokenStats, block: slice, mask=mask, adv=adv, weights=weights) -> Tensor:
@@ -324,10 +351,15 @@ class Trainer:
                 return (loss * weights[block]).sum()
 
             hidden = response_hidden_states(self.model, student)  # [b,T,d]
+            weight_grad = None  # the output layer's gradient goes straight into .grad: no second [V,d] copy
+            if weight.requires_grad:
+                if weight.grad is None:
+                    weight.grad = torch.zeros_like(weight)
+                weight_grad = weight.grad
             loss, stats = hidden_objective(hidden, weight, tokens, block_loss, temperature=cfg.rollout.temperature,
                                            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                                           divergence=spec, chunk_tokens=cfg.optim.chunk_tokens,
-                                           buffers=self.fused_buffers)
+                                           divergence=spec, chunk_tokens=cfg.optim.chunk_tokens or None,
+                                           buffers=self.fused_buffers, weight_grad_out=weight_grad)
             loss.backward()
             total_loss += loss.detach().float().cpu()
             n = float(mask.sum())
