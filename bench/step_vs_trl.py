@@ -3,6 +3,7 @@
     python bench/step_vs_trl.py                        # both sizes, all three pairs
     python bench/step_vs_trl.py --quick                # a smoke check in about a minute
     python bench/step_vs_trl.py --pairs opsd-full --sizes qwen-vocab --steps 8 --profile
+    python bench/step_vs_trl.py --sizes tiny --rounds 3 --steps 10   # steadier figures on a noisy machine
 
 Pairs (ours vs TRL), each with the frozen initial model as teacher (TRL: teacher_model_kind="base"):
   opsd-full   objective.method=opsd (full-vocabulary JSD, beta 0.5)  vs  SDFTTrainer distillation_mode=full_logits
@@ -30,6 +31,9 @@ Each (side, pair, size) runs in its own process, so its peak resident memory (ru
 peak minus the resident memory once the trainer is built (model, teacher or reference copy, before the first step).
 Seconds per step: the median over --steps optimizer steps after --warmup warm-up steps (TRL: timed from a
 TrainerCallback's on_step_begin to on_step_end, which spans generation, all micro-batches and the optimizer step).
+With --rounds R each side runs in R processes, ours and TRL's alternating, and the table shows the median of the
+R medians (memory: the median of the R peaks) with each round's time ratio in the note column: on a shared machine
+a slow spell then hits both sides instead of one.
 """
 
 from __future__ import annotations
@@ -478,6 +482,20 @@ def summarize(result: dict) -> dict:
             "extra": result["peak_rss_mib"] - result["rss_loaded_mib"], "len": result["completion_length"]}
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One result from the worker results of several rounds: seconds per step is the median of the rounds'
+    medians, memory the median of their peaks; the first round's other fields (profile included)."""
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return failed[0]
+    merged = dict(rounds[0])
+    merged["round_seconds"] = [statistics.median(r["seconds"]) for r in rounds]
+    merged["seconds"] = [statistics.median(merged["round_seconds"])]
+    for key in ("peak_rss_mib", "rss_loaded_mib"):
+        merged[key] = statistics.median(r[key] for r in rounds)
+    return merged
+
+
 def trl_name(pair: str, grpo_beta: float) -> str:
     _, kind, mode = PAIRS[pair]
     return f"SDFT {mode}" if kind == "sdft" else f"GRPO beta={grpo_beta:g}"
@@ -502,6 +520,10 @@ def print_tables(results: dict, args: argparse.Namespace) -> None:
                         f"{expected_rows[0]} rows per step")
         if any(s["len"] is not None and abs(s["len"] - args.max_new_tokens) > 1e-6 for s in (ours, trl)):
             note.append("completion lengths are not fixed")
+        if args.rounds > 1 and all("round_seconds" in sides[side] for side in SIDES):
+            per_round = [a / b for a, b in zip(sides["ours"]["round_seconds"], sides["trl"]["round_seconds"],
+                                               strict=True)]
+            note.append("time ratio per round " + " / ".join(f"{r:.2f}" for r in per_round))
         short = "; ".join(n if len(n) <= 160 else n[:157] + "..." for n in note)
         notes.extend(f"{pair} / {size}: {n}" for n in note if len(n) > 160)
         print(f"| {pair} (vs {trl_name(pair, args.grpo_beta)}) | {size} | {fmt(ours['s'], 3)} | {fmt(trl['s'], 3)} "
@@ -553,6 +575,9 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="worker processes per (side, pair, size), the sides alternating; the table shows the "
+                             "median of the rounds' medians (and the time ratio of each round)")
     parser.add_argument("--profile", action="store_true", help="also print where each step's time goes")
     parser.add_argument("--quick", action="store_true",
                         help="smoke check: tiny size, P=2, G=2, 8 tokens, micro-batch 2, 2 timed steps, 1 thread")
@@ -583,6 +608,8 @@ def main() -> None:
     rows = args.prompts * args.group_size
     if rows % args.micro_batch:
         parser.error(f"--prompts x --group-size = {rows} must be divisible by --micro-batch {args.micro_batch}")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if args.steps < 1 or args.warmup < 0 or args.group_size < 2:
         parser.error("need --steps >= 1, --warmup >= 0 and --group-size >= 2 (GRPO needs two samples per prompt)")
 
@@ -597,13 +624,20 @@ def main() -> None:
         for pair in pairs:
             for size in sizes:
                 results[pair, size] = {}
+                rounds: dict[str, list[dict]] = {side: [] for side in SIDES}
+                for round_index in range(args.rounds):  # the sides alternate, so slow spells hit both
+                    for side in SIDES:
+                        spec = {"side": side, "pair": pair, "size": size, "model_dir": model_dirs[size],
+                                **{k: v for k, v in vars(args).items()
+                                   if k not in ("worker", "quick", "timeout", "rounds")}}
+                        spec["profile"] = args.profile and round_index == 0
+                        rounds[side].append(run_case(spec, args.timeout))
+                        summary = summarize(rounds[side][-1])
+                        status = rounds[side][-1].get("error") or f"{fmt(summary['s'], 3)} s/step"
+                        print(f"  {pair} / {size} / {side} (round {round_index + 1}): {status}", file=sys.stderr,
+                              flush=True)
                 for side in SIDES:
-                    spec = {"side": side, "pair": pair, "size": size, "model_dir": model_dirs[size],
-                            **{k: v for k, v in vars(args).items() if k not in ("worker", "quick", "timeout")}}
-                    results[pair, size][side] = run_case(spec, args.timeout)
-                    summary = summarize(results[pair, size][side])
-                    status = results[pair, size][side].get("error") or f"{fmt(summary['s'], 3)} s/step"
-                    print(f"  {pair} / {size} / {side}: {status}", file=sys.stderr, flush=True)
+                    results[pair, size][side] = merge_rounds(rounds[side])
 
     threads = {r["threads"] for sides in results.values() for r in sides.values() if "threads" in r}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -613,7 +647,7 @@ def main() -> None:
           f"G={args.group_size} samples per step, {args.max_new_tokens} new tokens (fixed), micro-batch "
           f"{args.micro_batch} (gradient accumulation {rows // args.micro_batch}), lr {args.lr:g}, top-k {args.top_k}, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32; median of "
-          f"{args.steps} steps after {args.warmup} warm-up; sizes: "
+          f"{args.steps} steps after {args.warmup} warm-up, {args.rounds} round(s); sizes: "
           + ", ".join(f"{s} = {SIZES[s]}" for s in sizes))
     print()
     print_tables(results, args)

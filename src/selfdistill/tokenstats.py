@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -199,9 +199,12 @@ def _teacher_logits_into(teacher_hidden: Tensor, teacher_weight: Tensor, out: Te
 def _subchunk_stats(
     logits: Tensor, tokens: Tensor, teacher_hidden: Tensor | None, teacher_weight: Tensor | None,
     temperature: float, divergence: DivergenceSpec | None, workspace: FusedBuffers,
+    teacher_top: list[tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor | None, ...]:
     """`_block_stats` without gradient, for a sub-chunk's student logits `[c,V]` (left untouched) and the
-    teacher's hidden states `[c,d]` (its logits are formed here), in the workspace's buffers."""
+    teacher's hidden states `[c,d]` (its logits are formed here), in the workspace's buffers. With a top-k
+    divergence, (the teacher's top-k ids `[c,k]`, its log-probs renormalized over them `[c,k]`) are appended to
+    `teacher_top` when given: all the gradient pass needs of the teacher then."""
     s_logp, scratch, t_logp_all, extra, t_logits = workspace.views(logits.shape[0])  # 5 x [c,V]
     _scaled_log_softmax(logits, temperature, s_logp, scratch)
     logp = s_logp.gather(-1, tokens[:, None]).squeeze(-1)  # [c]
@@ -214,8 +217,13 @@ def _subchunk_stats(
     t_entropy = _entropy_of(t_logp_all, scratch)  # [c]
     if divergence is None:
         return logp, entropy, t_logp, t_entropy, None
-    if divergence.top_k is not None:  # [c,k]: small, the plain function does it
-        return logp, entropy, t_logp, t_entropy, divergence_terms(s_logp, t_logp_all, divergence).sum(-1)
+    if divergence.top_k is not None:  # [c,k]: small, the plain function does it on the restricted log-probs
+        top = t_logp_all.topk(min(divergence.top_k, t_logp_all.shape[-1]), dim=-1).indices  # [c,k]
+        top_t_logp = t_logp_all.gather(-1, top).log_softmax(-1)  # [c,k]
+        if teacher_top is not None:
+            teacher_top.append((top, top_t_logp))
+        terms = divergence_terms(s_logp.gather(-1, top).log_softmax(-1), top_t_logp, replace(divergence, top_k=None))
+        return logp, entropy, t_logp, t_entropy, terms.sum(-1)
     terms = scratch
     if divergence.beta == 0.0:  # p_T (l_T - l)
         torch.sub(t_logp_all, s_logp, out=terms).mul_(torch.exp(t_logp_all, out=extra))
@@ -237,6 +245,7 @@ def _subchunk_grad(
     logits: Tensor, tokens: Tensor, teacher_hidden: Tensor | None, teacher_weight: Tensor | None,
     temperature: float, divergence: DivergenceSpec | None, workspace: FusedBuffers,
     grad_logp: Tensor | None, grad_entropy: Tensor | None, grad_divergence: Tensor | None,
+    teacher_top: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """The gradient `[c,V]` float32 with respect to the student logits of
     `Σ g_logp·logp + g_entropy·entropy + g_divergence·divergence` (the statistics of `_block_stats`),
@@ -249,7 +258,8 @@ def _subchunk_grad(
     with mixture M: a = (1−β)(l − l_M). The sampled token's log-prob adds (onehot − p) / τ.
     A top-k divergence depends only on the logits of the teacher's top-k tokens, through the
     distributions renormalized over them: the same rule with p, l, l_T restricted and renormalized
-    to those k entries, scattered back into the vocabulary.
+    to those k entries, scattered back into the vocabulary; `teacher_top` (from `_subchunk_stats`) gives the
+    teacher's top-k ids and renormalized log-probs, so the teacher's logits need not be formed again.
     """
     s_logp, probs, weighted, scratch, other = workspace.views(logits.shape[0])  # 5 x [c,V]
     _scaled_log_softmax(logits, temperature, s_logp, scratch)
@@ -258,14 +268,18 @@ def _subchunk_grad(
     if grad_entropy is not None:
         weighted.sub_(torch.mul(probs, s_logp, out=scratch).mul_(grad_entropy[:, None]))
     top = top_grad = None
-    if grad_divergence is not None and divergence is not None and teacher_hidden is not None:
-        t_logp_all = _scaled_log_softmax(_teacher_logits_into(teacher_hidden, teacher_weight, scratch), temperature,
-                                         other, scratch)  # [c,V]
+    if grad_divergence is not None and divergence is not None and (teacher_hidden is not None or teacher_top):
+        if teacher_top is None:
+            t_logp_all = _scaled_log_softmax(_teacher_logits_into(teacher_hidden, teacher_weight, scratch),
+                                             temperature, other, scratch)  # [c,V]
         if divergence.top_k is not None:  # only the top-k logits carry this gradient, renormalized over them
-            top = t_logp_all.topk(min(divergence.top_k, t_logp_all.shape[-1]), dim=-1).indices  # [c,k]
+            if teacher_top is not None:
+                top, top_t_logp = teacher_top  # [c,k], [c,k]
+            else:
+                top = t_logp_all.topk(min(divergence.top_k, t_logp_all.shape[-1]), dim=-1).indices  # [c,k]
+                top_t_logp = t_logp_all.gather(-1, top).log_softmax(-1)  # [c,k]
             top_logp = s_logp.gather(-1, top).log_softmax(-1)  # [c,k]
             top_probs = top_logp.exp()  # [c,k]
-            top_t_logp = t_logp_all.gather(-1, top).log_softmax(-1)  # [c,k]
             top_weighted = _divergence_weighted(top_probs, top_logp, top_t_logp, divergence)  # [c,k]
             top_weighted.mul_(grad_divergence[:, None])
             top_grad = top_weighted - top_probs * top_weighted.sum(-1, keepdim=True)  # [c,k]
@@ -523,9 +537,11 @@ class _FusedHiddenObjective(torch.autograd.Function):
 
             t_block = None if teacher_hidden is None else teacher_hidden[rows].reshape(n, d)  # [n,d]
             subs = [slice(i, min(i + positions, n)) for i in range(0, n, positions)]
+            # a top-k divergence's teacher side, per sub-chunk, for the closed-form gradient pass
+            teacher_top = [] if analytic and divergence is not None and divergence.top_k is not None else None
             block = [torch.cat(column) if column[0] is not None else None for column in zip(*(
                 _subchunk_stats(student_logits(sub), block_tokens[sub], None if t_block is None else t_block[sub],
-                                teacher_weight, temperature, divergence, workspace)
+                                teacher_weight, temperature, divergence, workspace, teacher_top)
                 for sub in subs), strict=True)]
             with torch.enable_grad():
                 fields = [None if x is None else x.view(n_rows, T).requires_grad_(i in _DIFFERENTIABLE)
@@ -537,14 +553,16 @@ class _FusedHiddenObjective(torch.autograd.Function):
                     wanted = [(i, g.reshape(-1)) for i, g in zip(
                         [i for i in _DIFFERENTIABLE if fields[i] is not None], stat_grads, strict=True)
                         if g is not None]
-                    for sub in subs:
+                    for j, sub in enumerate(subs):
                         by_field = {i: g[sub] for i, g in wanted}
                         # the teacher enters the gradient only through the divergence
                         t_sub = t_block[sub] if t_block is not None and 4 in by_field else None  # [c,d]
                         if analytic:
+                            top = teacher_top[j] if teacher_top is not None and 4 in by_field else None
                             grad_z = _subchunk_grad(
-                                student_logits(sub), block_tokens[sub], t_sub, teacher_weight, temperature,
-                                divergence, workspace, by_field.get(0), by_field.get(1), by_field.get(4),
+                                student_logits(sub), block_tokens[sub], None if top else t_sub, teacher_weight,
+                                temperature, divergence, workspace, by_field.get(0), by_field.get(1), by_field.get(4),
+                                teacher_top=top,
                             )  # [c,V] float32, a workspace buffer
                         else:  # clipped divergence: autograd through `_block_stats`
                             z = student_logits(sub).detach().requires_grad_(True)  # [c,V]
