@@ -1,5 +1,6 @@
 """The trainer on the built-in tiny model: every method updates it, teachers behave, runs resume exactly."""
 
+import copy
 import json
 import os
 import subprocess
@@ -207,3 +208,42 @@ def test_two_processes_with_half_the_batch_each_match_one_process(tmp_path):
     initial, _ = load_model("tiny")
     moved = [n for n, p in initial.named_parameters() if n in a and not torch.allclose(p, a[n], atol=1e-6)]
     assert moved  # a real update happened, and both runs made the same one
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_embedding_and_output_gradients_go_into_dense_grads_in_place(tmp_path, tie):
+    """Full fine-tuning: the embedding's gradient is sparse (rows looked up) and the output layer's is added by
+    the fused path, both into dense .grad tensors; the gradients equal those of plain dense autograd."""
+    from selfdistill.trainer import StepLog
+
+    config = tiny_config(tmp_path, objective={"method": "opsd"})
+    trainers = []
+    for sparse in (True, False):
+        trainer = Trainer(config, run_dir=tmp_path / str(sparse), reward_fn=length_reward)
+        if not tie:  # an untied copy of the same weights
+            untied_config = copy.deepcopy(trainer.model.config)
+            untied_config.tie_word_embeddings = False
+            untied = type(trainer.model)(untied_config)
+            untied.load_state_dict(trainer.model.state_dict(), strict=False)
+            untied.lm_head.weight.data.copy_(trainer.model.get_input_embeddings().weight.data)
+            trainer.model = trainer._prepare_model(untied)
+            trainer.teacher.copy = copy.deepcopy(trainer.model).eval().requires_grad_(False)
+            trainer.params = [p for p in trainer.model.parameters() if p.requires_grad]
+        trainer.model.get_input_embeddings().sparse = sparse
+        trainers.append(trainer)
+    sparse_run, dense_run = trainers
+    assert sparse_run.model.get_input_embeddings().sparse  # what _prepare_model sets for full fine-tuning
+    group = sparse_run._rollouts(sparse_run._step_problems())
+    grads = []
+    for trainer in trainers:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._update(group, StepLog())
+        grads.append({n: p.grad for n, p in trainer.model.named_parameters() if p.requires_grad})
+        trainer.grader.close()
+    for name, grad in grads[0].items():
+        assert grad.layout == torch.strided, name
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    assert grads[0]["model.embed_tokens.weight"].abs().sum() > 0
+    if not tie:
+        assert grads[0]["lm_head.weight"].abs().sum() > 0
+        assert not torch.equal(grads[0]["lm_head.weight"], grads[0]["model.embed_tokens.weight"])

@@ -221,6 +221,11 @@ class Trainer:
             lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               target_modules=targets, bias="none", task_type="CAUSAL_LM")
             model = get_peft_model(model, lora)
+        embedding = model.get_input_embeddings()
+        if isinstance(embedding, torch.nn.Embedding) and embedding.weight.requires_grad:
+            # A sparse gradient (the rows looked up), added by autograd into the dense .grad that `_update` makes
+            # first: no dense [V,d] embedding gradient is formed per backward pass.
+            embedding.sparse = True
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if cfg.lora_rank > 0:
@@ -324,6 +329,13 @@ class Trainer:
         knobs = cfg.objective.knobs()
         spec = cfg.objective.divergence_spec()
         weight = output_weight(self.model)
+        # The two [V,d] matrices get their gradients into .grad in place, without a second [V,d] tensor per
+        # micro-batch: the output layer's from the fused path (weight_grad_out), the embedding's as a sparse
+        # gradient of the rows looked up (see _prepare_model), added into the dense .grad made here.
+        for matrix in {id(w): w for w in (weight, self.model.get_input_embeddings().weight)}.values():
+            if matrix.requires_grad and matrix.grad is None:
+                matrix.grad = torch.zeros_like(matrix)
+        weight_grad = weight.grad if weight.requires_grad else None
         total_loss = torch.zeros(())
         B = len(group.responses)
         for start in range(0, B, cfg.optim.micro_batch_size):
@@ -351,11 +363,6 @@ class Trainer:
                 return (loss * weights[block]).sum()
 
             hidden = response_hidden_states(self.model, student)  # [b,T,d]
-            weight_grad = None  # the output layer's gradient goes straight into .grad: no second [V,d] copy
-            if weight.requires_grad:
-                if weight.grad is None:
-                    weight.grad = torch.zeros_like(weight)
-                weight_grad = weight.grad
             loss, stats = hidden_objective(hidden, weight, tokens, block_loss, temperature=cfg.rollout.temperature,
                                            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                                            divergence=spec, chunk_tokens=cfg.optim.chunk_tokens or None,
