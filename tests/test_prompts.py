@@ -127,8 +127,9 @@ def test_long_solution_is_kept_whole_or_refused(tokenizer):
 
     tight = PromptBuilder(tokenizer, template="opsd", max_prompt_tokens=len(student_ids) + 10)
     assert tight.student_ids(problem) == student_ids
-    with pytest.raises(PromptTooLongError) as error:
-        tight.teacher_ids(problem)
+    for _ in range(2):  # a prompt over the limit is refused every time it is asked for (nothing is cached)
+        with pytest.raises(PromptTooLongError) as error:
+            tight.teacher_ids(problem)
     assert (error.value.length, error.value.limit) == (len(teacher_ids), len(student_ids) + 10)
     assert (error.value.problem_id, error.value.role) == ("long-7", "teacher")
     assert str(len(teacher_ids)) in str(error.value) and "long-7" in str(error.value)
@@ -266,3 +267,18 @@ def test_pack_shared_with_distinct_prompts_shares_nothing_and_rejects_bad_input(
         pack_shared([], [], pad_id=0)
     empty = pack_shared([[1, 2]], [[]], pad_id=0)
     assert empty.response_mask.shape == (1, 0) and empty.row_attention_mask().tolist() == [[1, 1]]
+
+
+def test_prompt_ids_are_cached_per_problem_and_returned_as_copies(tokenizer, gsm8k_problems):
+    builder = PromptBuilder(tokenizer, template="opsd")
+    problem = gsm8k_problems[0]
+    first = builder.student_ids(problem)
+    first.append(-1)  # the caller's copy
+    assert builder.student_ids(problem) == first[:-1]
+    assert builder.teacher_ids(problem) != builder.student_ids(problem)
+    assert builder.teacher_ids(problem) == PromptBuilder(tokenizer, template="opsd").teacher_ids(problem)
+    renders = []
+    builder.render = lambda messages: renders.append(messages) or "x"
+    builder.student_ids(gsm8k_problems[1])
+    builder.student_ids(gsm8k_problems[1])
+    assert len(renders) == 1  # rendered and tokenized once

@@ -200,6 +200,12 @@ class PromptBuilder:
         self.max_prompt_tokens = max_prompt_tokens
         self.enable_thinking = enable_thinking
         self.system_prompt = system_prompt
+        # (role, problem, sibling) -> token ids: the trainer asks for a prompt's ids once per row and step, and
+        # rendering the chat template and tokenizing cost more than a small model's forward pass.
+        self._ids: dict[tuple[str, Problem, str | None], list[int]] = {}
+
+    # the most prompts whose token ids are kept (the oldest are dropped first)
+    CACHED_PROMPTS = 8192
 
     # -- messages
 
@@ -258,13 +264,24 @@ class PromptBuilder:
             )
         return ids
 
+    def _cached(self, role: str, problem: Problem, sibling: str | None) -> list[int]:
+        key = (role, problem, sibling)
+        ids = self._ids.get(key)
+        if ids is None:
+            text = self.student_text(problem) if role == "student" else self.teacher_text(problem, sibling)
+            ids = self._encode(text, problem, role)  # raises over the limit, and nothing is kept
+            if len(self._ids) >= self.CACHED_PROMPTS:
+                del self._ids[next(iter(self._ids))]
+            self._ids[key] = ids
+        return list(ids)  # a copy: callers may change theirs
+
     def student_ids(self, problem: Problem) -> list[int]:
         """Token ids of the student prompt; raises PromptTooLongError over the limit."""
-        return self._encode(self.student_text(problem), problem, "student")
+        return self._cached("student", problem, None)
 
     def teacher_ids(self, problem: Problem, sibling: str | None = None) -> list[int]:
         """Token ids of the teacher prompt; `sibling` is required by (and only by) the sibling template."""
-        return self._encode(self.teacher_text(problem, sibling), problem, "teacher")
+        return self._cached("teacher", problem, sibling)
 
 
 # --------------------------------------------------------------------------------------------
