@@ -47,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import defaultdict
@@ -105,16 +106,50 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-class PhaseTimer:
-    """Exclusive wall time per named phase: time spent in a nested phase counts only for the inner one."""
+class MemoryTimeline:
+    """Resident memory at each phase's entry and exit and the highest value in between, for the phases entered
+    while `recording` is on (the last timed step); a background thread samples it every 2 ms."""
 
     def __init__(self) -> None:
+        self.recording = False
+        self.events: list[list] = []  # [name, MiB at entry, highest MiB, MiB at exit], in the order entered
+        self._open: list[list] = []  # the events of the phases entered and not yet left
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            now = rss_mib()
+            for event in list(self._open):
+                event[2] = max(event[2], now)
+            time.sleep(0.002)
+
+    def enter(self, name: str) -> None:
+        if self.recording:
+            now = rss_mib()
+            self._open.append([name, now, now, None])
+            self.events.append(self._open[-1])
+
+    def exit(self) -> None:
+        if self._open:
+            event = self._open.pop()
+            event[3] = rss_mib()
+            event[2] = max(event[2], event[3])
+
+
+class PhaseTimer:
+    """Exclusive wall time per named phase: time spent in a nested phase counts only for the inner one; with a
+    MemoryTimeline, the memory of each phase too."""
+
+    def __init__(self, memory: MemoryTimeline | None = None) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self._stack: list[list] = []  # [name, start, seconds spent in nested phases]
+        self.memory = memory
 
     def enter(self, name: str) -> None:
         synchronize()
         self._stack.append([name, time.perf_counter(), 0.0])
+        if self.memory is not None:
+            self.memory.enter(name)
 
     def exit(self) -> None:
         synchronize()
@@ -123,6 +158,8 @@ class PhaseTimer:
         self.totals[name] += elapsed - nested
         if self._stack:
             self._stack[-1][2] += elapsed
+        if self.memory is not None:
+            self.memory.exit()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -258,7 +295,7 @@ def run_ours(spec: dict, run_dir: str) -> dict:
     trainer.backend.min_new_tokens = spec["max_new_tokens"]  # EOS held back: every completion has that length
     rss_loaded = rss_mib()
 
-    timer = PhaseTimer()
+    timer = PhaseTimer(MemoryTimeline() if spec["profile"] else None)
     if spec["profile"]:
         timer.wrap(trainer.backend, "generate", "generation")
         timer.wrap(trainer.grader, "grade_many", "grading")
@@ -276,6 +313,9 @@ def run_ours(spec: dict, run_dir: str) -> dict:
         timed = step >= spec["warmup"]
         if timed:
             snapshots.append(timer.snapshot())
+        if timer.memory is not None and step == spec["warmup"] + spec["steps"] - 1:
+            timer.memory.recording = True
+            timer.memory.step_start = rss_mib()
         synchronize()
         start = time.perf_counter()
         metrics = trainer.train_step()
@@ -289,6 +329,7 @@ def run_ours(spec: dict, run_dir: str) -> dict:
               "threads": torch.get_num_threads(), "prompts_match": True}
     if spec["profile"]:
         result["phases"] = per_step_phases(snapshots, seconds)
+        result["memory_timeline"] = {"step_start": timer.memory.step_start, "events": timer.memory.events}
     return result
 
 
@@ -313,13 +354,16 @@ def run_trl(spec: dict, run_dir: str) -> dict:
             for p in problems]
     dataset = Dataset.from_list(rows)
 
-    timer = PhaseTimer()
+    timer = PhaseTimer(MemoryTimeline() if spec["profile"] else None)
     seconds, lengths, snapshots = [], [], []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step >= spec["warmup"]:
                 snapshots.append(timer.snapshot())
+            if timer.memory is not None and state.global_step == spec["warmup"] + spec["steps"] - 1:
+                timer.memory.recording = True
+                timer.memory.step_start = rss_mib()
             synchronize()
             self.start = time.perf_counter()
 
@@ -425,6 +469,7 @@ def run_trl(spec: dict, run_dir: str) -> dict:
               "generated_rows": generated_rows}
     if spec["profile"]:
         result["phases"] = per_step_phases(snapshots, seconds)
+        result["memory_timeline"] = {"step_start": timer.memory.step_start, "events": timer.memory.events}
     return result
 
 
@@ -501,6 +546,14 @@ def trl_name(pair: str, grpo_beta: float) -> str:
     return f"SDFT {mode}" if kind == "sdft" else f"GRPO beta={grpo_beta:g}"
 
 
+def profiled_sides(results: dict, args: argparse.Namespace, key: str) -> Iterator[tuple[str, str, str, dict]]:
+    """(pair, size, the side's name, its result) for every side whose result holds `key`."""
+    for (pair, size), sides in results.items():
+        for side in SIDES:
+            if sides[side].get(key):
+                yield pair, size, side if side == "ours" else trl_name(pair, args.grpo_beta), sides[side]
+
+
 def print_tables(results: dict, args: argparse.Namespace) -> None:
     print("| pair | size | ours s/step | TRL s/step | ours/TRL | ours peak MiB | TRL peak MiB | ours/TRL "
           "| ours extra MiB | TRL extra MiB | completion len ours / TRL | note |")
@@ -540,17 +593,22 @@ def print_tables(results: dict, args: argparse.Namespace) -> None:
     if args.profile:
         print("\nWhere a step's time goes (mean seconds per timed step; nested calls counted in the innermost phase; "
               "TRL's 'student forward' includes its output layer, ours is the decoder only):")
-        for (pair, size), sides in results.items():
-            for side in SIDES:
-                phases = sides[side].get("phases")
-                if not phases:
-                    continue
-                total = sum(phases.values())
-                print(f"\n{pair} / {size} / {side if side == 'ours' else trl_name(pair, args.grpo_beta)}: "
-                      f"{total:.3f} s/step")
-                print("| phase | s/step | share |\n|---|---:|---:|")
-                for name, value in sorted(phases.items(), key=lambda item: -item[1]):
-                    print(f"| {name} | {value:.3f} | {100 * value / total:.0f}% |")
+        for pair, size, name, result in profiled_sides(results, args, "phases"):
+            phases = result["phases"]
+            total = sum(phases.values())
+            print(f"\n{pair} / {size} / {name}: {total:.3f} s/step")
+            print("| phase | s/step | share |\n|---|---:|---:|")
+            for phase, value in sorted(phases.items(), key=lambda item: -item[1]):
+                print(f"| {phase} | {value:.3f} | {100 * value / total:.0f}% |")
+        print("\nResident memory during the last timed step, phase by phase in the order entered (MiB; sampled "
+              "every 2 ms; 'loaded' is the trainer built, before the first step):")
+        for pair, size, name, result in profiled_sides(results, args, "memory_timeline"):
+            timeline = result["memory_timeline"]
+            print(f"\n{pair} / {size} / {name}: loaded {result['rss_loaded_mib']:.0f}, step start "
+                  f"{timeline['step_start']:.0f}, process peak {result['peak_rss_mib']:.0f}")
+            print("| phase | at entry | highest | at exit |\n|---|---:|---:|---:|")
+            for phase, entry, highest, leaving in timeline["events"]:
+                print(f"| {phase} | {entry:.0f} | {highest:.0f} | {fmt(leaving, 0)} |")
 
 
 def main() -> None:

@@ -5,9 +5,10 @@ prompt 0 come first, then those of prompt 1, and so on; ``prompt_index`` says wh
 came from. Responses are cut at their first EOS token, which stays *inside* the response mask even
 when the pad token equals the EOS token (otherwise the model never learns to stop).
 
-Backends: ``"hf"`` (transformers ``generate``, CPU or GPU) and ``"vllm"`` (`selfdistill.rollout.vllm`,
-GPU, optional: ``pip install selfdistill[vllm]``; imported only when asked for, and untested here
-because the development machines have no GPU).
+Backends: ``"hf"`` (`selfdistill.rollout.hf`: our decoding loop over a transformers model's forward
+pass, CPU or GPU) and ``"vllm"`` (`selfdistill.rollout.vllm`, GPU, optional: ``pip install
+selfdistill[vllm]``; imported only when asked for, and untested here because the development machines
+have no GPU).
 """
 
 from __future__ import annotations

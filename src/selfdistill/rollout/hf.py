@@ -7,6 +7,12 @@ token) when the architecture supports it and the cache for ``rows x (prompt + ma
 positions fits in ``STATIC_CACHE_BYTES``; otherwise it grows (``DynamicCache``). Rows that emitted EOS
 are filled with the pad token until every row is done or ``max_new_tokens`` is reached.
 
+The prompt is prefilled once per distinct prompt: the samples of a prompt are rows with the same prompt
+tokens, so its keys and values are computed for one row and copied to the others (when every cache
+layer is a full-attention one; a sliding-window or hybrid cache prefills every row). With SDPA
+attention each one-token step passes its row of the attention mask as a 4D boolean mask, which
+transformers uses as it is instead of building a causal mask every step.
+
 Sampling draws from ``softmax(logits / temperature)`` restricted to the top-p nucleus and nothing
 else: the model's own generation defaults (top_k, repetition penalty, ...) are not applied, because
 the training objectives score the responses under exactly that distribution. Temperature 0 decodes
@@ -17,7 +23,8 @@ stream, seeded by (prompt seed, sample index): a prompt's samples are the same w
 prompts share the batch, and however the rows are cut into batches (up to floating-point
 differences of the batched forward pass). So the trainer and the evaluation put many prompts into one
 batch and stay reproducible per prompt. The draw is by inverse CDF: one uniform number from the row's
-stream, located in the row's cumulative ``softmax(logits / T)``. With ``seed=None`` sampling uses
+stream per step (all of a call's steps drawn up front), located in the row's cumulative
+``softmax(logits / T)``. With ``seed=None`` sampling uses
 ``torch.multinomial`` and the global RNG.
 
 With ``return_entropy=True`` the backend also records, at every generated token, the entropy of
