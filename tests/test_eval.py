@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -403,6 +402,19 @@ def test_smollm2_gsm8k_eval_and_resume(tmp_path, data_root):
     (part / "samples.jsonl").write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])
     assert run_cli(["eval", *args, "--out", str(part)]) == 0
     resumed = check_summary_against_samples(part)
-    assert accuracy_table(resumed) == accuracy_table(summary)
+    # The resumed run decodes the other four problems in a smaller batch than the full run did: the same
+    # samples, with logits (and so entropies) equal up to the floating-point differences of the batched
+    # forward pass (SmolLM2, 30 layers), as the rollout backend documents.
+    table, resumed_table = accuracy_table(summary), accuracy_table(resumed)
+    assert resumed_table.keys() == table.keys()
+    for part_name, rows in table.items():
+        for name, metrics in rows.items():
+            assert resumed_table[part_name][name] == pytest.approx(metrics, rel=1e-5), (part_name, name)
     assert resumed["timing"]["resumed_samples"] == 2
-    assert os.path.getsize(part / "samples.jsonl") == os.path.getsize(full / "samples.jsonl")
+    # The half line was replaced, not kept; every sample is the uninterrupted run's (floats to 1e-5).
+    full_rows, part_rows = read_jsonl(full / "samples.jsonl"), read_jsonl(part / "samples.jsonl")
+    assert len(part_rows) == len(full_rows)
+    for got, want in zip(part_rows, full_rows, strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key

@@ -450,3 +450,23 @@ def test_prefill_is_not_shared_for_sliding_window_caches(tok):
                          max_window_layers=0)
     assert not _plain_layers(DynamicCache(config=config))
     assert _plain_layers(DynamicCache(config=build_tiny_model(tok).config))
+
+
+def test_the_cache_keyword_follows_the_installed_transformers(tok, random_model):
+    """transformers 5.x takes the KV cache as `cache` (`past_key_values` is deprecated there), older versions as
+    `past_key_values`; a model taking neither is refused up front."""
+    from selfdistill.models import cache_keyword
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            raise AssertionError("not called")
+
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids):
+            raise AssertionError("not called")
+
+    assert cache_keyword(random_model) in ("cache", "past_key_values")
+    assert cache_keyword(OldStyle()) == "past_key_values"
+    assert cache_keyword(NoCache()) is None
+    with pytest.raises(TypeError, match="takes no KV cache"):
+        HFBackend(NoCache(), tok)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -70,6 +71,15 @@ STALE_TEMP_SECONDS = 3600.0
 
 # ---------------------------------------------------------------------------------------------------
 # cache folders
+
+
+def cache_keyword(model: torch.nn.Module) -> str | None:
+    """The keyword under which `model.forward` takes a KV cache: `cache` (transformers 5.x, where
+    `past_key_values` is deprecated) or `past_key_values` (before), None if it takes neither. A peft
+    wrapper is looked through to the model it wraps."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(type(base).forward).parameters  # the class's: hooks may wrap the instance's
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 def cache_dir() -> Path:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from selfdistill.models import cache_keyword
 from selfdistill.prompts import PackedBatch, SharedPrefixBatch
 
 
@@ -35,13 +36,6 @@ def check_output_layer(model: torch.nn.Module) -> None:
             raise NotImplementedError(f"models with {attr}={getattr(config, attr)} are not supported yet")
 
 
-def _cache_keyword(decoder: torch.nn.Module) -> str | None:
-    """The name under which `decoder.forward` takes a KV cache (`cache` from transformers 5.x,
-    `past_key_values` before), or None if it takes none."""
-    parameters = inspect.signature(decoder.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
-
-
 def shared_prefix_blocker(model: torch.nn.Module, *, backward: bool) -> str | None:
     """Why `response_hidden_states` cannot run a `SharedPrefixBatch` through `model`, or None if it can.
 
@@ -53,9 +47,9 @@ def shared_prefix_blocker(model: torch.nn.Module, *, backward: bool) -> str | No
     from transformers.cache_utils import DynamicLayer
 
     decoder = model.get_decoder()
-    if _cache_keyword(decoder) is None:
+    if cache_keyword(decoder) is None:
         return f"{type(decoder).__name__}.forward takes no KV cache"
-    if "inputs_embeds" not in inspect.signature(decoder.forward).parameters:
+    if "inputs_embeds" not in inspect.signature(type(decoder).forward).parameters:
         return f"{type(decoder).__name__}.forward takes no inputs_embeds"
     if backward and any(getattr(module, "gradient_checkpointing", False) for module in decoder.modules()):
         return "gradient checkpointing is on, and transformers turns the KV cache off under it in training"
@@ -91,7 +85,7 @@ def _shared_prefix_hidden_states(model: torch.nn.Module, batch: SharedPrefixBatc
     if blocker is not None:
         raise RuntimeError(f"the shared-prefix forward cannot run: {blocker}; pack the batch with `pack` instead")
     decoder = model.get_decoder()
-    cache_keyword = _cache_keyword(decoder)
+    cache_argument = cache_keyword(decoder)
     prompt_width, response_length = batch.prompt_width, batch.response_ids.shape[1]
     body = response_length - 1  # response tokens 0..T-2 predict tokens 1..T-1
     # One embedding lookup for the prompts and the responses, so the backward pass forms one dense [V,d]
@@ -103,7 +97,7 @@ def _shared_prefix_hidden_states(model: torch.nn.Module, batch: SharedPrefixBatc
     prefix_embeds = embeds[: U * prompt_width].view(U, prompt_width, -1)  # [U,P,d]
     cache = DynamicCache(config=decoder.config)
     prefix = decoder(inputs_embeds=prefix_embeds, attention_mask=batch.prefix_attention_mask,
-                     position_ids=batch.prefix_position_ids, use_cache=True, **{cache_keyword: cache})
+                     position_ids=batch.prefix_position_ids, use_cache=True, **{cache_argument: cache})
     if cache.get_seq_length() != prompt_width:  # a decoder that ignored the cache: refuse, never guess
         raise RuntimeError(f"the decoder cached {cache.get_seq_length()} of {prompt_width} prompt columns")
     first = prefix.last_hidden_state[:, -1].index_select(0, batch.prefix_of_row)  # [B,d], predicts token 0
@@ -118,7 +112,7 @@ def _shared_prefix_hidden_states(model: torch.nn.Module, batch: SharedPrefixBatc
     out = decoder(inputs_embeds=embeds[U * prompt_width :].view(B, body, -1),  # [B,T-1,d]
                   attention_mask=batch.row_attention_mask()[:, : prompt_width + body],  # [B,P+T-1]
                   position_ids=batch.response_position_ids()[:, :body],  # [B,T-1]
-                  use_cache=True, **{cache_keyword: cache})
+                  use_cache=True, **{cache_argument: cache})
     return torch.cat([first[:, None], out.last_hidden_state], dim=1)  # [B,T,d]
 
 

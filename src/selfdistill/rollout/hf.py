@@ -44,6 +44,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
+from selfdistill.models import cache_keyword
 from selfdistill.rollout import Rollouts, assemble_rollouts, eos_token_ids
 
 # The most bytes a preallocated KV cache may take; above it the cache grows with the tokens decoded.
@@ -171,6 +172,9 @@ class HFBackend:
         self.return_entropy = return_entropy
         self.min_new_tokens = min_new_tokens
         self.eos_ids = eos_token_ids(tokenizer, model)
+        self._cache_keyword = cache_keyword(model)
+        if self._cache_keyword is None:
+            raise TypeError(f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`)")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     # Samples of a prompt depend only on its own seed: callers may put many prompts into one call.
@@ -273,12 +277,12 @@ class HFBackend:
         if len(distinct) == len(prompts) or not (_plain_layers(cache) and _plain_layers(prefix_cache)):
             prompt_mask = attention_mask if static else attention_mask[:, :width]  # [b, P + T] or [b, P]
             out = self.model(input_ids=input_ids, attention_mask=prompt_mask,
-                             position_ids=positions, past_key_values=cache, use_cache=True,
+                             position_ids=positions, use_cache=True, **{self._cache_keyword: cache},
                              cache_position=torch.arange(width, device=device), logits_to_keep=1)
             return out.logits[:, -1]  # [b, V]
         rows = torch.tensor(first_rows, device=device)  # [U] one row of each distinct prompt
         out = self.model(input_ids=input_ids[rows], attention_mask=attention_mask[rows, :width],
-                         position_ids=positions[rows], past_key_values=prefix_cache, use_cache=True,
+                         position_ids=positions[rows], use_cache=True, **{self._cache_keyword: prefix_cache},
                          cache_position=torch.arange(width, device=device), logits_to_keep=1)
         to_rows = torch.tensor(prompt_of_row, device=device)  # [b]
         for index, layer in enumerate(prefix_cache.layers):
@@ -330,7 +334,7 @@ class HFBackend:
             step_mask = attention_mask if static else attention_mask[:, : column + 1]  # [b, K]
             logits = self.model(input_ids=token[:, None],
                                 attention_mask=step_mask[:, None, None, :].bool() if step_mask_4d else step_mask,
-                                position_ids=next_position, past_key_values=cache, use_cache=True,
+                                position_ids=next_position, use_cache=True, **{self._cache_keyword: cache},
                                 cache_position=torch.tensor([column], device=device)).logits[:, -1]  # [b, V]
             next_position = next_position + 1
         new_tokens = torch.stack(tokens, dim=1)  # [b, T_b]
