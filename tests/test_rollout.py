@@ -416,7 +416,10 @@ def test_prefill_runs_each_distinct_prompt_once_with_the_same_samples(tok, arch,
     model = build_tiny_model(tok, arch=arch, seed=3)
     if not static:
         monkeypatch.setattr(rollout_hf, "STATIC_CACHE_BYTES", 0)
-    prompts = [chat_ids(tok, "What is 2+3?"), chat_ids(tok, "Name a colour, please."), chat_ids(tok, "Hi")]
+    # The first prompt comes back last: its rows are not all next to each other (a regression test: the
+    # shared prefill once took the keys and values of another prompt's row for them).
+    prompts = [chat_ids(tok, "What is 2+3?"), chat_ids(tok, "Name a colour, please."), chat_ids(tok, "Hi"),
+               chat_ids(tok, "What is 2+3?")]
     prefill_rows = []
     forward = model.forward
 
@@ -432,11 +435,12 @@ def test_prefill_runs_each_distinct_prompt_once_with_the_same_samples(tok, arch,
         backend = HFBackend(model, tok, min_new_tokens=3)
         for temperature in (1.0, 0.0):
             out = backend.generate(prompts, num_samples=4, temperature=temperature, top_p=1.0, max_new_tokens=12,
-                                   seed=[5, 6, 7])
+                                   seed=[5, 6, 7, 5])
             results[shared, temperature] = out.response_ids.tolist()
-    assert prefill_rows == [3, 3, 12, 12]  # shared: one row per distinct prompt; else every row
+    assert prefill_rows == [3, 3, 16, 16]  # shared: one row per distinct prompt; else every row
     assert results[True, 1.0] == results[False, 1.0]
     assert results[True, 0.0] == results[False, 0.0]
+    assert results[True, 1.0][12:] == results[True, 1.0][:4]  # the same prompt and seed: the same samples
     assert len({tuple(r) for r in results[True, 1.0][:4]}) > 1  # the samples of a prompt still differ
 
 

@@ -269,8 +269,8 @@ class HFBackend:
         width = input_ids.shape[1]
         device = input_ids.device
         distinct: dict[tuple[int, ...], int] = {}
-        prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]  # [b]
-        first_rows = list({k: i for i, k in reversed(list(enumerate(prompt_of_row)))}.values())[::-1]  # [U]
+        prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]  # [b], in first-seen order
+        first_rows = [prompt_of_row.index(u) for u in range(len(distinct))]  # [U] the first row of each
         static = isinstance(cache, StaticCache)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         prefix_cache = DynamicCache(config=base.config)
