@@ -430,7 +430,8 @@ def test_prefill_runs_each_distinct_prompt_once_with_the_same_samples(tok, arch,
 
     results = {}
     for shared in (True, False):
-        monkeypatch.setattr(rollout_hf, "_plain_layers", (lambda cache: True) if shared else (lambda cache: False))
+        monkeypatch.setattr(rollout_hf, "full_attention_cache",
+                            (lambda cache: True) if shared else (lambda cache: False))
         monkeypatch.setattr(model, "forward", counted)
         backend = HFBackend(model, tok, min_new_tokens=3)
         for temperature in (1.0, 0.0):
@@ -447,13 +448,13 @@ def test_prefill_runs_each_distinct_prompt_once_with_the_same_samples(tok, arch,
 def test_prefill_is_not_shared_for_sliding_window_caches(tok):
     from transformers import DynamicCache, Qwen2Config
 
-    from selfdistill.rollout.hf import _plain_layers
+    from selfdistill.models import full_attention_cache
 
     config = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=2, intermediate_size=64, use_sliding_window=True, sliding_window=4,
                          max_window_layers=0)
-    assert not _plain_layers(DynamicCache(config=config))
-    assert _plain_layers(DynamicCache(config=build_tiny_model(tok).config))
+    assert not full_attention_cache(DynamicCache(config=config))
+    assert full_attention_cache(DynamicCache(config=build_tiny_model(tok).config))
 
 
 def test_the_cache_keyword_follows_the_installed_transformers(tok, random_model):

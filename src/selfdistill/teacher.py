@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from selfdistill.models import cache_keyword
+from selfdistill.models import cache_keyword, full_attention_cache
 from selfdistill.prompts import PackedBatch, SharedPrefixBatch
 
 
@@ -44,7 +44,6 @@ def shared_prefix_blocker(model: torch.nn.Module, *, backward: bool) -> str | No
     only (the teacher runs without gradient, and there the cache is kept).
     """
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     decoder = model.get_decoder()
     if cache_keyword(decoder) is None:
@@ -53,9 +52,10 @@ def shared_prefix_blocker(model: torch.nn.Module, *, backward: bool) -> str | No
         return f"{type(decoder).__name__}.forward takes no inputs_embeds"
     if backward and any(getattr(module, "gradient_checkpointing", False) for module in decoder.modules()):
         return "gradient checkpointing is on, and transformers turns the KV cache off under it in training"
-    layer_types = {type(layer).__name__ for layer in DynamicCache(config=decoder.config).layers}
-    if layer_types != {DynamicLayer.__name__}:
-        return f"the model's cache has {sorted(layer_types)} layers; the shared prefix needs full-attention layers"
+    cache = DynamicCache(config=decoder.config)
+    if not full_attention_cache(cache):
+        layer_types = sorted({type(layer).__name__ for layer in cache.layers})
+        return f"the model's cache has {layer_types} layers; the shared prefix needs full-attention layers"
     return None
 
 

@@ -42,9 +42,8 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, StaticCache
-from transformers.cache_utils import DynamicLayer, StaticLayer
 
-from selfdistill.models import cache_keyword
+from selfdistill.models import base_model, cache_keyword, full_attention_cache
 from selfdistill.rollout import Rollouts, assemble_rollouts, eos_token_ids
 
 # The most bytes a preallocated KV cache may take; above it the cache grows with the tokens decoded.
@@ -252,7 +251,7 @@ class HFBackend:
     def _cache(self, rows: int, length: int) -> StaticCache | DynamicCache:
         """A preallocated KV cache for `rows` x `length` positions when the model supports one and it fits
         in STATIC_CACHE_BYTES, else a growing one."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = base_model(self.model)
         config = base.config.get_text_config()
         size = _kv_cache_bytes(config, rows, length, next(self.model.parameters()).element_size())
         if getattr(base, "_can_compile_fullgraph", False) and size is not None and size <= STATIC_CACHE_BYTES:
@@ -272,9 +271,8 @@ class HFBackend:
         prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]  # [b], in first-seen order
         first_rows = [prompt_of_row.index(u) for u in range(len(distinct))]  # [U] the first row of each
         static = isinstance(cache, StaticCache)
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        prefix_cache = DynamicCache(config=base.config)
-        if len(distinct) == len(prompts) or not (_plain_layers(cache) and _plain_layers(prefix_cache)):
+        prefix_cache = None if len(distinct) == len(prompts) else DynamicCache(config=base_model(self.model).config)
+        if prefix_cache is None or not (full_attention_cache(cache) and full_attention_cache(prefix_cache)):
             prompt_mask = attention_mask if static else attention_mask[:, :width]  # [b, P + T] or [b, P]
             out = self.model(input_ids=input_ids, attention_mask=prompt_mask,
                              position_ids=positions, use_cache=True, **{self._cache_keyword: cache},
@@ -310,8 +308,7 @@ class HFBackend:
         static = isinstance(cache, StaticCache)
         # A one-token step attends to exactly the columns its mask row holds, so with SDPA the step's 4D mask is
         # that row as booleans, which transformers takes as it is instead of building one every step.
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        step_mask_4d = getattr(base.config, "_attn_implementation", None) == "sdpa"
+        step_mask_4d = getattr(base_model(self.model).config, "_attn_implementation", None) == "sdpa"
 
         logits = self._prefill(prompts, input_ids, attention_mask, positions, cache)  # [b, V]
         next_position = positions[:, -1:] + 1  # [b, 1]
@@ -339,12 +336,6 @@ class HFBackend:
             next_position = next_position + 1
         new_tokens = torch.stack(tokens, dim=1)  # [b, T_b]
         return new_tokens, torch.stack(entropies, dim=1) if entropy_scale is not None else None
-
-
-def _plain_layers(cache: StaticCache | DynamicCache) -> bool:
-    """Whether every layer of `cache` is a full-attention one (no sliding window, no hybrid state), so that
-    a prompt's keys and values can be computed once and copied to several rows."""
-    return all(type(layer) in (StaticLayer, DynamicLayer) for layer in cache.layers)
 
 
 def _kv_cache_bytes(config: Any, rows: int, length: int, element_size: int) -> int | None:
