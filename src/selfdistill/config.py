@@ -388,6 +388,25 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+def _nest_flat_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """`{objective: {beta: 0.5}}` → `{objective: {knobs: {beta: 0.5}}}` for one source (a file, or the overrides),
+    so that an override of either spelling replaces the file's value of either spelling."""
+    section = values.get("objective")
+    if not isinstance(section, dict) or not isinstance(section.get("knobs", {}), dict):
+        return values
+    known = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    flat = {k: v for k, v in section.items() if k not in known}
+    if not flat:
+        return values
+    nested = section.get("knobs", {})
+    for key in flat.keys() & nested.keys():
+        if flat[key] != nested[key]:
+            raise ConfigError(f"objective.{key}: set twice, to {flat[key]!r} and as objective.knobs.{key} "
+                              f"to {nested[key]!r}")
+    kept = {k: v for k, v in section.items() if k in known}
+    return {**values, "objective": {**kept, "knobs": {**nested, **flat}}}
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -409,6 +428,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
-        return config_from_dict(_merge(values, parse_overrides(overrides or [])))
+        return config_from_dict(_merge(_nest_flat_keys(values), _nest_flat_keys(parse_overrides(overrides or []))))
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}" if path else str(error)) from None

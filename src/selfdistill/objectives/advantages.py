@@ -312,6 +312,7 @@ def dasd_advantages(
     check_knob(router in ROUTERS, "router", f"must be one of {ROUTERS}, got {router!r}")
     check_knob(push_signal in PUSH_SIGNALS, "push_signal",
                f"must be one of {PUSH_SIGNALS}, got {push_signal!r}")
+    check_knob(0.0 < push_beta < 1.0, "push_beta", f"must lie in (0, 1), got {push_beta}")
     if router == "teacher_entropy" and teacher_entropy is None:
         raise ValueError("router='teacher_entropy' needs teacher_entropy")
     routing = student_entropy if router == "student_entropy" else teacher_entropy
