@@ -124,3 +124,18 @@ def test_a_method_registered_from_outside_trains_through_the_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "selfdistill", "train", "--config", str(config),
                           "objective.plugins=[]"], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode != 0 and "objective.method: unknown method 'outside_pg'" in bad.stderr
+
+
+def test_the_docs_table_lists_every_method_with_its_knobs():
+    rows = {}
+    for line in (REPO / "docs" / "objectives.md").read_text().splitlines():
+        cells = [c.strip() for c in line.split(" | ")]
+        if line.startswith("| `") and len(cells) == 6:
+            rows[cells[0].strip("| `")] = cells[3]
+    assert set(rows) == set(OBJECTIVES)
+    for method, knobs in rows.items():
+        own = {k: v for k, v in OBJECTIVES[method].knob_defaults().items() if k not in ("eps_low", "eps_high")}
+        if "'s" in knobs:  # "egrsd's, lookahead=8": the rest as in the row it names
+            continue
+        for name, default in own.items():
+            assert f"{name}={default!r}" in knobs, (method, name, default)
