@@ -72,6 +72,8 @@ def test_knob_values_are_checked_when_the_config_is_loaded_not_at_step_one():
     config = load_config(REPO / "configs/tiny/dasd.yaml", ["objective.knobs.beta=0.5", "objective.rho=0.1"])
     assert config.objective.knobs == {"beta": 0.5, "rho": 0.1}
     assert parse_overrides(["objective.knobs.beta=0.5"]) == {"objective": {"knobs": {"beta": 0.5}}}
+    with pytest.raises(ConfigError, match=r"objective\.divergence_\*: method 'eopd': .*needs top_k and beta = 0"):
+        load_config(REPO / "configs/tiny/eopd.yaml", ["objective.divergence_beta=0.5"])
     with pytest.raises(ConfigError, match="objective.plugins: cannot import 'no_such_plugin_module'"):
         config_from_dict({"objective": {"plugins": ["no_such_plugin_module"]}})
 

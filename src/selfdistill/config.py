@@ -191,6 +191,10 @@ class ObjectiveConfig:
                  "must be positive")
         _require(self.divergence_top_k is None or self.divergence_top_k >= 1, "objective.divergence_top_k",
                  "must be >= 1")
+        try:
+            self.divergence_spec()
+        except ValueError as error:
+            raise ConfigError(f"objective.divergence_*: method {self.method!r}: {error}") from None
         self.knobs = self._checked_knobs(dict(self.knobs))
 
     def _checked_knobs(self, knobs: dict[str, Any]) -> dict[str, Any]:

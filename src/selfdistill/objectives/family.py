@@ -48,8 +48,8 @@ def vopd_loss(batch: ObjectiveBatch, *, coef: float = 1.0, eps_low: float = 0.2,
     the per-token KL(S‖T) as a detached control variate, added to the group advantage:
     `Â_t = A_i + coef·sg(τ_t − s_t + D_t)`, `D_t = Σ_v p_S(v)(log p_S(v) − log p_T(v))`, then the clipped
     surrogate. `D_t` does not depend on the sampled token, so it lowers the variance without a bias.
-    `vopd_topk` takes `D_t` over the teacher's top-k renormalized [recon: the code renormalizes over the
-    student's top-k]. Plot `vopd/kl_advantage_mean`, `vopd/kl_advantage_abs_mean`, `divergence`.
+    `vopd_topk` takes `D_t` over the student's top-32 tokens, renormalized (k = 32 [recon]). Plot
+    `vopd/kl_advantage_mean`, `vopd/kl_advantage_abs_mean`, `divergence`.
     """
     s = batch.stats
     check_same_shape(logp=s.logp, teacher_logp=s.teacher_logp, divergence=s.divergence, mask=batch.mask)
@@ -61,7 +61,7 @@ def vopd_loss(batch: ObjectiveBatch, *, coef: float = 1.0, eps_low: float = 0.2,
 
 
 register_objective("vopd", vopd_loss, divergence=DivergenceSpec(beta=1.0))
-register_objective("vopd_topk", vopd_loss, divergence=DivergenceSpec(beta=1.0, top_k=32))
+register_objective("vopd_topk", vopd_loss, divergence=DivergenceSpec(beta=1.0, top_k=32, top_k_of="student"))
 
 
 @register_objective("antisd")
@@ -84,9 +84,9 @@ def eopd_loss(batch: ObjectiveBatch, *, h_threshold: float = 0.8, eps_low: float
               eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
     """EOPD, entropy-aware OPD (Jin et al. 2603.07079) [code, a re-implementation]:
     `ℓ_t = ℓ^OPD_t + 1[H^T_t > h_threshold]·D_t`, with `ℓ^OPD` the PPO-clipped sampled-token reverse-KL
-    policy gradient (advantage `sg(τ_t − s^old_t)`, ε = 0.2) and `D_t` the forward KL(T‖S) over the
-    teacher's top-16 tokens. [recon] Our top-k divergence renormalizes the student over those 16 tokens
-    too; the code keeps the student's full-vocabulary log-probs there. Token-mean. Plot
+    policy gradient (advantage `sg(τ_t − s^old_t)`, ε = 0.2) and `D_t` the forward KL over the teacher's
+    top-16 tokens, `Σ_k p̃_T(k)(log p̃_T(k) − log p_S(k))`, the teacher renormalized over them and the
+    student's full-vocabulary log-probs. Token-mean. Plot
     `eopd/high_entropy_fraction`, `eopd/fkl_mean`, `clip_fraction`.
     """
     s = batch.stats
@@ -101,7 +101,7 @@ def eopd_loss(batch: ObjectiveBatch, *, h_threshold: float = 0.8, eps_low: float
                   "eopd/fkl_mean": _token_mean(s.divergence.detach(), batch.mask), **diag}
 
 
-register_objective("eopd", eopd_loss, divergence=DivergenceSpec(beta=0.0, top_k=16))
+register_objective("eopd", eopd_loss, divergence=DivergenceSpec(beta=0.0, top_k=16, renormalize_student=False))
 
 
 @register_objective("reopold")
