@@ -330,3 +330,23 @@ def test_dasd_bounded_push_signal_matches_reference_and_is_bounded():
     torch.testing.assert_close(bounded[0, ~pushed], raw[0, ~pushed])  # pull tokens keep the log-ratio
     assert bounded[0, pushed].max() <= math.log(2) / scale + 1e-5  # the push is capped ...
     assert raw[0, pushed].max() > 5 * bounded[0, pushed].max()  # ... where the raw log-ratio is not
+
+
+# ---------------------------------------------------------------- the trainer passes the step
+
+
+def test_trainer_passes_the_step_so_reopold_switches_phase(tmp_path):
+    from selfdistill.trainer import Trainer
+
+    config = config_from_dict({
+        "model": {"path": "tiny"},
+        "data": {"dataset": "synthetic:operation_chains", "num_problems": 8},
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 8},
+        "objective": {"method": "reopold", "switch_step": 1},
+        "optim": {"steps": 2, "lr": 1e-3, "micro_batch_size": 4},
+        "logging": {"output_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
+    })
+    trainer = Trainer(config)
+    phases = [trainer.train_step()["reopold/phase"] for _ in range(2)]
+    trainer.grader.close()
+    assert phases == [1.0, 2.0]  # step 0 explores, step 1 (= switch_step) refines
