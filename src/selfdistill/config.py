@@ -168,7 +168,8 @@ class ObjectiveConfig:
     divergence_clip: float | None = None
     """Clamp of each vocabulary term of the divergence."""
     divergence_top_k: int | None = None
-    """Restrict the divergence to the teacher's top-k tokens."""
+    """k of the method's top-k divergence (eopd 16, vopd_topk 32), or for a full one: restrict it to the
+    teacher's top-k tokens."""
 
     _FLAT_KEYS_INTO: typing.ClassVar[str] = "knobs"  # `_build` reads `objective.beta` as `objective.knobs.beta`
 
