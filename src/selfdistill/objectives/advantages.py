@@ -120,7 +120,7 @@ def rlrt_advantages(
     success = (adv_i > 0).to(mask.dtype)[:, None] * mask  # [B,T]
     scaled = adv_i[:, None] * ((1.0 - lam) + lam * weight)  # [B,T]
     adv = torch.where(success > 0, scaled, adv_i[:, None].expand_as(scaled)) * mask  # [B,T]
-    n_success = success.sum().clamp(min=1.0)
+    n_success = success.sum().clamp(min=1.0)  # []
     diagnostics = {
         "rlrt/success_token_fraction": success.sum() / mask.sum().clamp(min=1.0),
         "rlrt/weight_mean": (weight * success).sum() / n_success,
@@ -215,7 +215,7 @@ def jsd_ascent_signal(student_logp: Tensor, teacher_logp: Tensor, *, beta: float
     REINFORCE signal that raises the divergence; 0 where student and teacher agree on the token.
     """
     check_knob(0.0 < beta < 1.0, "beta", f"must lie in (0, 1), got {beta}")
-    s, t = student_logp.detach(), teacher_logp.detach()
+    s, t = student_logp.detach(), teacher_logp.detach()  # [B,T], [B,T]
     mix = torch.logaddexp(t + math.log(beta), s + math.log(1.0 - beta))  # [B,T] log M(y_t)
     return s - mix
 
@@ -326,7 +326,7 @@ def dasd_advantages(
         scale = gap_scale(gap, mask, normalize=normalize, scale_floor=scale_floor)  # [B,1]
         ascent = jsd_ascent_signal(student_logp, teacher_logp, beta=push_beta)  # [B,T] ≤ −log(1−β_J)
         push_bar = -ascent if normalize == "none" else -ascent / (scale + eps)  # [B,T]
-        signal = torch.where(omega < 0, push_bar, gap_bar)
+        signal = torch.where(omega < 0, push_bar, gap_bar)  # [B,T]
     adv = (group_adv.detach()[:, None] + beta * omega * signal) * mask  # [B,T]
     return adv, diagnostics
 
