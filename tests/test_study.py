@@ -194,7 +194,7 @@ def test_every_study_method_makes_a_valid_trainer_config(method, tmp_path):
     assert config.objective.method == METHODS[method]["method"]
     assert config.objective.teacher == "frozen" and config.optim.seed == 1
     if method in ("conform", "novelty"):
-        assert config.objective.direction == method
+        assert config.objective.knobs["direction"] == method
     # the same budget and optimizer for every method
     assert (config.optim.steps, config.rollout.prompts_per_step, config.rollout.group_size, config.optim.lr) == (
         settings.steps, settings.prompts_per_step, settings.group_size, settings.lr)

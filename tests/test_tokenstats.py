@@ -32,8 +32,8 @@ def reference(s_logits, t_logits, tokens, temperature=1.0, spec=None):
     }
     if spec is not None:
         if spec.top_k is not None:
-            idx = t.topk(spec.top_k, -1).indices
-            p_s = torch.softmax(s.gather(-1, idx), -1)
+            idx = (t if spec.top_k_of == "teacher" else s).topk(spec.top_k, -1).indices
+            p_s = torch.softmax(s.gather(-1, idx), -1) if spec.renormalize_student else p_s.gather(-1, idx)
             p_t = torch.softmax(t.gather(-1, idx), -1)
         if spec.beta == 0:
             terms = p_t * torch.log(p_t / p_s)
@@ -73,6 +73,9 @@ SPECS = [
     DivergenceSpec(beta=0.5, top_k=5),  # closed-form backward over the top-k entries
     DivergenceSpec(beta=1.0, top_k=3),
     DivergenceSpec(beta=0.0, top_k=4),
+    DivergenceSpec(beta=1.0, top_k=4, top_k_of="student"),  # vOPD's baseline over the student's top-k
+    DivergenceSpec(beta=0.0, top_k=4, renormalize_student=False),  # EOPD: the student's full-vocabulary log-probs
+    DivergenceSpec(beta=0.0, top_k=6, clip=0.02, renormalize_student=False),
 ]
 
 
@@ -200,6 +203,10 @@ def test_shape_errors_name_the_shapes():
         token_stats(h @ w.T, tokens, teacher_logits=(th @ w.T)[:, :4])
     with pytest.raises(ValueError, match="beta"):
         DivergenceSpec(beta=1.5)
+    with pytest.raises(ValueError, match="top_k_of"):
+        DivergenceSpec(top_k=3, top_k_of="both")
+    with pytest.raises(ValueError, match="renormalize_student=False needs top_k and beta = 0"):
+        DivergenceSpec(beta=0.5, top_k=3, renormalize_student=False)
 
 
 def test_fused_hidden_objective_teacher_without_divergence():

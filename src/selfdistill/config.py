@@ -9,16 +9,17 @@ override them. Unknown keys and out-of-range values raise `ConfigError` naming t
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from selfdistill.objectives import AGGREGATIONS, OBJECTIVES
+from selfdistill.objectives import AGGREGATIONS, OBJECTIVES, KnobError
 
 
 class ConfigError(ValueError):
@@ -119,16 +120,37 @@ class RolloutConfig:
         _require(self.generation_batch_size >= 0, "rollout.generation_batch_size", "must be >= 0")
 
 
-# Knobs of the objective functions; None means "the method's own preset" (see selfdistill.objectives).
-_OBJECTIVE_KNOBS = ("eps_low", "eps_high", "lam", "eps_w", "g_min", "tau_h", "lookahead", "rho", "beta",
-                    "direction", "router", "normalize", "gate", "quantile")
+def import_plugins(modules: list[str], key: str = "objective.plugins") -> None:
+    """Import each named module (it registers its methods with `register_objective` when imported)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(f"{key}: cannot import {module!r}: {error}") from None
+
+
+def _probe_batch():
+    """A small batch with every statistic, to run a method once on its knobs when the config is loaded."""
+    from selfdistill.objectives import ObjectiveBatch
+    from selfdistill.tokenstats import TokenStats
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 5
+    stats = TokenStats(logp=-torch.rand(B, T, generator=g) * 2, entropy=torch.rand(B, T, generator=g),
+                       teacher_logp=-torch.rand(B, T, generator=g) * 2, teacher_entropy=torch.rand(B, T, generator=g),
+                       divergence=torch.rand(B, T, generator=g))
+    return ObjectiveBatch(stats=stats, mask=torch.ones(B, T), group_adv=torch.tensor([1.0, -1.0, 0.5, -0.5]))
 
 
 @dataclass
 class ObjectiveConfig:
     method: str = "dasd"
-    """One of selfdistill.objectives.OBJECTIVES: grpo, dapo, dr_grpo, opsd, opsd_clip, opsd_sampled, rlsd,
-    egrsd, cl_egrsd, dasd, dasd_divergence."""
+    """A name in selfdistill.objectives.OBJECTIVES (docs/objectives.md lists them all): grpo, dapo, dr_grpo,
+    opsd, opsd_clip, opsd_sampled, rlsd, egrsd, cl_egrsd, dasd, dasd_divergence, rlrt, vopd, vopd_topk, antisd,
+    eopd, reopold, pw_opsd, or one a plugin registers."""
+    plugins: list[str] = field(default_factory=list)
+    """Python modules to import before `method` is looked up; each may add methods with
+    `selfdistill.objectives.register_objective` (they must be importable, e.g. on PYTHONPATH)."""
     teacher: str = "frozen"
     """Teacher weights: frozen (the initial policy; under LoRA the adapter disabled), live (current
     weights, no gradient), ema (an exponential moving average of the student)."""
@@ -136,42 +158,23 @@ class ObjectiveConfig:
     """EMA teacher: teacher ← decay·teacher + (1−decay)·student after each step."""
     aggregation: str | None = None
     """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm; None: the method's own."""
-    eps_low: float | None = None
-    """Surrogate clip below 1 (default 0.2)."""
-    eps_high: float | None = None
-    """Surrogate clip above 1 (default 0.2; dapo 0.28)."""
-    lam: float | None = None
-    """RLSD / EGRSD mixing weight λ of the teacher weight (rlsd 0.5, egrsd 1.0)."""
-    eps_w: float | None = None
-    """RLSD / EGRSD clip of the likelihood-ratio weight (0.2)."""
-    g_min: float | None = None
-    """EGRSD gate floor (0.2)."""
-    tau_h: float | None = None
-    """EGRSD gate temperature τ_H (1.0)."""
-    lookahead: int | None = None
-    """CL-EGRSD lookahead window K (cl_egrsd: 8)."""
-    rho: float | None = None
-    """DASD: fraction of the most uncertain tokens pushed away (0.2)."""
-    beta: float | None = None
-    """DASD: weight of the directional term (1.0)."""
-    direction: str | None = None
-    """DASD: dasd (entropy-routed), conform (ω=+1), novelty (ω=−1)."""
-    router: str | None = None
-    """DASD: student_entropy or teacher_entropy."""
-    normalize: str | None = None
-    """DASD: scale of δ: mad, std or none."""
-    gate: bool | None = None
-    """DASD: reliability gate sigmoid(|δ̄|−1) on or off."""
-    quantile: str | None = None
-    """DASD: top (τ = (1−ρ)-quantile; the top ρ pushed) or bottom (τ = ρ-quantile; only the calmest ρ pulled)."""
+    knobs: dict[str, Any] = field(default_factory=dict)
+    """The method's knobs, e.g. `{beta: 0.5, rho: 0.1}`: the keyword-only parameters of its loss function,
+    checked against their annotations and run once on a probe batch when the config is loaded. Unset
+    knobs keep the method's defaults. A knob may also be written flat, `objective.beta: 0.5` (or the
+    override `objective.beta=0.5`), which is the same as `objective.knobs.beta`."""
     divergence_beta: float | None = None
-    """Full-vocabulary divergence (opsd, opsd_clip, dasd_divergence): 0 forward KL, 1 reverse KL, else JSD."""
+    """Full-vocabulary divergence (methods that declare one): 0 forward KL, 1 reverse KL, else JSD."""
     divergence_clip: float | None = None
     """Clamp of each vocabulary term of the divergence."""
     divergence_top_k: int | None = None
-    """Restrict the divergence to the teacher's top-k tokens."""
+    """k of the method's top-k divergence (eopd 16, vopd_topk 32), or for a full one: restrict it to the
+    teacher's top-k tokens."""
+
+    _FLAT_KEYS_INTO: typing.ClassVar[str] = "knobs"  # `_build` reads `objective.beta` as `objective.knobs.beta`
 
     def __post_init__(self) -> None:
+        import_plugins(list(self.plugins))
         _require(self.method in OBJECTIVES, "objective.method",
                  f"unknown method {self.method!r}; choose one of {sorted(OBJECTIVES)}")
         _require(self.teacher in ("frozen", "live", "ema"), "objective.teacher",
@@ -179,26 +182,39 @@ class ObjectiveConfig:
         _require(0 < self.ema_decay < 1, "objective.ema_decay", f"must lie in (0, 1), got {self.ema_decay}")
         _require(self.aggregation is None or self.aggregation in AGGREGATIONS, "objective.aggregation",
                  f"choose one of {AGGREGATIONS}, got {self.aggregation!r}")
-        accepted = inspect.signature(OBJECTIVES[self.method].loss).parameters
-        for knob in _OBJECTIVE_KNOBS:
-            if getattr(self, knob) is not None:
-                _require(knob in accepted, f"objective.{knob}", f"method {self.method!r} takes no {knob!r}")
-        for knob in ("eps_low", "eps_high", "eps_w"):
-            value = getattr(self, knob)
-            _require(value is None or 0 <= value < 1, f"objective.{knob}", f"must lie in [0, 1), got {value}")
-        _require(self.rho is None or 0 <= self.rho <= 1, "objective.rho", f"must lie in [0, 1], got {self.rho}")
-        _require(self.g_min is None or 0 < self.g_min <= 1, "objective.g_min", "must lie in (0, 1]")
-        _require(self.lookahead is None or self.lookahead >= 1, "objective.lookahead", "must be >= 1")
         has_divergence = OBJECTIVES[self.method].divergence is not None
         for knob in ("divergence_beta", "divergence_clip", "divergence_top_k"):
             _require(getattr(self, knob) is None or has_divergence, f"objective.{knob}",
                      f"method {self.method!r} uses no full-vocabulary divergence")
         _require(self.divergence_beta is None or 0 <= self.divergence_beta <= 1, "objective.divergence_beta",
                  "must lie in [0, 1]")
+        _require(self.divergence_clip is None or self.divergence_clip > 0, "objective.divergence_clip",
+                 "must be positive")
+        _require(self.divergence_top_k is None or self.divergence_top_k >= 1, "objective.divergence_top_k",
+                 "must be >= 1")
+        try:
+            self.divergence_spec()
+        except ValueError as error:
+            raise ConfigError(f"objective.divergence_*: method {self.method!r}: {error}") from None
+        self.knobs = self._checked_knobs(dict(self.knobs))
 
-    def knobs(self) -> dict[str, Any]:
-        """The knobs set here, to pass to the method's loss function."""
-        return {k: getattr(self, k) for k in _OBJECTIVE_KNOBS if getattr(self, k) is not None}
+    def _checked_knobs(self, knobs: dict[str, Any]) -> dict[str, Any]:
+        """Each knob against the loss signature (name and annotation), then all of them on a probe batch."""
+        objective = OBJECTIVES[self.method]
+        accepted = objective.knob_defaults()
+        hints = typing.get_type_hints(objective.loss)
+        checked = {}
+        for name, value in knobs.items():
+            _require(name in accepted, _knob_key(name),
+                     f"method {self.method!r} takes no knob {name!r}; its knobs: {', '.join(accepted) or 'none'}")
+            checked[name] = _check_type(_knob_key(name), value, hints[name]) if name in hints else value
+        try:
+            objective(_probe_batch(), **checked)
+        except KnobError as error:
+            raise ConfigError(f"{_knob_key(error.knob)}: {error}") from None
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"objective.knobs: method {self.method!r} fails with {checked}: {error}") from None
+        return checked
 
     def divergence_spec(self):
         """The method's full-vocabulary divergence with the overrides set here, or None."""
@@ -207,6 +223,10 @@ class ObjectiveConfig:
             return None
         overrides = {"beta": self.divergence_beta, "clip": self.divergence_clip, "top_k": self.divergence_top_k}
         return dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _knob_key(name: str) -> str:
+    return f"objective.knobs.{name} (objective.{name})"
 
 
 @dataclass
@@ -324,9 +344,13 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    kwargs = {}
+    flat_into = getattr(cls, "_FLAT_KEYS_INTO", None)  # the field that collects the other keys (ObjectiveConfig)
+    kwargs, flat = {}, {}
     for key, value in values.items():
         name = f"{prefix}{key}"
+        if key not in known and flat_into:
+            flat[key] = value  # checked by the class, which knows its method's knobs
+            continue
         if key not in known:
             raise ConfigError(f"{name}: unknown key; known keys: {', '.join(known)}")
         f = known[key]
@@ -334,6 +358,13 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = _build(f.default_factory, value, f"{name}.")
         else:
             kwargs[key] = _check_type(name, value, hints[key])
+    if flat:
+        nested = kwargs.get(flat_into, {})
+        for key in flat.keys() & nested.keys():
+            if flat[key] != nested[key]:
+                raise ConfigError(f"{prefix}{key}: set twice, to {flat[key]!r} and as {prefix}{flat_into}.{key} "
+                                  f"to {nested[key]!r}")
+        kwargs[flat_into] = {**nested, **flat}
     return cls(**kwargs)
 
 
@@ -350,10 +381,35 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.steps=10")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) != 2 or not all(parts):
-            raise ConfigError(f"override {item!r}: the key must be section.field, e.g. objective.method")
-        nested.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(raw) if raw != "" else None
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: the key must be section.field, e.g. objective.method "
+                              "(or section.field.key for a mapping, e.g. objective.knobs.beta)")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is set to a value and used as a mapping")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
     return nested
+
+
+def _nest_flat_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """`{objective: {beta: 0.5}}` → `{objective: {knobs: {beta: 0.5}}}` for one source (a file, or the overrides),
+    so that an override of either spelling replaces the file's value of either spelling."""
+    section = values.get("objective")
+    if not isinstance(section, dict) or not isinstance(section.get("knobs", {}), dict):
+        return values
+    known = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    flat = {k: v for k, v in section.items() if k not in known}
+    if not flat:
+        return values
+    nested = section.get("knobs", {})
+    for key in flat.keys() & nested.keys():
+        if flat[key] != nested[key]:
+            raise ConfigError(f"objective.{key}: set twice, to {flat[key]!r} and as objective.knobs.{key} "
+                              f"to {nested[key]!r}")
+    kept = {k: v for k, v in section.items() if k in known}
+    return {**values, "objective": {**kept, "knobs": {**nested, **flat}}}
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -377,6 +433,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
-        return config_from_dict(_merge(values, parse_overrides(overrides or [])))
+        return config_from_dict(_merge(_nest_flat_keys(values), _nest_flat_keys(parse_overrides(overrides or []))))
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}" if path else str(error)) from None

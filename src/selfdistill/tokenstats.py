@@ -47,11 +47,16 @@ class DivergenceSpec:
         Jensen-Shannon divergence with mixture M = beta·p_T + (1-beta)·p_S.
     clip: if set, each vocabulary term is clamped from above at this value before the sum.
     top_k: if set, both distributions are restricted to the teacher's top-k tokens and renormalized.
+    top_k_of: whose top-k tokens: "teacher" (default) or "student" (vOPD's baseline).
+    renormalize_student: False keeps the student's full-vocabulary log-probs on the top-k entries
+        (EOPD's forward KL `Σ_k p̃_T(k)(log p̃_T(k) − log p_S(k))`); only with top_k and beta = 0.
     """
 
     beta: float = 0.5
     clip: float | None = None
     top_k: int | None = None
+    top_k_of: str = "teacher"
+    renormalize_student: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta <= 1.0:
@@ -60,6 +65,22 @@ class DivergenceSpec:
             raise ValueError(f"divergence clip must be positive, got {self.clip}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"divergence top_k must be >= 1, got {self.top_k}")
+        if self.top_k_of not in ("teacher", "student"):
+            raise ValueError(f"divergence top_k_of must be teacher or student, got {self.top_k_of!r}")
+        if not self.renormalize_student and (self.top_k is None or self.beta != 0.0):
+            raise ValueError("divergence renormalize_student=False needs top_k and beta = 0 (forward KL)")
+
+
+def _top_ids(spec: DivergenceSpec, student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """The ids `[..., k]` of the spec's top-k entries, from the teacher's or the student's log-probs."""
+    ranked = teacher_logp if spec.top_k_of == "teacher" else student_logp
+    return ranked.topk(min(spec.top_k, ranked.shape[-1]), dim=-1).indices
+
+
+def _restricted_student(spec: DivergenceSpec, student_logp: Tensor, top: Tensor) -> Tensor:
+    """The student's log-probs `[..., k]` on the top-k entries: renormalized over them, or as they are."""
+    picked = student_logp.gather(-1, top)
+    return picked.log_softmax(-1) if spec.renormalize_student else picked
 
 
 @dataclass
@@ -86,9 +107,9 @@ class TokenStats:
 def divergence_terms(student_logp: Tensor, teacher_logp: Tensor, spec: DivergenceSpec) -> Tensor:
     """Per-vocabulary-entry divergence terms `[..., V]` (or `[..., k]` with top-k) from float32 log-probs."""
     if spec.top_k is not None:
-        top = teacher_logp.topk(min(spec.top_k, teacher_logp.shape[-1]), dim=-1).indices  # [..., k]
-        student_logp = student_logp.gather(-1, top).log_softmax(-1)  # [..., k] renormalized
-        teacher_logp = teacher_logp.gather(-1, top).log_softmax(-1)  # [..., k]
+        top = _top_ids(spec, student_logp, teacher_logp)  # [..., k]
+        student_logp = _restricted_student(spec, student_logp, top)  # [..., k]
+        teacher_logp = teacher_logp.gather(-1, top).log_softmax(-1)  # [..., k] renormalized
     s_logp, t_logp = student_logp, teacher_logp
     if spec.beta == 0.0:
         terms = t_logp.exp() * (t_logp - s_logp)  # KL(T‖S) terms
@@ -218,11 +239,12 @@ def _subchunk_stats(
     if divergence is None:
         return logp, entropy, t_logp, t_entropy, None
     if divergence.top_k is not None:  # [c,k]: small, the plain function does it on the restricted log-probs
-        top = t_logp_all.topk(min(divergence.top_k, t_logp_all.shape[-1]), dim=-1).indices  # [c,k]
+        top = _top_ids(divergence, s_logp, t_logp_all)  # [c,k]
         top_t_logp = t_logp_all.gather(-1, top).log_softmax(-1)  # [c,k]
         if teacher_top is not None:
             teacher_top.append((top, top_t_logp))
-        terms = divergence_terms(s_logp.gather(-1, top).log_softmax(-1), top_t_logp, replace(divergence, top_k=None))
+        terms = divergence_terms(_restricted_student(divergence, s_logp, top), top_t_logp,
+                                 replace(divergence, top_k=None, renormalize_student=True))
         return logp, entropy, t_logp, t_entropy, terms.sum(-1)
     terms = scratch
     if divergence.beta == 0.0:  # p_T (l_T - l)
@@ -256,9 +278,11 @@ def _subchunk_grad(
     respect to p is a (up to a constant, which the softmax removes): ∂/∂z = p ⊙ (a − Σ p a) / τ.
     Entropy: a = −l. Reverse KL(S‖T): a = l − l_T. Forward KL(T‖S): p ⊙ a = −p_T. Generalized JSD
     with mixture M: a = (1−β)(l − l_M). The sampled token's log-prob adds (onehot − p) / τ.
-    A top-k divergence depends only on the logits of the teacher's top-k tokens, through the
+    A top-k divergence depends only on the logits of the top-k tokens, through the
     distributions renormalized over them: the same rule with p, l, l_T restricted and renormalized
-    to those k entries, scattered back into the vocabulary; `teacher_top` (from `_subchunk_stats`) gives the
+    to those k entries, scattered back into the vocabulary (the student's top-k set is constant where the
+    gradient exists, so it is the same rule). With the student not renormalized (forward KL only),
+    p ⊙ a = −p̃_T on the k entries, over the whole vocabulary's softmax; `teacher_top` (from `_subchunk_stats`) gives the
     teacher's top-k ids and renormalized log-probs, so the teacher's logits need not be formed again.
     """
     s_logp, probs, weighted, scratch, other = workspace.views(logits.shape[0])  # 5 x [c,V]
@@ -276,13 +300,17 @@ def _subchunk_grad(
             if teacher_top is not None:
                 top, top_t_logp = teacher_top  # [c,k], [c,k]
             else:
-                top = t_logp_all.topk(min(divergence.top_k, t_logp_all.shape[-1]), dim=-1).indices  # [c,k]
+                top = _top_ids(divergence, s_logp, t_logp_all)  # [c,k]
                 top_t_logp = t_logp_all.gather(-1, top).log_softmax(-1)  # [c,k]
-            top_logp = s_logp.gather(-1, top).log_softmax(-1)  # [c,k]
-            top_probs = top_logp.exp()  # [c,k]
-            top_weighted = _divergence_weighted(top_probs, top_logp, top_t_logp, divergence)  # [c,k]
-            top_weighted.mul_(grad_divergence[:, None])
-            top_grad = top_weighted - top_probs * top_weighted.sum(-1, keepdim=True)  # [c,k]
+            if not divergence.renormalize_student:  # −Σ_k p̃_T(k) log p_S(k): p ⊙ a = −p̃_T on the k entries
+                weighted.scatter_add_(1, top, -top_t_logp.exp() * grad_divergence[:, None])
+                top = None
+            else:
+                top_logp = s_logp.gather(-1, top).log_softmax(-1)  # [c,k]
+                top_probs = top_logp.exp()  # [c,k]
+                top_weighted = _divergence_weighted(top_probs, top_logp, top_t_logp, divergence)  # [c,k]
+                top_weighted.mul_(grad_divergence[:, None])
+                top_grad = top_weighted - top_probs * top_weighted.sum(-1, keepdim=True)  # [c,k]
         else:
             term = _divergence_weighted(probs, s_logp, t_logp_all, divergence, out=scratch)  # [c,V]
             weighted.add_(term.mul_(grad_divergence[:, None]))

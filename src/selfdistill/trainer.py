@@ -326,7 +326,7 @@ class Trainer:
         counts = self._all_reduce(torch.stack([lengths.sum(), torch.tensor(float(len(lengths)))]))
         global_tokens, global_sequences = counts.tolist()
         aggregation = cfg.objective.aggregation or self.objective.aggregation
-        knobs = cfg.objective.knobs()
+        knobs = cfg.objective.knobs
         spec = cfg.objective.divergence_spec()
         weight = output_weight(self.model)
         # The two [V,d] matrices get their gradients into .grad in place, without a second [V,d] tensor per
@@ -355,7 +355,7 @@ class Trainer:
                 teacher_hidden, teacher_weight = self.teacher.hidden_states(teacher)  # [b,T,d], [V,d]
 
             def block_loss(stats: TokenStats, block: slice, mask=mask, adv=adv, weights=weights) -> Tensor:
-                batch = ObjectiveBatch(stats=stats, mask=mask[block], group_adv=adv[block])
+                batch = ObjectiveBatch(stats=stats, mask=mask[block], group_adv=adv[block], step=self.step)
                 loss, diagnostics = self.objective(batch, **knobs)
                 n = float(mask[block].sum())
                 for name, value in diagnostics.items():

@@ -1,4 +1,4 @@
-"""Token-level advantages shaped by the privileged self-teacher: RLSD, EGRSD, CL-EGRSD, DASD.
+"""Token-level advantages shaped by the privileged self-teacher: RLSD, RLRT, EGRSD, CL-EGRSD, DASD, AntiSD.
 
 Each takes the group advantage `A_i` `[B]` and per-token statistics `[B,T]`, and returns
 `(advantages [B,T], diagnostics)`. Every input statistic is treated as a constant (detached): the
@@ -8,15 +8,18 @@ Notation: `s_t = log p_S(y_t)`, `τ_t = log p_T(y_t)`, `δ_t = τ_t − s_t`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from selfdistill.objectives.policy import check_same_shape
+from selfdistill.objectives.policy import check_clip_range, check_knob, check_same_shape
 
 DIRECTIONS = ("dasd", "conform", "novelty")
 ROUTERS = ("student_entropy", "teacher_entropy")
 NORMALIZATIONS = ("mad", "std", "none")
 QUANTILE_ENDS = ("top", "bottom")
+PUSH_SIGNALS = ("log_ratio", "jsd")
 
 
 def _check_group_adv(group_adv: Tensor, mask: Tensor) -> None:
@@ -77,6 +80,8 @@ def rlsd_advantages(
     """
     check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, mask=mask)
     _check_group_adv(group_adv, mask)
+    check_clip_range(eps_w=eps_w)
+    check_knob(0.0 <= lam <= 1.0, "lam", f"must lie in [0, 1], got {lam}")
     gap = (teacher_logp - student_logp).detach()  # [B,T]
     weight = _likelihood_ratio_weight(group_adv.detach(), gap, eps_w)  # [B,T]
     adv = group_adv.detach()[:, None] * ((1.0 - lam) + lam * weight) * mask  # [B,T]
@@ -84,6 +89,42 @@ def rlsd_advantages(
     diagnostics = {
         "rlsd/weight_mean": (weight * mask).sum() / n,
         "rlsd/weight_clip_fraction": (((weight - 1.0).abs() >= eps_w - 1e-6).float() * mask).sum() / n,
+    }
+    return adv, diagnostics
+
+
+def rlrt_advantages(
+    group_adv: Tensor,
+    student_logp: Tensor,
+    teacher_logp: Tensor,
+    mask: Tensor,
+    *,
+    lam: float = 1.0,
+    eps_w: float = 0.2,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """RLRT ("rebellious student"): RLSD's weight with the ratio reversed, on successful rollouts only.
+
+    On rollouts with `A_i > 0`: `Â_t = A_i·((1−λ) + λ·clip(exp(s_t − τ_t), 1−eps_w, 1+eps_w))`, i.e.
+    `exp(sign(A)·(log p_S − log p_T))`, which favours the tokens the student chose and the teacher
+    would not have; every other rollout keeps its plain group advantage `A_i`. With 0/1 rewards,
+    `A_i > 0` is exactly "this rollout succeeded in a group that also failed" (a group that all
+    succeeded has `A = 0`, where any weight is moot).
+    """
+    check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, mask=mask)
+    _check_group_adv(group_adv, mask)
+    check_clip_range(eps_w=eps_w)
+    check_knob(0.0 <= lam <= 1.0, "lam", f"must lie in [0, 1], got {lam}")
+    reverse_gap = (student_logp - teacher_logp).detach()  # [B,T] log p_S − log p_T
+    adv_i = group_adv.detach()  # [B]
+    weight = _likelihood_ratio_weight(adv_i, reverse_gap, eps_w)  # [B,T]
+    success = (adv_i > 0).to(mask.dtype)[:, None] * mask  # [B,T]
+    scaled = adv_i[:, None] * ((1.0 - lam) + lam * weight)  # [B,T]
+    adv = torch.where(success > 0, scaled, adv_i[:, None].expand_as(scaled)) * mask  # [B,T]
+    n_success = success.sum().clamp(min=1.0)  # []
+    diagnostics = {
+        "rlrt/success_token_fraction": success.sum() / mask.sum().clamp(min=1.0),
+        "rlrt/weight_mean": (weight * success).sum() / n_success,
+        "rlrt/weight_clip_fraction": (((weight - 1.0).abs() >= eps_w - 1e-6).float() * success).sum() / n_success,
     }
     return adv, diagnostics
 
@@ -129,12 +170,11 @@ def egrsd_advantages(
     check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, teacher_entropy=teacher_entropy,
                      mask=mask)
     _check_group_adv(group_adv, mask)
-    if not 0.0 < g_min <= 1.0:
-        raise ValueError(f"g_min must lie in (0, 1], got {g_min}")
-    if tau_h <= 0:
-        raise ValueError(f"tau_h must be positive, got {tau_h}")
-    if lookahead is not None and lookahead < 1:
-        raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+    check_clip_range(eps_w=eps_w)
+    check_knob(0.0 <= lam <= 1.0, "lam", f"must lie in [0, 1], got {lam}")
+    check_knob(0.0 < g_min <= 1.0, "g_min", f"must lie in (0, 1], got {g_min}")
+    check_knob(tau_h > 0, "tau_h", f"must be positive, got {tau_h}")
+    check_knob(lookahead is None or lookahead >= 1, "lookahead", f"must be >= 1, got {lookahead}")
     gap = (teacher_logp - student_logp).detach()  # [B,T]
     weight = _likelihood_ratio_weight(group_adv.detach(), gap, eps_w)  # [B,T]
     entropy = teacher_entropy.detach()
@@ -150,6 +190,36 @@ def egrsd_advantages(
     return adv, diagnostics
 
 
+def gap_scale(gap: Tensor, mask: Tensor, *, normalize: str = "mad", scale_floor: float = 0.1) -> Tensor:
+    """The per-rollout scale `[B,1]` that DASD divides δ by: `max(MAD_i(δ), scale_floor)` (or the std;
+    1 for `normalize="none"`).
+
+    The floor [reconstruction] keeps float noise from becoming an O(1) signal: where teacher ≈ student
+    (a live teacher, the sibling fallback) δ is ~1e-6 and so is its MAD, so without a floor
+    `δ / MAD` would be of order 1. With the floor such a rollout's δ̄ stays ~1e-6 / scale_floor.
+    """
+    check_knob(normalize in NORMALIZATIONS, "normalize",
+               f"must be one of {NORMALIZATIONS}, got {normalize!r}")
+    check_knob(scale_floor >= 0, "scale_floor", f"must be >= 0, got {scale_floor}")
+    if normalize == "none":
+        return gap.new_ones(gap.shape[0], 1)
+    scale = masked_mean_abs_dev(gap, mask) if normalize == "mad" else masked_std(gap, mask)  # [B,1]
+    return scale.clamp(min=scale_floor)
+
+
+def jsd_ascent_signal(student_logp: Tensor, teacher_logp: Tensor, *, beta: float = 0.5) -> Tensor:
+    """AntiSD's per-token signal for *ascending* JSD_β [reconstruction, research notes §9.2], `[B,T]`:
+    `log p_S(y_t) − log(β·p_T(y_t) + (1−β)·p_S(y_t))`, bounded above by `−log(1−β)`, unbounded below.
+
+    For the mixture `M = β p_T + (1−β) p_S`, `∂JSD_β/∂p_S(v) = (1−β)·log(p_S(v)/M(v))`, so this is the
+    REINFORCE signal that raises the divergence; 0 where student and teacher agree on the token.
+    """
+    check_knob(0.0 < beta < 1.0, "beta", f"must lie in (0, 1), got {beta}")
+    s, t = student_logp.detach(), teacher_logp.detach()  # [B,T], [B,T]
+    mix = torch.logaddexp(t + math.log(beta), s + math.log(1.0 - beta))  # [B,T] log M(y_t)
+    return s - mix
+
+
 def dasd_direction(
     router_entropy: Tensor,
     gap: Tensor,
@@ -160,34 +230,27 @@ def dasd_direction(
     normalize: str = "mad",
     gate: bool = True,
     quantile: str = "top",
+    scale_floor: float = 0.1,
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """DASD's router: `(ω [B,T], δ̄ [B,T], diagnostics)` from an entropy and the gap `δ = τ − s`.
 
     `δ̄_t = δ_t / (scale_i(δ) + eps)` per rollout (`normalize`: mean absolute deviation, std, or none;
-    scale only, the sign is kept). `τ_i` is the (1−ρ)-quantile of the rollout's entropies
-    (`quantile="top"`: the top ρ most uncertain tokens are pushed) or the ρ-quantile
-    (`quantile="bottom"`: only the calmest ρ are pulled); `σ_i` the entropies' mean absolute
+    scale only, the sign is kept; the scale is at least `scale_floor`, see `gap_scale`). `τ_i` is the
+    (1−ρ)-quantile of the rollout's entropies (`quantile="top"`: the top ρ most uncertain tokens are
+    pushed) or the ρ-quantile (`quantile="bottom"`: only the calmest ρ are pulled); `σ_i` the entropies' mean absolute
     deviation. `ω_t = tanh((τ_i − H_t)/(σ_i + eps)) · sigmoid(|δ̄_t| − 1)` (the sigmoid is the
     reliability gate, dropped with `gate=False`). `direction="conform"` sets ω ≡ +1 (pull every
     token toward the teacher), `"novelty"` ω ≡ −1 (push every token away).
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown DASD direction {direction!r}; choose one of {DIRECTIONS}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"unknown DASD normalize {normalize!r}; choose one of {NORMALIZATIONS}")
-    if quantile not in QUANTILE_ENDS:
-        raise ValueError(f"unknown DASD quantile end {quantile!r}; choose one of {QUANTILE_ENDS}")
-    if not 0.0 <= rho <= 1.0:
-        raise ValueError(f"rho must lie in [0, 1], got {rho}")
+    check_knob(direction in DIRECTIONS, "direction", f"must be one of {DIRECTIONS}, got {direction!r}")
+    check_knob(quantile in QUANTILE_ENDS, "quantile",
+               f"must be one of {QUANTILE_ENDS}, got {quantile!r}")
+    check_knob(0.0 <= rho <= 1.0, "rho", f"must lie in [0, 1], got {rho}")
     entropy = router_entropy.detach()
     gap = gap.detach()
-    if normalize == "mad":
-        gap_bar = gap / (masked_mean_abs_dev(gap, mask) + eps)  # [B,T]
-    elif normalize == "std":
-        gap_bar = gap / (masked_std(gap, mask) + eps)
-    else:
-        gap_bar = gap
+    scale = gap_scale(gap, mask, normalize=normalize, scale_floor=scale_floor)  # [B,1]
+    gap_bar = gap if normalize == "none" else gap / (scale + eps)  # [B,T]
     diagnostics: dict[str, Tensor] = {}
     if direction == "dasd":
         q = 1.0 - rho if quantile == "top" else rho
@@ -224,6 +287,9 @@ def dasd_advantages(
     normalize: str = "mad",
     gate: bool = True,
     quantile: str = "top",
+    scale_floor: float = 0.1,
+    push_signal: str = "log_ratio",
+    push_beta: float = 0.5,
     teacher_entropy: Tensor | None = None,
     eps: float = 1e-6,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -233,18 +299,75 @@ def dasd_advantages(
     KL(S‖T) (pull toward the teacher); `ω_t > 0` keeps that pull on low-entropy tokens and
     `ω_t < 0` turns it into ascent (push away) on high-entropy ones. See `dasd_direction` for ω.
     `router="teacher_entropy"` routes on the teacher's entropy (pass `teacher_entropy`).
+
+    `push_signal="jsd"` [reconstruction, an option the study sweeps]: on push tokens (ω_t < 0) the raw
+    log-ratio `δ_t` is replaced by `−δ^J_t`, AntiSD's bounded JSD-ascent signal (`jsd_ascent_signal`
+    with β = `push_beta`), scaled by the same per-rollout scale, so the push term
+    `β·|ω_t|·δ^J_t/scale_i ≤ β·(−log(1−push_beta))/scale_floor` cannot blow up where the teacher
+    gives the token little mass. Pull tokens keep `δ̄_t`. The default `"log_ratio"` is the original form.
     """
     check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, student_entropy=student_entropy,
                      mask=mask, teacher_entropy=teacher_entropy)
     _check_group_adv(group_adv, mask)
-    if router not in ROUTERS:
-        raise ValueError(f"unknown DASD router {router!r}; choose one of {ROUTERS}")
+    check_knob(router in ROUTERS, "router", f"must be one of {ROUTERS}, got {router!r}")
+    check_knob(push_signal in PUSH_SIGNALS, "push_signal",
+               f"must be one of {PUSH_SIGNALS}, got {push_signal!r}")
+    check_knob(0.0 < push_beta < 1.0, "push_beta", f"must lie in (0, 1), got {push_beta}")
     if router == "teacher_entropy" and teacher_entropy is None:
         raise ValueError("router='teacher_entropy' needs teacher_entropy")
     routing = student_entropy if router == "student_entropy" else teacher_entropy
     omega, gap_bar, diagnostics = dasd_direction(
         routing, teacher_logp - student_logp, mask, rho=rho, direction=direction, normalize=normalize,
-        gate=gate, quantile=quantile, eps=eps,
+        gate=gate, quantile=quantile, scale_floor=scale_floor, eps=eps,
     )
-    adv = (group_adv.detach()[:, None] + beta * omega * gap_bar) * mask  # [B,T]
+    signal = gap_bar  # [B,T]
+    if push_signal == "jsd":
+        gap = (teacher_logp - student_logp).detach()  # [B,T]
+        scale = gap_scale(gap, mask, normalize=normalize, scale_floor=scale_floor)  # [B,1]
+        ascent = jsd_ascent_signal(student_logp, teacher_logp, beta=push_beta)  # [B,T] ≤ −log(1−β_J)
+        push_bar = -ascent if normalize == "none" else -ascent / (scale + eps)  # [B,T]
+        signal = torch.where(omega < 0, push_bar, gap_bar)  # [B,T]
+    adv = (group_adv.detach()[:, None] + beta * omega * signal) * mask  # [B,T]
+    return adv, diagnostics
+
+
+def antisd_advantages(
+    group_adv: Tensor,
+    student_logp: Tensor,
+    teacher_logp: Tensor,
+    teacher_entropy: Tensor,
+    mask: Tensor,
+    *,
+    lam: float = 0.5,
+    beta: float = 0.5,
+    h_min: float = 0.1,
+    floor: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """AntiSD [abstract + derived signal; gate threshold, λ and the gate's scope reconstructed]:
+    `Â_t = A_i + λ·g_i·δ^J_t` with the JSD-ascent signal `δ^J_t = s_t − log(β·p_T(y_t) + (1−β)·p_S(y_t))`.
+
+    The signal is capped on one side by construction, `δ^J ≤ −log(1−β)` (see `jsd_ascent_signal`).
+    `g_i = 1[mean of H^T over rollout i's tokens ≥ h_min]`: the term is switched off for a rollout on
+    which the teacher's entropy has collapsed. The gate is per rollout (the paper's batch-level gate
+    would depend on how the batch is split into micro-batches). `floor`, if set, also clamps `δ^J`
+    from below at `−floor` (an option; off by default).
+    """
+    check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, teacher_entropy=teacher_entropy,
+                     mask=mask)
+    _check_group_adv(group_adv, mask)
+    check_knob(lam >= 0, "lam", f"must be >= 0, got {lam}")
+    check_knob(h_min >= 0, "h_min", f"must be >= 0, got {h_min}")
+    check_knob(floor is None or floor > 0, "floor", f"must be positive (or None), got {floor}")
+    signal = jsd_ascent_signal(student_logp, teacher_logp, beta=beta)  # [B,T]
+    if floor is not None:
+        signal = signal.clamp(min=-floor)
+    gate = (masked_mean(teacher_entropy.detach(), mask) >= h_min).to(signal.dtype)  # [B,1]
+    adv = (group_adv.detach()[:, None] + lam * gate * signal) * mask  # [B,T]
+    n = mask.sum().clamp(min=1.0)
+    has_tokens = (mask.sum(1) > 0).to(signal.dtype)  # [B]
+    diagnostics = {
+        "antisd/signal_mean": (signal * mask).sum() / n,
+        "antisd/signal_min": signal.masked_fill(mask == 0, float("inf")).min().clamp(max=0.0),
+        "antisd/gate_on_fraction": (gate[:, 0] * has_tokens).sum() / has_tokens.sum().clamp(min=1.0),
+    }
     return adv, diagnostics

@@ -10,6 +10,28 @@ from torch import Tensor
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
+class KnobError(ValueError):
+    """A method's knob is out of range or of an unknown value; `knob` names it (the config names
+    `objective.knobs.<knob>` from it)."""
+
+    def __init__(self, knob: str, message: str) -> None:
+        super().__init__(f"{knob} {message}")
+        self.knob = knob
+
+
+def check_knob(condition: bool, knob: str, message: str) -> None:
+    """Raise `KnobError(knob, message)` unless `condition`, e.g.
+    `check_knob(0 <= x < 1, "eps_w", f"must lie in [0, 1), got {x}")`."""
+    if not condition:
+        raise KnobError(knob, message)
+
+
+def check_clip_range(**eps: float) -> None:
+    """Every PPO-style clip half-width (eps_low, eps_high, eps_w) must lie in [0, 1)."""
+    for knob, value in eps.items():
+        check_knob(0.0 <= value < 1.0, knob, f"must lie in [0, 1), got {value}")
+
+
 def check_same_shape(**tensors: Tensor | None) -> None:
     """Raise ValueError naming every shape unless all given tensors share one shape."""
     given = {name: t for name, t in tensors.items() if t is not None}
@@ -61,6 +83,7 @@ def policy_loss(
     The advantages `[B]` or `[B,T]` and `old_logp` are treated as constants (detached).
     """
     check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
+    check_clip_range(eps_low=eps_low, eps_high=eps_high)
     adv = _token_advantages(advantages, logp).detach()  # [B,T]
     ratio = (logp - old_logp.detach()).clamp(-20.0, 20.0).exp()  # [B,T]
     unclipped = -adv * ratio

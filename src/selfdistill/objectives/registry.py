@@ -2,23 +2,26 @@
 
 The trainer looks a method up by name, computes the statistics it declares it needs, calls it,
 and reduces the loss with `aggregate` in the method's aggregation mode. No if/elif on names.
+A package of one's own adds a method with `register_objective` (see docs/objectives.md).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from selfdistill.objectives.advantages import (
+    ROUTERS,
     dasd_advantages,
     dasd_direction,
     egrsd_advantages,
     rlsd_advantages,
 )
 from selfdistill.objectives.distill import sampled_token_distill_loss
-from selfdistill.objectives.policy import AGGREGATIONS, clip_fraction, policy_loss
+from selfdistill.objectives.policy import AGGREGATIONS, check_knob, clip_fraction, policy_loss
 from selfdistill.tokenstats import DivergenceSpec, TokenStats
 
 Diagnostics = dict[str, Tensor]
@@ -31,12 +34,15 @@ class ObjectiveBatch:
     stats: student statistics with gradient; teacher statistics and divergence as needed.
     mask: `[B,T]` 1 on valid response tokens (EOS included). group_adv: `[B]` group advantages.
     old_logp: `[B,T]` behaviour-policy log-probs; `None` means exactly on-policy (ratio 1).
+    step: optimizer steps completed before this one (for methods with a schedule, e.g. REOPOLD's phases).
+    Rows are whole rollouts: an objective may compute per-row statistics (positions, quantiles) from `mask`.
     """
 
     stats: TokenStats
     mask: Tensor
     group_adv: Tensor
     old_logp: Tensor | None = None
+    step: int = 0
 
     @property
     def behaviour_logp(self) -> Tensor:
@@ -61,6 +67,70 @@ class Objective:
 
     def __call__(self, batch: ObjectiveBatch, **knobs) -> tuple[Tensor, Diagnostics]:
         return self.loss(batch, **{**dict(self.presets), **knobs})
+
+    def knob_defaults(self) -> dict[str, object]:
+        """Every knob of this method with its default (the loss signature's, then the presets)."""
+        return {**loss_knobs(self.loss), **dict(self.presets)}
+
+
+def loss_knobs(loss: Callable[..., object]) -> dict[str, object]:
+    """The keyword-only parameters of a loss function and their defaults: the method's knobs."""
+    return {name: p.default for name, p in inspect.signature(loss).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+OBJECTIVES: dict[str, Objective] = {}
+"""Every method by name. Add to it with `register_objective`, not by assignment."""
+
+
+def register_objective(
+    name: str,
+    loss: Callable[..., tuple[Tensor, Diagnostics]] | None = None,
+    *,
+    aggregation: str = "token-mean",
+    needs_teacher: bool = True,
+    divergence: DivergenceSpec | None = None,
+    std_normalize: bool = True,
+    presets: dict[str, object] | None = None,
+    replace: bool = False,
+):
+    """Add a method to `OBJECTIVES`; as a function, or as a decorator when `loss` is left out:
+
+        @register_objective("my_method", aggregation="token-mean", needs_teacher=True)
+        def my_loss(batch: ObjectiveBatch, *, alpha: float = 0.5) -> tuple[Tensor, dict[str, Tensor]]:
+            ...
+
+    `loss(batch, **knobs)` gets an `ObjectiveBatch` and returns a per-token loss `[B,T]` (zero where
+    `batch.mask` is 0) and a dict of scalar diagnostics. Its keyword-only parameters, each with a default,
+    are the method's knobs: `objective.knobs.<name>` (or `objective.<name>`) in a config sets them, checked
+    against their annotations. `needs_teacher` makes the trainer score the teacher (`stats.teacher_logp`,
+    `stats.teacher_entropy`); `divergence` makes it compute `stats.divergence` with that spec; `presets`
+    override knob defaults for this name (one loss can back several methods). A taken name is an error
+    unless `replace=True`. Returns the loss (so the decorator leaves the function as it was).
+    """
+    if loss is None:
+        return lambda fn: register_objective(name, fn, aggregation=aggregation, needs_teacher=needs_teacher,
+                                             divergence=divergence, std_normalize=std_normalize, presets=presets,
+                                             replace=replace)
+    if not name or not isinstance(name, str):
+        raise ValueError(f"an objective needs a non-empty name, got {name!r}")
+    if name in OBJECTIVES and not replace:
+        raise ValueError(f"objective {name!r} is already registered (pass replace=True to override it)")
+    positional = [p for p in inspect.signature(loss).parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(positional) != 1:
+        raise ValueError(f"{name}: the loss must take exactly one positional argument (the batch), "
+                         f"got {[p.name for p in positional]}")
+    knobs = loss_knobs(loss)
+    missing = [k for k, default in knobs.items() if default is inspect.Parameter.empty]
+    if missing:
+        raise ValueError(f"{name}: every knob needs a default, {missing} have none")
+    unknown = sorted(set(presets or {}) - set(knobs))
+    if unknown:
+        raise ValueError(f"{name}: presets {unknown} are not knobs of {loss.__name__} ({sorted(knobs)})")
+    OBJECTIVES[name] = Objective(name, loss, aggregation, needs_teacher=needs_teacher, divergence=divergence,
+                                 std_normalize=std_normalize, presets=tuple((presets or {}).items()))
+    return loss
 
 
 def _surrogate(batch: ObjectiveBatch, advantages: Tensor, eps_low: float,
@@ -88,6 +158,7 @@ def opsd_sampled_loss(batch: ObjectiveBatch) -> tuple[Tensor, Diagnostics]:
 
 def rlsd_loss(batch: ObjectiveBatch, *, lam: float = 0.5, eps_w: float = 0.2, eps_low: float = 0.2,
               eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
+    """RLSD: the clipped surrogate with `rlsd_advantages` (the verifier's sign, the teacher's magnitude)."""
     s = batch.stats
     adv, diag = rlsd_advantages(batch.group_adv, s.logp, s.teacher_logp, batch.mask, lam=lam, eps_w=eps_w)
     loss, surrogate_diag = _surrogate(batch, adv, eps_low, eps_high)
@@ -97,6 +168,7 @@ def rlsd_loss(batch: ObjectiveBatch, *, lam: float = 0.5, eps_w: float = 0.2, ep
 def egrsd_loss(batch: ObjectiveBatch, *, lam: float = 1.0, eps_w: float = 0.2, g_min: float = 0.2,
                tau_h: float = 1.0, lookahead: int | None = None, eps_low: float = 0.2,
                eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
+    """EGRSD / CL-EGRSD: the clipped surrogate with `egrsd_advantages` (RLSD × a teacher-entropy gate)."""
     s = batch.stats
     adv, diag = egrsd_advantages(batch.group_adv, s.logp, s.teacher_logp, s.teacher_entropy, batch.mask,
                                  lam=lam, eps_w=eps_w, g_min=g_min, tau_h=tau_h, lookahead=lookahead)
@@ -106,18 +178,21 @@ def egrsd_loss(batch: ObjectiveBatch, *, lam: float = 1.0, eps_w: float = 0.2, g
 
 def dasd_loss(batch: ObjectiveBatch, *, rho: float = 0.2, beta: float = 1.0, direction: str = "dasd",
               router: str = "student_entropy", normalize: str = "mad", gate: bool = True, quantile: str = "top",
+              scale_floor: float = 0.1, push_signal: str = "log_ratio", push_beta: float = 0.5,
               eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
+    """DASD: the clipped surrogate with `dasd_advantages` (entropy-routed pull/push toward the teacher)."""
     s = batch.stats
     adv, diag = dasd_advantages(batch.group_adv, s.logp, s.teacher_logp, s.entropy, batch.mask, rho=rho,
                                 beta=beta, direction=direction, router=router, normalize=normalize, gate=gate,
-                                quantile=quantile, teacher_entropy=s.teacher_entropy)
+                                quantile=quantile, scale_floor=scale_floor, push_signal=push_signal,
+                                push_beta=push_beta, teacher_entropy=s.teacher_entropy)
     loss, surrogate_diag = _surrogate(batch, adv, eps_low, eps_high)
     return loss, {**diag, **surrogate_diag}
 
 
 def dasd_divergence_loss(batch: ObjectiveBatch, *, rho: float = 0.2, beta: float = 1.0, direction: str = "dasd",
                          router: str = "student_entropy", normalize: str = "mad", gate: bool = True,
-                         quantile: str = "top", eps_low: float = 0.2,
+                         quantile: str = "top", scale_floor: float = 0.1, eps_low: float = 0.2,
                          eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
     """DASD's full-vocabulary variant [reconstruction]: `ℓ_t = ℓ^GRPO_t + β·ω_t·D_t`, ω detached.
 
@@ -125,30 +200,25 @@ def dasd_divergence_loss(batch: ObjectiveBatch, *, rho: float = 0.2, beta: float
     """
     s = batch.stats
     routing = s.entropy if router == "student_entropy" else s.teacher_entropy
+    check_knob(router in ROUTERS, "router", f"must be one of {ROUTERS}, got {router!r}")
     if routing is None:
         raise ValueError(f"router={router!r} needs the teacher entropy")
     omega, _, diag = dasd_direction(routing, s.teacher_logp - s.logp, batch.mask, rho=rho, direction=direction,
-                                    normalize=normalize, gate=gate, quantile=quantile)
+                                    normalize=normalize, gate=gate, quantile=quantile, scale_floor=scale_floor)
     loss, surrogate_diag = _surrogate(batch, batch.group_adv, eps_low, eps_high)
     loss = loss + beta * omega.detach() * s.divergence * batch.mask
     return loss, {**diag, **surrogate_diag}
 
 
-OBJECTIVES: dict[str, Objective] = {
-    o.name: o
-    for o in (
-        Objective("grpo", grpo_loss, "seq-mean-token-mean", needs_teacher=False),
-        Objective("dapo", grpo_loss, "token-mean", needs_teacher=False, presets=(("eps_high", 0.28),)),
-        Objective("dr_grpo", grpo_loss, "seq-mean-token-sum-norm", needs_teacher=False, std_normalize=False),
-        Objective("opsd", opsd_loss, "token-mean", needs_teacher=True, divergence=DivergenceSpec(beta=0.5)),
-        Objective("opsd_clip", opsd_loss, "token-mean", needs_teacher=True,
-                  divergence=DivergenceSpec(beta=0.0, clip=0.05)),
-        Objective("opsd_sampled", opsd_sampled_loss, "token-mean", needs_teacher=True),
-        Objective("rlsd", rlsd_loss, "token-mean", needs_teacher=True),
-        Objective("egrsd", egrsd_loss, "token-mean", needs_teacher=True),
-        Objective("cl_egrsd", egrsd_loss, "token-mean", needs_teacher=True, presets=(("lookahead", 8),)),
-        Objective("dasd", dasd_loss, "token-mean", needs_teacher=True),
-        Objective("dasd_divergence", dasd_divergence_loss, "token-mean", needs_teacher=True,
-                  divergence=DivergenceSpec(beta=0.5)),
-    )
-}
+register_objective("grpo", grpo_loss, aggregation="seq-mean-token-mean", needs_teacher=False)
+register_objective("dapo", grpo_loss, needs_teacher=False, presets={"eps_high": 0.28})
+register_objective("dr_grpo", grpo_loss, aggregation="seq-mean-token-sum-norm", needs_teacher=False,
+                   std_normalize=False)
+register_objective("opsd", opsd_loss, divergence=DivergenceSpec(beta=0.5))
+register_objective("opsd_clip", opsd_loss, divergence=DivergenceSpec(beta=0.0, clip=0.05))
+register_objective("opsd_sampled", opsd_sampled_loss)
+register_objective("rlsd", rlsd_loss)
+register_objective("egrsd", egrsd_loss)
+register_objective("cl_egrsd", egrsd_loss, presets={"lookahead": 8})
+register_objective("dasd", dasd_loss)
+register_objective("dasd_divergence", dasd_divergence_loss, divergence=DivergenceSpec(beta=0.5))

@@ -27,6 +27,17 @@ METHODS: dict[str, dict[str, Any]] = {
     "dasd_divergence": {"method": "dasd_divergence"},
     # The other reading of DASD's threshold: τ = the ρ-quantile, so only the calmest ρ of tokens are pulled.
     "dasd_bottom": {"method": "dasd", "quantile": "bottom"},
+    # DASD's open choices (issue #15): the push as AntiSD's bounded JSD-ascent signal; no floor on δ's scale.
+    "dasd_jsd_push": {"method": "dasd", "push_signal": "jsd"},
+    "dasd_no_floor": {"method": "dasd", "scale_floor": 0.0},
+    # The self-distillation family (docs/objectives.md); available, not in the default set.
+    "rlrt": {"method": "rlrt"},
+    "vopd": {"method": "vopd"},
+    "vopd_topk": {"method": "vopd_topk"},
+    "antisd": {"method": "antisd"},
+    "eopd": {"method": "eopd"},
+    "reopold": {"method": "reopold"},
+    "pw_opsd": {"method": "pw_opsd"},
 }
 DEFAULT_METHODS = ("grpo", "opsd", "opsd_clip", "rlsd", "egrsd", "cl_egrsd", "dasd", "conform", "novelty",
                    "dasd_divergence")
