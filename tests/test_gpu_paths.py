@@ -236,3 +236,17 @@ def test_group_size_one_is_refused_where_every_update_would_be_zero(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny_config(tmp_path, rollout={"group_size": 1}, objective={"method": "opsd"})  # no advantage used
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharding_launchers_are_refused(kind):
+    """This trainer holds a full replica per process: under an FSDP or DeepSpeed launch it says so and points to
+    the TRL route. (An FSDP / DeepSpeed launch needs GPUs; the accelerator's answer is stood in for.)"""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    launched = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
+    with pytest.raises(ConfigError, match=r"selfdistill\.integrations\.trl"):
+        Trainer._refuse_sharding(launched)
+    Trainer._refuse_sharding(SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)))
