@@ -199,6 +199,11 @@ def test_two_processes_with_half_the_batch_each_match_one_process(tmp_path):
     metrics_one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text())
     assert metrics_two["processes"] == 2 and metrics_one["processes"] == 1
     assert metrics_two["loss"] == pytest.approx(metrics_one["loss"], rel=1e-5, abs=1e-7)
+    # Every per-step diagnostic is the mean over both processes' tokens, not rank 0's alone (issue #14).
+    assert set(metrics_two) == set(metrics_one) and "entropy" in metrics_one and "divergence" in metrics_one
+    for key, value in metrics_one.items():
+        if not key.startswith("seconds") and key != "processes":
+            assert metrics_two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
     for name in a:
         # lr = 1e-3 and Adam's first step is ~lr·sign(g): 1e-5 is 1 % of a step

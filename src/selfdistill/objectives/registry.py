@@ -198,6 +198,8 @@ def dasd_divergence_loss(batch: ObjectiveBatch, *, rho: float = 0.2, beta: float
 
     With a bounded divergence `D` (JSD by default) the push (ω < 0) cannot diverge.
     """
+    if router not in ROUTERS:
+        raise ValueError(f"unknown DASD router {router!r}; choose one of {ROUTERS}")
     s = batch.stats
     routing = s.entropy if router == "student_entropy" else s.teacher_entropy
     check_knob(router in ROUTERS, "router", f"must be one of {ROUTERS}, got {router!r}")
