@@ -138,23 +138,27 @@ def test_ratio_leaves_one_and_the_clip_engages(tmp_path, method):
     trainer.grader.close()
 
 
-@pytest.mark.parametrize("teacher", ["live", "ema"])
-def test_the_teachers_targets_hold_still_for_the_step_and_the_ema_follows_once(tmp_path, teacher):
+@pytest.mark.parametrize(("method", "teacher"), [("dasd", "live"), ("dasd", "ema"), ("opsd", "live")])
+def test_the_teachers_targets_hold_still_for_the_step_and_the_ema_follows_once(tmp_path, method, teacher):
     """A live teacher is the student's current weights: its hidden states and output weight are taken before the
     first update, so the second epoch sees the first epoch's targets exactly; the EMA teacher moves once, after
-    the step's updates."""
-    trainer = Trainer(tiny_config(tmp_path, objective={"method": "dasd", "teacher": teacher, "ema_decay": 0.5},
+    the step's updates. OPSD has no ratio: no behaviour log-probs are computed for it."""
+    trainer = Trainer(tiny_config(tmp_path, objective={"method": method, "teacher": teacher, "ema_decay": 0.5},
                                   optim={"lr": 1e-2, "ppo_epochs": 2}), reward_fn=length_reward)
     calls = _record_objective(trainer)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     metrics = trainer.train_step()
     assert metrics["updates"] == 2
+    assert trainer.scheduler.last_epoch == 1  # the LR schedule counts rollout steps, not updates
     first = [c for c in calls if c["update"] == 0]
     second = [c for c in calls if c["update"] == 1]
     assert len(first) == len(second) > 0
     for a, b in zip(first, second, strict=True):  # the same rows in the same blocks, one update apart
         assert torch.equal(a["teacher_logp"], b["teacher_logp"])
-        assert b["shift"].abs().max() > 0  # while the student did move
+        if method == "opsd":
+            assert a["shift"] is None and b["shift"] is None  # old_logp None: not computed
+        else:
+            assert b["shift"].abs().max() > 0  # while the student did move
     if teacher == "ema":
         for name, param in trainer.teacher.copy.named_parameters():
             student = dict(trainer.model.named_parameters())[name].detach()

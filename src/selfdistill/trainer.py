@@ -122,12 +122,14 @@ class ScoredRollouts:
     Kept per row, unpadded, so each update re-pads its micro-batch to its own width.
     """
 
-    logp: list[Tensor]  # [B] each [|y_i|] float32: the behaviour policy's log-prob of each response token
+    logp: list[Tensor] | None  # [B] each [|y_i|] float32: the behaviour log-probs; None: the objective needs none
     teacher_hidden: list[Tensor] | None  # [B] each [|y_i|,d]: the teacher's final hidden states; None: no teacher
     teacher_weight: Tensor | None  # [V,d] the teacher's output weight (a copy for a live teacher)
 
-    def behaviour_logp(self, rows: list[int], width: int) -> Tensor:
+    def behaviour_logp(self, rows: list[int], width: int) -> Tensor | None:
         """`[b,width]` log-probs of `rows`, zero past each response."""
+        if self.logp is None:
+            return None
         out = self.logp[rows[0]].new_zeros(len(rows), width)  # [b,T]
         for i, r in enumerate(rows):
             out[i, : len(self.logp[r])] = self.logp[r]
@@ -506,27 +508,29 @@ class Trainer:
     @torch.no_grad()
     def _score_rollouts(self, group: RolloutGroup) -> ScoredRollouts:
         """Before a step's first update: the behaviour policy's log-prob of every response token (one student
-        pass without gradient) and the teacher's hidden states, kept for all the step's updates so that neither
-        moves while the weights do. A live teacher's output weight is copied (the updates change it in place);
-        a frozen or EMA teacher's does not change within a step (the EMA teacher follows once per rollout step).
-        Run over the same micro-batches as the updates, so the first update's ratio is exactly 1."""
+        pass without gradient; skipped for objectives without a ratio, `Objective.uses_old_logp`) and the
+        teacher's hidden states, kept for all the step's updates so that neither moves while the weights do.
+        A live teacher's output weight is copied (the updates change it in place); a frozen or EMA teacher's
+        does not change within a step (the EMA teacher follows once per rollout step). Run over the same
+        micro-batches as the updates, so the first update's ratio is exactly 1."""
         cfg = self.config
         B = len(group.responses)
         weight = output_weight(self.model).detach()  # [V,d]
-        logp: list[Tensor | None] = [None] * B
+        logp: list[Tensor | None] | None = [None] * B if self.objective.uses_old_logp else None
         hidden: list[Tensor | None] | None = None if self.teacher is None else [None] * B
         teacher_weight = None
         for rows in (micro for part in self._minibatches(group) for micro in self._micro_batches(part)):
             responses = [group.responses[r] for r in rows]
-            student = self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]])
-                                         for r in rows], responses, pad_id=self.pad_id).to(self.device)
-            student_hidden = response_hidden_states(self.model, student)  # [b,T,d]
-            _, stats = hidden_objective(student_hidden, weight, student.response_ids,
-                                        lambda stats, block: stats.logp.new_zeros(()),
-                                        temperature=cfg.rollout.temperature,
-                                        chunk_tokens=cfg.optim.chunk_tokens or None, buffers=self.fused_buffers)
-            for i, r in enumerate(rows):
-                logp[r] = stats.logp[i, : len(responses[i])].clone()  # [|y_r|]
+            if logp is not None:
+                student = self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]])
+                                             for r in rows], responses, pad_id=self.pad_id).to(self.device)
+                student_hidden = response_hidden_states(self.model, student)  # [b,T,d]
+                _, stats = hidden_objective(student_hidden, weight, student.response_ids,
+                                            lambda stats, block: stats.logp.new_zeros(()),
+                                            temperature=cfg.rollout.temperature,
+                                            chunk_tokens=cfg.optim.chunk_tokens or None, buffers=self.fused_buffers)
+                for i, r in enumerate(rows):
+                    logp[r] = stats.logp[i, : len(responses[i])].clone()  # [|y_r|]
             if self.teacher is not None:
                 teacher = self.pack_teacher([self._teacher_prompt(group, r) for r in rows], responses,
                                             pad_id=self.pad_id).to(self.device)

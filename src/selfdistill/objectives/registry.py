@@ -45,7 +45,11 @@ class ObjectiveBatch:
 
 @dataclass(frozen=True)
 class Objective:
-    """A named method: its loss function and what the trainer must prepare for it."""
+    """A named method: its loss function and what the trainer must prepare for it.
+
+    uses_old_logp: the loss reads `ObjectiveBatch.old_logp` (a clipped ratio); when it does not, the trainer
+    skips the behaviour log-prob pass before several updates per rollout step.
+    """
 
     name: str
     loss: Callable[..., tuple[Tensor, Diagnostics]]
@@ -54,6 +58,7 @@ class Objective:
     divergence: DivergenceSpec | None = None
     std_normalize: bool = True
     presets: tuple[tuple[str, object], ...] = ()
+    uses_old_logp: bool = True
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -140,10 +145,11 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("grpo", grpo_loss, "seq-mean-token-mean", needs_teacher=False),
         Objective("dapo", grpo_loss, "token-mean", needs_teacher=False, presets=(("eps_high", 0.28),)),
         Objective("dr_grpo", grpo_loss, "seq-mean-token-sum-norm", needs_teacher=False, std_normalize=False),
-        Objective("opsd", opsd_loss, "token-mean", needs_teacher=True, divergence=DivergenceSpec(beta=0.5)),
+        Objective("opsd", opsd_loss, "token-mean", needs_teacher=True, divergence=DivergenceSpec(beta=0.5),
+                  uses_old_logp=False),
         Objective("opsd_clip", opsd_loss, "token-mean", needs_teacher=True,
-                  divergence=DivergenceSpec(beta=0.0, clip=0.05)),
-        Objective("opsd_sampled", opsd_sampled_loss, "token-mean", needs_teacher=True),
+                  divergence=DivergenceSpec(beta=0.0, clip=0.05), uses_old_logp=False),
+        Objective("opsd_sampled", opsd_sampled_loss, "token-mean", needs_teacher=True, uses_old_logp=False),
         Objective("rlsd", rlsd_loss, "token-mean", needs_teacher=True),
         Objective("egrsd", egrsd_loss, "token-mean", needs_teacher=True),
         Objective("cl_egrsd", egrsd_loss, "token-mean", needs_teacher=True, presets=(("lookahead", 8),)),
