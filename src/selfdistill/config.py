@@ -275,9 +275,18 @@ class OptimConfig:
     parameter larger than a bucket is reduced on its own, in place), so no flat copy of all gradients is made."""
     seed: int = 0
     """Seed for data order, rollouts and initialization."""
+    ppo_epochs: int = 1
+    """Passes over a step's rollouts (TRL's `num_iterations`, verl's `ppo_epochs`). With
+    `ppo_epochs × mini_batches > 1` the rollouts are scored once before the first update (behaviour log-probs,
+    teacher hidden states) and the policy takes that many clipped updates; 1 × 1 is one exactly on-policy update."""
+    mini_batches: int = 1
+    """Updates per epoch: each process's rollouts split into this many parts, whole prompt groups where the
+    prompts divide (verl's `ppo_mini_batch_size` = rows / mini_batches); at most the rows per process."""
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
+        _require(self.ppo_epochs >= 1, "optim.ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
+        _require(self.mini_batches >= 1, "optim.mini_batches", f"must be >= 1, got {self.mini_batches}")
         _require(self.steps >= 1, "optim.steps", f"must be >= 1, got {self.steps}")
         _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -327,6 +336,11 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        rows = self.rollout.prompts_per_step * self.rollout.group_size
+        _require(self.optim.mini_batches <= rows, "optim.mini_batches",
+                 f"{self.optim.mini_batches} mini-batches but a step has only {rows} rollouts "
+                 f"(rollout.prompts_per_step={self.rollout.prompts_per_step} x "
+                 f"rollout.group_size={self.rollout.group_size})")
         if self.rollout.group_size == 1:
             role = group_advantage_role(self.objective)
             _require(role != "all", "rollout.group_size",

@@ -18,8 +18,13 @@ accelerator's device first (NCCL reduces only CUDA tensors). `model.dtype: bfloa
 (autocast over rollouts, teacher and student forward passes, and the output layer) with float32 trained
 parameters, gradients and AdamW state: AdamW stepping bfloat16 weights directly rounds most small updates away.
 
-Every update is exactly on-policy (one update per rollout batch), so the surrogate's ratio is 1 and
-no separate pass for old log-probs is needed.
+By default every update is exactly on-policy (one update per rollout batch), so the surrogate's ratio is 1
+and no separate pass for old log-probs is needed. With `optim.ppo_epochs × optim.mini_batches > 1` (TRL's
+`num_iterations`, verl's `ppo_epochs` / `ppo_mini_batch_size`) the rollouts are scored once
+(`_score_rollouts`: behaviour log-probs and the teacher's hidden states, before the first update), then
+steps 3-4 and the optimizer step run once per mini-batch per epoch (`_minibatches`, `_optimizer_update`),
+each normalized by its own mini-batch's global counts; the LR schedule and the EMA teacher advance once per
+rollout step.
 """
 
 from __future__ import annotations
@@ -119,6 +124,35 @@ class RolloutGroup:
 
 
 @dataclass
+class ScoredRollouts:
+    """What a step's several updates share, computed once before the first (`Trainer._score_rollouts`).
+
+    Kept per row, unpadded, so each update re-pads its micro-batch to its own width.
+    """
+
+    logp: list[Tensor] | None  # [B] each [|y_i|] float32: the behaviour log-probs; None: the objective needs none
+    teacher_hidden: list[Tensor] | None  # [B] each [|y_i|,d]: the teacher's final hidden states; None: no teacher
+    teacher_weight: Tensor | None  # [V,d] the teacher's output weight (a copy for a live teacher)
+
+    def behaviour_logp(self, rows: list[int], width: int) -> Tensor | None:
+        """`[b,width]` log-probs of `rows`, zero past each response."""
+        if self.logp is None:
+            return None
+        out = self.logp[rows[0]].new_zeros(len(rows), width)  # [b,T]
+        for i, r in enumerate(rows):
+            out[i, : len(self.logp[r])] = self.logp[r]
+        return out
+
+    def teacher_states(self, rows: list[int], width: int) -> Tensor:
+        """`[b,width,d]` teacher hidden states of `rows`, zero past each response."""
+        first = self.teacher_hidden[rows[0]]
+        out = first.new_zeros(len(rows), width, first.shape[-1])  # [b,T,d]
+        for i, r in enumerate(rows):
+            out[i, : len(self.teacher_hidden[r])] = self.teacher_hidden[r]
+        return out
+
+
+@dataclass
 class StepLog:
     values: dict[str, float] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
@@ -215,6 +249,10 @@ class Trainer:
         if config.rollout.prompts_per_step % self.world:
             raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must be divisible by "
                               f"the number of processes ({self.world})")
+        rows_per_process = config.rollout.prompts_per_step // self.world * config.rollout.group_size
+        if config.optim.mini_batches > rows_per_process:
+            raise ConfigError(f"optim.mini_batches={config.optim.mini_batches} exceeds the {rows_per_process} rollouts "
+                              f"each of the {self.world} processes has per step")
         torch.manual_seed(config.optim.seed)
         random.seed(config.optim.seed)
 
@@ -411,11 +449,32 @@ class Trainer:
         values, weights = total[: len(names)], total[len(names) :]
         return {n: v / w if w else 0.0 for n, v, w in zip(names, values, weights, strict=True)}
 
-    def _update(self, group: RolloutGroup, log: StepLog) -> float:
+    def _student_hidden(self, student) -> Tensor:
+        """The student's response hidden states `[b,T,d]` in the compute dtype."""
+        with self._compute():
+            hidden = response_hidden_states(self.model, student)  # [b,T,d]
+        return hidden.to(self.compute_dtype)  # [b,T,d]
+
+    def _teacher_states(self, group: RolloutGroup, rows: list[int]) -> tuple[Tensor, Tensor]:
+        """The teacher's hidden states over `teacher_prompt ⊕ response` for `rows` and its output weight,
+        `[b,T,d]` and `[V,d]` in the compute dtype (no gradient)."""
+        teacher = self.pack_teacher([self._teacher_prompt(group, r) for r in rows],
+                                    [group.responses[r] for r in rows], pad_id=self.pad_id).to(self.device)
+        with self._compute():
+            hidden, weight = self.teacher.hidden_states(teacher)  # [b,T,d], [V,d]
+        return hidden.to(self.compute_dtype), weight.to(self.compute_dtype)
+
+    def _update(self, group: RolloutGroup, log: StepLog, update_rows: list[int] | None = None,
+                scored: ScoredRollouts | None = None) -> float:
+        """Accumulate into `.grad` the gradient of the loss over `update_rows` (default: every row), normalized
+        by those rows' token / sequence counts summed over processes; returns the loss. Group advantages are
+        over the whole step's rows. With `scored` the behaviour log-probs (the surrogate's `old_logp`) and the
+        teacher's hidden states come from it; without, the update is on-policy and the teacher runs here."""
         cfg = self.config
         G = cfg.rollout.group_size
         group_adv = group_advantages(group.rewards, G, std_normalize=self.objective.std_normalize)  # [B]
-        lengths = torch.tensor([len(r) for r in group.responses], dtype=torch.float32)  # [B]
+        update_rows = list(range(len(group.responses))) if update_rows is None else update_rows
+        lengths = torch.tensor([len(group.responses[r]) for r in update_rows], dtype=torch.float32)  # [b_update]
         counts = self.collectives.sum(torch.stack([lengths.sum(), torch.tensor(float(len(lengths)))]))  # [2]
         global_tokens, global_sequences = counts.tolist()
         aggregation = cfg.objective.aggregation or self.objective.aggregation
@@ -434,9 +493,7 @@ class Trainer:
         # bfloat16 compute of the output layer too: a bfloat16 view of the (float32) weight for the fused path;
         # its gradient still goes, in float32, into weight.grad (weight_grad_out).
         compute_weight = weight.to(self.compute_dtype) if bf16 else weight  # [V,d]
-        B = len(group.responses)
-        for start in range(0, B, cfg.optim.micro_batch_size):
-            rows = list(range(start, min(start + cfg.optim.micro_batch_size, B)))
+        for rows in self._micro_batches(update_rows):
             responses = [group.responses[r] for r in rows]
             student = self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]])
                                          for r in rows], responses, pad_id=self.pad_id).to(self.device)
@@ -445,28 +502,25 @@ class Trainer:
             weights = token_weights(mask, mode=aggregation, global_tokens=global_tokens,
                                     global_sequences=global_sequences, norm_length=cfg.rollout.max_new_tokens)
             adv = group_adv[rows].to(self.device)  # [b]
+            old_logp = None if scored is None else scored.behaviour_logp(rows, tokens.shape[1])  # [b,T]
             teacher_hidden = teacher_weight = None
-            if self.teacher is not None:
-                teacher = self.pack_teacher([self._teacher_prompt(group, r) for r in rows], responses,
-                                            pad_id=self.pad_id).to(self.device)
-                with self._compute():
-                    teacher_hidden, teacher_weight = self.teacher.hidden_states(teacher)  # [b,T,d], [V,d]
-                if bf16:
-                    teacher_hidden = teacher_hidden.to(self.compute_dtype)  # [b,T,d]
-                    teacher_weight = teacher_weight.to(self.compute_dtype)  # [V,d]
+            if self.teacher is not None and scored is not None:
+                teacher_hidden = scored.teacher_states(rows, tokens.shape[1])  # [b,T,d]
+                teacher_weight = scored.teacher_weight  # [V,d]
+            elif self.teacher is not None:
+                teacher_hidden, teacher_weight = self._teacher_states(group, rows)  # [b,T,d], [V,d]
 
-            def block_loss(stats: TokenStats, block: slice, mask=mask, adv=adv, weights=weights) -> Tensor:
-                batch = ObjectiveBatch(stats=stats, mask=mask[block], group_adv=adv[block], step=self.step)
+            def block_loss(stats: TokenStats, block: slice, mask=mask, adv=adv, weights=weights,
+                           old_logp=old_logp) -> Tensor:
+                batch = ObjectiveBatch(stats=stats, mask=mask[block], group_adv=adv[block], step=self.step,
+                                       old_logp=None if old_logp is None else old_logp[block])
                 loss, diagnostics = self.objective(batch, **knobs)
                 n = float(mask[block].sum())
                 for name, value in diagnostics.items():
                     log.add(name, value.item(), n)
                 return (loss * weights[block]).sum()
 
-            with self._compute():
-                hidden = response_hidden_states(self.model, student)  # [b,T,d]
-            if bf16:
-                hidden = hidden.to(self.compute_dtype)  # [b,T,d]
+            hidden = self._student_hidden(student)  # [b,T,d]
             loss, stats = hidden_objective(hidden, compute_weight, tokens, block_loss,
                                            temperature=cfg.rollout.temperature, teacher_hidden=teacher_hidden,
                                            teacher_weight=teacher_weight,
@@ -484,27 +538,30 @@ class Trainer:
         return float(self.collectives.sum(total_loss))
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step; returns the step's metrics."""
+        """One rollout step: `optim.ppo_epochs × optim.mini_batches` optimizer updates (one by default); returns
+        the step's metrics. `loss` and `grad_norm` are means over the updates, `skipped` counts skipped updates,
+        and the diagnostics (entropy, clip_fraction, ...) are token-weighted means over every update."""
         t0 = time.perf_counter()
         picked = self._step_problems()
         group = self._rollouts(picked)
         t_rollout = time.perf_counter() - t0
         log = StepLog()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self._update(group, log)
-        self.collectives.sum_gradients(self.params)
-        max_norm = self.config.optim.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         lr = self.scheduler.get_last_lr()[0]
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)  # weights and optimizer state untouched
+        optim = self.config.optim
+        if optim.ppo_epochs * optim.mini_batches == 1:
+            t_scoring = 0.0
+            results = [self._optimizer_update(group, log)]  # exactly on-policy: ratio 1, no scoring pass
         else:
-            self.optimizer.step()
+            scored = self._score_rollouts(group)
+            t_scoring = time.perf_counter() - t0 - t_rollout
+            results = [self._optimizer_update(group, log, rows, scored)
+                       for _ in range(optim.ppo_epochs) for rows in self._minibatches(group)]
+        losses, grad_norms, skips = zip(*results, strict=True)
+        loss, grad_norm, skipped = sum(losses) / len(losses), sum(grad_norms) / len(grad_norms), sum(skips)
+        if skipped < len(results):  # once per rollout step, as verl; TRL's schedule counts optimizer steps
             self.scheduler.step()
             if self.teacher is not None:
                 self.teacher.update()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.cursor += self.config.rollout.prompts_per_step
         lengths = torch.tensor([len(r) for r in group.responses], dtype=torch.float32)
@@ -521,14 +578,96 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": lr,
             "skipped": int(skipped),
+            "updates": len(results),
             "processes": self.world,
             **self._reduced_means(log),
             "seconds_rollout": t_rollout,
+            "seconds_scoring": t_scoring,
             "seconds": time.perf_counter() - t0,
         }
         if self.is_main:
             self._log(metrics, group)
         return metrics
+
+    # -- several updates per rollout step (optim.ppo_epochs × optim.mini_batches)
+
+    def _micro_batches(self, rows: list[int]) -> list[list[int]]:
+        """`rows` in consecutive chunks of `optim.micro_batch_size`: one forward/backward pass each."""
+        size = self.config.optim.micro_batch_size
+        return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+    def _minibatches(self, group: RolloutGroup) -> list[list[int]]:
+        """This process's rows in `optim.mini_batches` consecutive parts, the same parts every epoch.
+
+        Whole prompt groups when the process has at least as many prompts as parts (part sizes then differ by
+        at most one prompt); else the rows themselves split as evenly as possible, and a prompt's group spans
+        parts (its advantages are still those of the whole step). Every process has the same number of rows,
+        so the parts line up across processes and each update's counts are reduced over matching parts.
+        """
+        parts = self.config.optim.mini_batches
+        G = self.config.rollout.group_size
+        B = len(group.responses)
+        units, unit = (B // G, G) if parts <= B // G else (B, 1)  # whole groups, else single rows
+        base, extra = divmod(units, parts)
+        out, start = [], 0
+        for k in range(parts):
+            stop = start + base + (k < extra)
+            out.append(list(range(start * unit, stop * unit)))
+            start = stop
+        return out
+
+    @torch.no_grad()
+    def _score_rollouts(self, group: RolloutGroup) -> ScoredRollouts:
+        """Before a step's first update: the behaviour policy's log-prob of every response token (one student
+        pass without gradient; skipped for objectives without a ratio, `Objective.uses_old_logp`) and the
+        teacher's hidden states, kept for all the step's updates so that neither moves while the weights do.
+        A live teacher's output weight is copied (the updates change it in place); a frozen or EMA teacher's
+        does not change within a step (the EMA teacher follows once per rollout step). Run over the same
+        micro-batches as the updates, so the first update's ratio is exactly 1."""
+        cfg = self.config
+        B = len(group.responses)
+        weight = output_weight(self.model).detach().to(self.compute_dtype)  # [V,d]
+        logp: list[Tensor | None] | None = [None] * B if self.objective.uses_old_logp else None
+        hidden: list[Tensor | None] | None = None if self.teacher is None else [None] * B
+        teacher_weight = None
+        for rows in (micro for part in self._minibatches(group) for micro in self._micro_batches(part)):
+            responses = [group.responses[r] for r in rows]
+            if logp is not None:
+                student = self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]])
+                                             for r in rows], responses, pad_id=self.pad_id).to(self.device)
+                student_hidden = self._student_hidden(student)  # [b,T,d]
+                _, stats = hidden_objective(student_hidden, weight, student.response_ids,
+                                            lambda stats, block: stats.logp.new_zeros(()),
+                                            temperature=cfg.rollout.temperature,
+                                            chunk_tokens=cfg.optim.chunk_tokens or None, buffers=self.fused_buffers)
+                for i, r in enumerate(rows):
+                    logp[r] = stats.logp[i, : len(responses[i])].clone()  # [|y_r|]
+            if self.teacher is not None:
+                teacher_hidden, teacher_weight = self._teacher_states(group, rows)  # [b,T,d], [V,d]
+                for i, r in enumerate(rows):
+                    hidden[r] = teacher_hidden[i, : len(responses[i])].clone()  # [|y_r|,d]
+        if teacher_weight is not None and self.teacher.mode == "live" and output_weight(self.model).requires_grad:
+            teacher_weight = teacher_weight.clone()  # [V,d] as it is before the first update
+        return ScoredRollouts(logp, hidden, teacher_weight)
+
+    def _optimizer_update(self, group: RolloutGroup, log: StepLog, update_rows: list[int] | None = None,
+                          scored: ScoredRollouts | None = None) -> tuple[float, float, bool]:
+        """One optimizer step on `update_rows` (default: every row, on-policy): the gradients (`_update`),
+        summed over processes and clipped; a non-finite loss or gradient skips it, weights and optimizer state
+        untouched. Returns (loss, gradient norm before clipping, skipped). The LR schedule and the EMA teacher
+        are advanced by `train_step`, once per rollout step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._update(group, log, update_rows, scored)
+        self.collectives.sum_gradients(self.params)
+        max_norm = self.config.optim.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)  # weights and optimizer state untouched
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm, skipped
 
     # -- logging and checkpoints
 

@@ -104,7 +104,7 @@ def eopd_loss(batch: ObjectiveBatch, *, h_threshold: float = 0.8, eps_low: float
 register_objective("eopd", eopd_loss, divergence=DivergenceSpec(beta=0.0, top_k=16, renormalize_student=False))
 
 
-@register_objective("reopold")
+@register_objective("reopold", uses_old_logp=False)
 def reopold_loss(batch: ObjectiveBatch, *, lam: float = 0.1, beta: float = 0.2,
                  switch_step: int | None = 50) -> tuple[Tensor, Diagnostics]:
     """REOPOLD, relaxed on-policy distillation (Ko et al. 2603.11137) [code, a re-implementation]:
@@ -166,7 +166,7 @@ def pw_opsd_loss(batch: ObjectiveBatch, *, w_min: float = 0.25, tau: float = 0.3
 
 
 register_objective("pw_opsd", pw_opsd_loss, aggregation="seq-mean-token-mean",
-                   divergence=DivergenceSpec(beta=0.0, clip=0.05))
+                   divergence=DivergenceSpec(beta=0.0, clip=0.05), uses_old_logp=False)
 
 __all__ = ["antisd_loss", "eopd_loss", "position_weights", "pw_opsd_loss", "reopold_loss", "rlrt_loss",
            "vopd_loss"]

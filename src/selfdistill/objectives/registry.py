@@ -51,7 +51,11 @@ class ObjectiveBatch:
 
 @dataclass(frozen=True)
 class Objective:
-    """A named method: its loss function and what the trainer must prepare for it."""
+    """A named method: its loss function and what the trainer must prepare for it.
+
+    uses_old_logp: the loss reads `ObjectiveBatch.old_logp` (a clipped ratio); when it does not, the trainer
+    skips the behaviour log-prob pass before several updates per rollout step.
+    """
 
     name: str
     loss: Callable[..., tuple[Tensor, Diagnostics]]
@@ -60,6 +64,7 @@ class Objective:
     divergence: DivergenceSpec | None = None
     std_normalize: bool = True
     presets: tuple[tuple[str, object], ...] = ()
+    uses_old_logp: bool = True
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -92,6 +97,7 @@ def register_objective(
     divergence: DivergenceSpec | None = None,
     std_normalize: bool = True,
     presets: dict[str, object] | None = None,
+    uses_old_logp: bool = True,
     replace: bool = False,
 ):
     """Add a method to `OBJECTIVES`; as a function, or as a decorator when `loss` is left out:
@@ -105,13 +111,15 @@ def register_objective(
     are the method's knobs: `objective.knobs.<name>` (or `objective.<name>`) in a config sets them, checked
     against their annotations. `needs_teacher` makes the trainer score the teacher (`stats.teacher_logp`,
     `stats.teacher_entropy`); `divergence` makes it compute `stats.divergence` with that spec; `presets`
-    override knob defaults for this name (one loss can back several methods). A taken name is an error
+    override knob defaults for this name (one loss can back several methods); `uses_old_logp=False` says the loss
+    never reads `batch.old_logp` (no clipped ratio), so the trainer skips the behaviour log-prob pass before
+    several updates per rollout step (`optim.ppo_epochs`, `optim.mini_batches`). A taken name is an error
     unless `replace=True`. Returns the loss (so the decorator leaves the function as it was).
     """
     if loss is None:
         return lambda fn: register_objective(name, fn, aggregation=aggregation, needs_teacher=needs_teacher,
                                              divergence=divergence, std_normalize=std_normalize, presets=presets,
-                                             replace=replace)
+                                             uses_old_logp=uses_old_logp, replace=replace)
     if not name or not isinstance(name, str):
         raise ValueError(f"an objective needs a non-empty name, got {name!r}")
     if name in OBJECTIVES and not replace:
@@ -129,7 +137,8 @@ def register_objective(
     if unknown:
         raise ValueError(f"{name}: presets {unknown} are not knobs of {loss.__name__} ({sorted(knobs)})")
     OBJECTIVES[name] = Objective(name, loss, aggregation, needs_teacher=needs_teacher, divergence=divergence,
-                                 std_normalize=std_normalize, presets=tuple((presets or {}).items()))
+                                 std_normalize=std_normalize, presets=tuple((presets or {}).items()),
+                                 uses_old_logp=uses_old_logp)
     return loss
 
 
@@ -216,9 +225,9 @@ register_objective("grpo", grpo_loss, aggregation="seq-mean-token-mean", needs_t
 register_objective("dapo", grpo_loss, needs_teacher=False, presets={"eps_high": 0.28})
 register_objective("dr_grpo", grpo_loss, aggregation="seq-mean-token-sum-norm", needs_teacher=False,
                    std_normalize=False)
-register_objective("opsd", opsd_loss, divergence=DivergenceSpec(beta=0.5))
-register_objective("opsd_clip", opsd_loss, divergence=DivergenceSpec(beta=0.0, clip=0.05))
-register_objective("opsd_sampled", opsd_sampled_loss)
+register_objective("opsd", opsd_loss, divergence=DivergenceSpec(beta=0.5), uses_old_logp=False)
+register_objective("opsd_clip", opsd_loss, divergence=DivergenceSpec(beta=0.0, clip=0.05), uses_old_logp=False)
+register_objective("opsd_sampled", opsd_sampled_loss, uses_old_logp=False)
 register_objective("rlsd", rlsd_loss)
 register_objective("egrsd", egrsd_loss)
 register_objective("cl_egrsd", egrsd_loss, presets={"lookahead": 8})
