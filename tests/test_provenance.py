@@ -166,3 +166,24 @@ def test_a_lora_run_given_as_model_says_to_use_adapter(tmp_path, capsys):
                     "--out", str(tmp_path / "eval")])
     assert code == 2
     assert "is a LoRA checkpoint: evaluate it as --model <the base model> --adapter" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_study_into_a_log_file_reports_progress_and_records_its_environment(tmp_path):
+    """`selfdistill study` with its output redirected to a file: the warm start says where it is while it
+    runs (it used to print nothing until its end), and the study folder records what made it."""
+    import os
+    import sys
+
+    out, log = tmp_path / "study", tmp_path / "study.log"
+    env = {**os.environ, "SELFDISTILL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "SELFDISTILL_PROGRESS_EVERY": "2"}
+    with log.open("w") as file:
+        argv = [sys.executable, "-m", "selfdistill", "study", "--quick", "--methods", "grpo", "--out", str(out)]
+        subprocess.run(argv, check=True, env=env, cwd=REPO, timeout=600, stdout=file, stderr=subprocess.STDOUT)
+    lines = log.read_text().splitlines()
+    warm = [line for line in lines if "] warm start: " in line]
+    assert warm and "%)" in warm[0], lines[:20]
+    assert any(line.startswith("environment: selfdistill ") for line in lines)
+    assert json.loads((out / ENVIRONMENT_FILE).read_text())["packages"]["torch"] == torch.__version__
+    assert "Environment: selfdistill " in (out / "report.md").read_text()
