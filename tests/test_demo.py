@@ -20,8 +20,10 @@ def test_demo_quick_end_to_end(tmp_path):
     assert f"report: {out / 'report.md'}" in " ".join(proc.stdout.split())
     report = (out / "report.md").read_text()
     assert "| Avg@k |" in report and "training.png" in report
+    assert "Environment: selfdistill " in report  # the one-line provenance
     for name in ("training.png", "pass_at_k.png", "eval_before.jsonl", "eval_after.jsonl", "summary.json",
-                 "train/config.json", "train/samples.jsonl", "adapter/adapter_model.safetensors"):
+                 "train/config.json", "train/samples.jsonl", "adapter/adapter_model.safetensors",
+                 "environment.json", "train/environment.json"):
         assert (out / name).exists(), name
     metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == DemoSettings.quick().steps

@@ -2,6 +2,10 @@
 
 Layout of `<run>/checkpoint-<step>/`:
     model.safetensors | adapter/      full weights, or the LoRA adapter (loadable with peft)
+    config.json, generation_config.json, tokenizer files
+                                      full fine-tuning: the folder is a Hugging Face model folder, so
+                                      `AutoModelForCausalLM.from_pretrained(checkpoint)` and
+                                      `selfdistill eval --model checkpoint` open it
     teacher.safetensors               the EMA teacher (ema mode only)
     optimizer.pt, scheduler.pt        state dicts (loaded with weights_only=True)
     state.json                        step, data cursor, RNG states, config
@@ -38,10 +42,15 @@ def _is_lora(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_weights(model: torch.nn.Module, folder: Path) -> None:
-    """The trainable weights: a peft adapter folder under LoRA, else one safetensors file."""
+def save_weights(model: torch.nn.Module, folder: Path, tokenizer: Any = None) -> None:
+    """The trainable weights: a peft adapter folder under LoRA; else a Hugging Face model folder (config,
+    `model.safetensors`, and the tokenizer when given) that `from_pretrained` opens."""
     if _is_lora(model):
         model.save_pretrained(folder / "adapter", safe_serialization=True)
+    elif hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
     else:
         save_model(model, str(folder / "model.safetensors"))
 
@@ -69,13 +78,15 @@ def save_checkpoint(
     scheduler: Any,
     teacher_state: dict[str, torch.Tensor] | None,
     keep: int,
+    tokenizer: Any = None,
 ) -> Path:
-    """Write `<run>/checkpoint-<step>` atomically and keep only the last `keep` checkpoints."""
+    """Write `<run>/checkpoint-<step>` atomically and keep only the last `keep` checkpoints. With full
+    fine-tuning and a `tokenizer`, the checkpoint is a complete Hugging Face model folder."""
     final = run_dir / f"{PREFIX}{state.step:06d}"
     tmp = run_dir / f"{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(model, tmp)
+    save_weights(model, tmp, tokenizer)
     if teacher_state is not None:
         tensors = {k: v.detach().clone().contiguous() for k, v in teacher_state.items()}  # unshare tied weights
         save_file(tensors, str(tmp / "teacher.safetensors"))

@@ -51,7 +51,9 @@ def _grade(args: argparse.Namespace) -> int:
 # Modules that add their own sub-commands: each defines `register(commands)`, where `commands` is the
 # argparse sub-parser collection; the handler is set with `set_defaults(func=...)` and returns an exit
 # code. Keep their top-level imports light: heavy imports belong inside the handlers.
-COMMAND_MODULES: tuple[str, ...] = ("selfdistill.demo", "selfdistill.evaluation.command", "selfdistill.study.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "selfdistill.data.command", "selfdistill.demo", "selfdistill.evaluation.command", "selfdistill.study.cli"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    if args.command != "data":  # only `data fetch` goes to the Hub; nothing else may reach it by accident
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from selfdistill.provenance import read_environment, record_environment, summary_line
+
 DEMO_TASK = "number_sums"
 DEMO_TASK_OPTIONS = {"terms": (2,), "max_value": 10}
 """Sums of two numbers up to 10. SmolLM2-135M usually computes them right but rarely writes the answer in
@@ -113,6 +115,7 @@ def run_demo(settings: DemoSettings, out: Path | None = None) -> Path:
     out = Path(out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_settings.json").write_text(json.dumps(asdict(settings), indent=1))
+    record_environment(out)  # environment.json: versions, commit, hardware
     console.rule(f"[bold]selfdistill demo: {settings.method} on {settings.model}")
 
     t0 = time.perf_counter()
@@ -276,6 +279,9 @@ def write_report(out: Path, *, settings: DemoSettings, before: dict, after: dict
               "`train/tensorboard/`: the training run", "- `eval_before.jsonl`, `eval_after.jsonl`: every held-out "
               "sample with its verdict",
               "- `adapter/`: the LoRA adapter (load with `peft.PeftModel.from_pretrained`)", ""]
+    environment = read_environment(out)
+    if environment is not None:
+        lines += [f"Environment: {summary_line(environment)}", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps({"before": before, "after": after, "timings": timings}, indent=1))

@@ -40,6 +40,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from selfdistill.paths import cache_dir
+
 log = logging.getLogger(__name__)
 
 # Special tokens of the tiny tokenizer. Their ids are 0, 1, 2 in this order.
@@ -94,12 +96,6 @@ def full_attention_cache(cache: Any) -> bool:
     from transformers.cache_utils import DynamicLayer, StaticLayer
 
     return all(type(layer) in (StaticLayer, DynamicLayer) for layer in cache.layers)
-
-
-def cache_dir() -> Path:
-    """The cache root: ``$SELFDISTILL_CACHE`` if set, else ``~/.cache/selfdistill``."""
-    root = os.environ.get("SELFDISTILL_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "selfdistill"
 
 
 def is_complete(folder: Path) -> bool:

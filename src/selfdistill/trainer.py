@@ -52,6 +52,7 @@ from selfdistill.grading import Grader
 from selfdistill.models import base_model, load_model
 from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, group_advantages, token_weights
 from selfdistill.prompts import PromptBuilder, pack, pack_shared
+from selfdistill.provenance import record_environment
 from selfdistill.rollout import make_backend
 from selfdistill.teacher import (
     Teacher,
@@ -310,6 +311,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            record_environment(self.run_dir)  # environment.json: versions, commit, hardware
             self._truncate_log(self.run_dir / "metrics.jsonl")
             self._truncate_log(self.run_dir / "samples.jsonl")
         self.writer = None
@@ -696,7 +698,7 @@ class Trainer:
         return save_checkpoint(self.run_dir, state, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler,
                                teacher_state=None if self.teacher is None else self.teacher.state_dict(),
-                               keep=self.config.logging.keep_checkpoints)
+                               keep=self.config.logging.keep_checkpoints, tokenizer=self.tokenizer)
 
     def run(self, *, until: int | None = None, callback: Callable[[dict], None] | None = None) -> Path:
         """Train until `optim.steps` (or stop early after step `until`), checkpoint, return the run folder."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from selfdistill.grading import last_boxed
+from selfdistill.paths import data_cache_dir
 
 DATA_ROOT_ENV = "SELFDISTILL_DATA_ROOT"
 
@@ -270,11 +271,17 @@ def _math500_row(row: dict[str, Any]) -> _RowFields:
 
 
 def _minerva_row(row: dict[str, Any]) -> _RowFields:
-    # No answer field: the answer is the last \boxed{...} of the solution.
-    solution = row["solution"]
-    answer = last_boxed(solution)
-    if answer is None:
-        raise _RowError("no closed \\boxed{...} in the solution to take the answer from")
+    # The original file has no answer field: the answer is the last \boxed{...} of the solution. A file
+    # written by `selfdistill data fetch` from a source that gives the answer (and maybe no solution) has one.
+    solution = row.get("solution")
+    if row.get("answer") not in (None, ""):
+        answer: str | None = _answer_text(row["answer"])
+    elif solution is None:
+        raise _RowError("neither an answer nor a solution to take the answer from")
+    else:
+        answer = last_boxed(solution)
+        if answer is None:
+            raise _RowError("no closed \\boxed{...} in the solution to take the answer from")
     return _RowFields(row["problem"], answer.strip(), _solution_text(solution), str(row["idx"]))
 
 
@@ -319,16 +326,24 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
 
 
 def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding the benchmark files: `root`, else $SELFDISTILL_DATA_ROOT."""
-    if root is None:
-        root = os.environ.get(DATA_ROOT_ENV) or None
-    if root is None:
-        raise FileNotFoundError(
-            f"no benchmark data folder given: pass root= or set {DATA_ROOT_ENV} to the folder holding "
-            "aime24/, math500/, gsm8k/ ... (each with <split>.jsonl). The files and where to get them "
-            "are listed in docs/benchmarks.md."
-        )
-    return Path(root)
+    """The folder holding the benchmark files, first found of: `root`, $SELFDISTILL_DATA_ROOT, and the
+    folder `selfdistill data fetch` writes to by default (`<cache>/data`, where it has fetched something)."""
+    if root is not None:
+        return Path(root).expanduser()
+    from_env = os.environ.get(DATA_ROOT_ENV)
+    if from_env:
+        return Path(from_env).expanduser()
+    from selfdistill.data.fetch import MANIFEST  # the fetch module imports this one: import here
+
+    fetched = data_cache_dir()
+    if (fetched / MANIFEST).is_file():
+        return fetched
+    raise FileNotFoundError(
+        f"no benchmark data found. Either download the benchmarks from the Hugging Face Hub with "
+        f"`selfdistill data fetch` (written to {fetched}, found there from then on), or point "
+        f"{DATA_ROOT_ENV} (or root= / --data-root) at your own folder holding aime24/, math500/, gsm8k/ ... "
+        "(each with <split>.jsonl). docs/benchmarks.md lists the files and their sources."
+    )
 
 
 def load_benchmark(
@@ -345,6 +360,12 @@ def load_benchmark(
         raise ValueError(
             f"benchmark {name!r} has no split {split!r}; available: {', '.join(BENCHMARKS[name])}"
         )
-    path = resolve_data_root(root) / name / f"{split}.jsonl"
+    folder = resolve_data_root(root)
+    path = folder / name / f"{split}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data file not found: {path} (download it with `selfdistill data fetch --benchmarks {name} "
+            f"--dest {folder}`, or see docs/benchmarks.md)"
+        )
     id_prefix = name if split == "test" else f"{name}-{split}"
     return _build_problems(path, name, id_prefix, _ROW_PARSERS[name])

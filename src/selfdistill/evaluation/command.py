@@ -59,6 +59,8 @@ def _eval(args: argparse.Namespace) -> int:
         + (f" ({rate:.2f} samples/s)" if rate else "")
         + (f", {timing['resumed_samples']} resumed" if timing["resumed_samples"] else "")
     )
+    if summary.get("environment"):
+        print(f"environment: {summary['environment']}")
     print(f"run folder: {args.out}")
     return 0
 
@@ -86,7 +88,9 @@ def register(commands: Any) -> None:
         description="Sample n completions per problem, grade them, and write samples.jsonl, summary.json, "
         "summary.md and summary.csv into --out. A re-run with the same --out and settings resumes.",
     )
-    evaluate.add_argument("--model", required=True, help='"tiny", "smollm2" or a local Hugging Face model folder')
+    evaluate.add_argument("--model", required=True,
+                          help='"tiny", "smollm2", a local Hugging Face model folder, or a full fine-tuning '
+                               "checkpoint-*/ folder (a train run folder: its latest checkpoint)")
     evaluate.add_argument("--adapter", help="a peft LoRA adapter folder (e.g. checkpoint-*/adapter of a train run)")
     evaluate.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS,
                           help=f"comma-separated, default {DEFAULT_BENCHMARKS}")

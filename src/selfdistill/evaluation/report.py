@@ -88,7 +88,10 @@ def summary_markdown(summary: dict[str, Any], *, title: str | None = None) -> st
     for name, row in summary_rows(summary):
         label = f"**{name}**" if name == MACRO else name
         lines.append(f"| {label} | " + " | ".join(format_value(c, row.get(c)) for c in columns) + " |")
-    return "\n".join([*lines, "", LEGEND]) + "\n"
+    lines += ["", LEGEND]
+    if summary.get("environment"):
+        lines += ["", f"Environment: {summary['environment']}"]
+    return "\n".join(lines) + "\n"
 
 
 def summary_csv(summary: dict[str, Any]) -> str:
@@ -167,6 +170,8 @@ def comparison_markdown(runs: Sequence[EvalRun]) -> str:
     columns = metric_columns(*(run.summary for run in runs))
     lines = ["# Evaluation runs side by side", ""]
     lines += [f"- **{run.label}**: `{run.path}` — " + _settings_line(run.summary) for run in runs]
+    lines += [f"- **{run.label}** environment: {run.summary['environment']}" for run in runs
+              if run.summary.get("environment")]
     for benchmark in benchmarks:
         lines += ["", f"## {benchmark}", ""]
         lines.append("| run | " + " | ".join(header(c) for c in columns) + " |")

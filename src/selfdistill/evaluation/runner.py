@@ -24,7 +24,6 @@ from typing import Any
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     ProgressColumn,
     Task,
     TextColumn,
@@ -45,7 +44,9 @@ from selfdistill.evaluation.metrics import (
     truncation_rate,
 )
 from selfdistill.grading import Grader, extract_answer, normalize_answer
+from selfdistill.progress import Progress
 from selfdistill.prompts import PromptBuilder
+from selfdistill.provenance import record_environment, summary_line
 from selfdistill.rollout import RolloutBackend, Rollouts, make_backend
 
 log = logging.getLogger(__name__)
@@ -481,17 +482,36 @@ def load_eval_problems(settings: EvalSettings, data_root: str | os.PathLike[str]
     return problems
 
 
+def resolve_model(name: str) -> str:
+    """The model to load for `--model name`: "tiny", "smollm2", a Hugging Face model folder (a full
+    fine-tuning checkpoint is one), or a training run folder, which means its latest complete checkpoint."""
+    if name in ("tiny", "smollm2"):
+        return name
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model {name!r} is neither 'tiny', 'smollm2' nor an existing local folder")
+    from selfdistill.checkpoint import complete_checkpoints
+
+    checkpoints = complete_checkpoints(folder)  # a run folder (its config.json is the training config)
+    if checkpoints:
+        folder = checkpoints[-1]
+    if not (folder / "config.json").is_file():
+        if (folder / "adapter" / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{folder} is a LoRA checkpoint: evaluate it as --model <the base model> "
+                                    f"--adapter {folder / 'adapter'}")
+        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    return str(folder)
+
+
 def _model_folder(name: str) -> Path:
     from selfdistill.models import smollm2_dir, tiny_model_dir
 
+    name = resolve_model(name)
     if name == "tiny":
         return tiny_model_dir()
     if name == "smollm2":
         return smollm2_dir()
-    folder = Path(name).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model {name!r} is neither 'tiny', 'smollm2' nor an existing local folder")
-    return folder
+    return Path(name)
 
 
 def _adapter_folder(adapter: str) -> Path:
@@ -529,7 +549,7 @@ def load_policy(settings: EvalSettings, device: str = "auto") -> tuple[Any, Any]
 
     from selfdistill.models import load_model
 
-    model, tokenizer = load_model(settings.model, dtype=getattr(torch, settings.dtype))
+    model, tokenizer = load_model(resolve_model(settings.model), dtype=getattr(torch, settings.dtype))
     if settings.adapter is not None:
         from peft import PeftModel
 
@@ -566,6 +586,7 @@ def run_eval(
         raise SettingsMismatchError(f"{out} has {SAMPLES_FILE} but no {SETTINGS_FILE}; use an empty --out folder")
     else:
         write_json_atomic(settings_path, settings.to_json())
+    environment = record_environment(out)  # environment.json: versions, commit, hardware
 
     problems = load_eval_problems(settings, data_root)
     wanted = {(p.source, p.id) for p in problems}
@@ -600,6 +621,7 @@ def run_eval(
     summary = {
         "settings": settings.to_json(),
         **summarize(records),
+        "environment": summary_line(environment),
         "timing": {
             "seconds": seconds,
             "new_samples": len(new),

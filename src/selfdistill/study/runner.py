@@ -29,6 +29,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from selfdistill.provenance import record_environment, summary_line
 from selfdistill.study.settings import METHODS, StudySettings
 
 EVAL_FILE = "eval.json"
@@ -219,8 +220,9 @@ def plan_jobs(settings: StudySettings, out: Path, warm_folder: Path, train_file:
 def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, progress: bool = True) -> Path:
     """Run (or continue) the study into `out` and write its report; returns the report path."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
+    from selfdistill.progress import Progress  # plain lines every ~30 s when the output is a log
     from selfdistill.study.report import build_report
     from selfdistill.study.warmstart import read_warm_start_record, warm_start_dir
 
@@ -228,6 +230,7 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    environment = summary_line(record_environment(out))  # environment.json: versions, commit, hardware
     console = Console(quiet=not progress)
     started = time.perf_counter()
     columns = (TextColumn("[bold]{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
@@ -272,7 +275,9 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
                                          "warm_start_dir": str(warm_folder), "workers": workers,
                                          "wall_seconds": round(wall_seconds, 1)})
     report = build_report(out)
-    console.print(f"report: {report}  (wall time {wall_seconds / 60:.1f} min)")
+    with report.open("a", encoding="utf-8") as file:
+        file.write(f"\nEnvironment: {environment}\n")
+    console.print(f"report: {report}  (wall time {wall_seconds / 60:.1f} min)\nenvironment: {environment}")
     return report
 
 
