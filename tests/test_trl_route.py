@@ -193,6 +193,18 @@ def test_frozen_full_teacher_is_a_separate_copy_that_stays(tmp_path):
     assert not all(p.requires_grad for p in trainer.teacher_model.parameters())
 
 
+@pytest.mark.slow
+def test_ema_teacher_moves_toward_the_student_by_one_minus_decay(tmp_path):
+    trainer = make_trainer(tmp_path, "dasd", max_steps=1, objective_args={"teacher": "ema", "ema_decay": 0.5})
+    initial = {n: p.detach().clone() for n, p in trainer.teacher_model.named_parameters()}
+    trainer.train()
+    student = dict(trainer.model.named_parameters())
+    for name, teacher in trainer.teacher_model.named_parameters():
+        expected = 0.5 * initial[name] + 0.5 * student[name].detach()
+        assert torch.allclose(teacher, expected, atol=1e-6), name
+    assert any(not torch.equal(p, initial[n]) for n, p in trainer.teacher_model.named_parameters())
+
+
 def test_a_long_privileged_context_is_never_cut(tmp_path):
     rows = tiny_rows(2)
     long_context = " ".join(f"step {i}: 12 + {i} = {12 + i}." for i in range(60)) + " FINAL-MARK"
