@@ -194,6 +194,20 @@ def test_frozen_full_teacher_is_a_separate_copy_that_stays(tmp_path):
 
 
 @pytest.mark.slow
+def test_live_teacher_is_the_current_student_without_gradient(tmp_path):
+    trainer = make_trainer(tmp_path, "dasd", objective_args={"teacher": "live"})
+    assert trainer.teacher_model is None and not trainer._teacher_is_base
+    inputs = one_batch(trainer, tiny_rows(1))
+    args = (inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"])
+    with torch.no_grad():
+        student = trainer._response_logits(trainer.model, *args)
+        with trainer._teacher(trainer.model) as teacher:
+            assert teacher is trainer.model and not teacher.training
+            live = trainer._response_logits(teacher, *args)
+    assert torch.allclose(live, student, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_ema_teacher_moves_toward_the_student_by_one_minus_decay(tmp_path):
     trainer = make_trainer(tmp_path, "dasd", max_steps=1, objective_args={"teacher": "ema", "ema_decay": 0.5})
     initial = {n: p.detach().clone() for n, p in trainer.teacher_model.named_parameters()}
