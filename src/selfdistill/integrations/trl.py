@@ -49,7 +49,7 @@ import json
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -422,17 +422,23 @@ class SelfDistillTrainer(GRPOTrainer):
         completion_mask = inputs["completion_mask"]  # [B,T]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         mask = mask.float()  # [B,T]
-        student_logits = self._response_logits(model, inputs["prompt_ids"], inputs["prompt_mask"], completion_ids,
-                                                completion_mask)  # [B,T,V]
-        teacher_logits = None
-        if self.objective.needs_teacher:
+        teacher_logits = teacher_own = None
+        if self.objective.needs_teacher:  # first, so its activations are gone before the student's forward
             with torch.no_grad(), self._teacher(model) as teacher:
                 teacher_logits = self._response_logits(teacher, inputs["teacher_prompt_ids"],
                                                        inputs["teacher_prompt_mask"], completion_ids,
                                                        completion_mask)  # [B,T,V]
+                if self.divergence is None:  # only the teacher's own log-probs and entropies are needed: keep those
+                    teacher_own = token_stats(teacher_logits, completion_ids, temperature=self.temperature,
+                                              chunk_tokens=self.args.stats_chunk_tokens)  # [B,T] fields
+                    teacher_logits = None
+        student_logits = self._response_logits(model, inputs["prompt_ids"], inputs["prompt_mask"], completion_ids,
+                                                completion_mask)  # [B,T,V]
         stats = token_stats(student_logits, completion_ids, temperature=self.temperature,
                             teacher_logits=teacher_logits, divergence=self.divergence,
                             chunk_tokens=self.args.stats_chunk_tokens)  # every field [B,T]
+        if teacher_own is not None:  # the formulas token_stats applies to teacher logits given beside the student's
+            stats = replace(stats, teacher_logp=teacher_own.logp, teacher_entropy=teacher_own.entropy)
         batch = ObjectiveBatch(stats=stats, mask=mask, group_adv=inputs["advantages"].float(),
                                old_logp=inputs.get("old_per_token_logps"))
         per_token, diagnostics = self.objective(batch, **self.objective_knobs)  # [B,T]
