@@ -19,10 +19,11 @@ changes three things, nothing else:
    prompt `teacher_prompt(problem, privileged context)` is rendered by TRL's own `_tokenize_prompts` (the same chat
    template, tools and `chat_template_kwargs` as the student's prompt) and added to the batch. A teacher prompt over
    the limit is an error with the numbers; nothing is cut.
-2. `_compute_loss`: the student's logits over `prompt ⊕ completion`, the teacher's over
-   `teacher_prompt ⊕ completion` (no gradient), `selfdistill.tokenstats.token_stats` (log-probs, entropies and,
-   where the method has one, the full-vocabulary divergence, in chunks of tokens), `OBJECTIVES[name]` on them and
-   `selfdistill.objectives.aggregate`. No second copy of the math.
+2. `_compute_loss`: the teacher's logits over `teacher_prompt ⊕ completion` (no gradient), the student's over
+   `prompt ⊕ completion`, `selfdistill.tokenstats.token_stats` (log-probs, entropies and, where the method has
+   one, the full-vocabulary divergence, in chunks of tokens), `OBJECTIVES[name]` on them and
+   `selfdistill.objectives.aggregate`. No second copy of the math. Without a divergence the teacher's logits are
+   reduced to its per-token log-probs and entropies before the student's forward pass.
 3. The teacher's weights (`objective_args["teacher"]`): `frozen` (the initial policy; under LoRA the adapter is
    disabled, no second copy), `live` (the current weights, no gradient) or `ema` (a copy moved toward the student
    after each optimizer step by TRL's `SyncRefModelCallback`, `ref_model_mixup_alpha = 1 − ema_decay`).
