@@ -10,6 +10,10 @@ Pairs (ours vs TRL), each with the frozen initial model as teacher (TRL: teacher
   opsd-topk   opsd with objective.divergence_top_k=k                  vs  SDFTTrainer distillation_mode=topk_logits
   dasd-grpo   objective.method=dasd                                   vs  GRPOTrainer (the nearest TRL has), with
               beta=--grpo-beta so that, like our frozen teacher, a frozen reference model scores every rollout
+  dasd-route  the TRL route (selfdistill.integrations.trl.SelfDistillTrainer, objective dasd, frozen teacher)
+              vs  TRL's own GRPOTrainer at the same settings with beta=0: both are TRL's loop (generation,
+              rewards, accumulation, optimizer), so the difference is the route's loss path and its one teacher
+              forward pass (the issue's bound: at most 1.15x)
 Sizes (Qwen2 architecture, random weights, built from a config and saved once so both sides load the same weights):
   tiny        hidden 128, 2 layers, vocabulary 833 (the package's tiny tokenizer)
   qwen-vocab  hidden 64, 2 layers, vocabulary 151,936 (Qwen2/Qwen2.5's output layer), same tiny tokenizer: like a
@@ -60,6 +64,7 @@ PAIRS: dict[str, tuple[str, str, str]] = {
     "opsd-full": ("opsd", "sdft", "full_logits"),
     "opsd-topk": ("opsd", "sdft", "topk_logits"),
     "dasd-grpo": ("dasd", "grpo", ""),
+    "dasd-route": ("dasd", "grpo", "route"),  # "ours" is the TRL route; TRL's side runs GRPO with beta=0
 }
 SIDES = ("ours", "trl")
 QWEN_VOCAB = 151_936  # the output layer of Qwen2 / Qwen2.5 models (their tokenizers hold 151,665 tokens)
@@ -337,7 +342,8 @@ def run_ours(spec: dict, run_dir: str) -> dict:
 # TRL's side
 
 
-def run_trl(spec: dict, run_dir: str) -> dict:
+def run_trl(spec: dict, run_dir: str, route: bool = False) -> dict:
+    """TRL's trainer; with `route`, our TRL route (SelfDistillTrainer) on the same settings instead."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -350,8 +356,8 @@ def run_trl(spec: dict, run_dir: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
     prompts = PromptBuilder(tokenizer, template=BENCH_TEMPLATE, max_prompt_tokens=spec["max_prompt_tokens"])
     problems = bench_problems(spec)
-    rows = [{"prompt": prompts.student_messages(p), "privileged_context": p.solution, "answer": p.answer}
-            for p in problems]
+    rows = [{"prompt": prompts.student_messages(p), "problem": p.problem, "privileged_context": p.solution,
+             "answer": p.answer} for p in problems]
     dataset = Dataset.from_list(rows)
 
     timer = PhaseTimer(MemoryTimeline() if spec["profile"] else None)
@@ -431,11 +437,22 @@ def run_trl(spec: dict, run_dir: str) -> dict:
             texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
             return grader.grade_many(texts, answer)
 
-        args = GRPOConfig(**common, beta=spec["grpo_beta"])
-        trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=[boxed_answer_reward], args=args,
-                              train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()])
+        if route:
+            from selfdistill.integrations.trl import SelfDistillConfig, SelfDistillTrainer
+
+            args = SelfDistillConfig(**common, objective=PAIRS[spec["pair"]][0], objective_args={"teacher": "frozen"},
+                                     teacher_template=BENCH_TEMPLATE)
+            trainer = SelfDistillTrainer(model=spec["model_dir"], reward_funcs=[boxed_answer_reward], args=args,
+                                         train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()])
+        else:
+            args = GRPOConfig(**common, beta=0.0 if mode == "route" else spec["grpo_beta"])
+            trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=[boxed_answer_reward], args=args,
+                                  train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()])
         prompts_match = all(trainer._tokenize_prompts([row["prompt"]])[0][0] == prompts.student_ids(p)
                             for row, p in zip(rows, problems, strict=True))
+        if route:
+            prompts_match = prompts_match and all(trainer.teacher_prompt_ids([row])[0] == prompts.teacher_ids(p)
+                                                  for row, p in zip(rows, problems, strict=True))
     rss_loaded = rss_mib()
 
     # Check that TRL generates once per optimizer step, P x G rows each time, as we do.
@@ -453,6 +470,12 @@ def run_trl(spec: dict, run_dir: str) -> dict:
             timer.wrap(trainer, "_forward_logits",
                        lambda: "student forward (with logits)" if torch.is_grad_enabled() else "teacher forward")
             timer.wrap(trainer, "_compute_self_distillation_loss", "divergence loss")
+        elif route:
+            timer.wrap(trainer, "_calculate_rewards", "grading")
+            timer.wrap(trainer, "teacher_prompt_ids", "teacher prompts")
+            timer.wrap(trainer, "_response_logits",
+                       lambda: "student forward (with logits)" if torch.is_grad_enabled() else "teacher forward")
+            timer.wrap(trainer, "_compute_loss", "token stats + objective")
         else:
             timer.wrap(trainer, "_calculate_rewards", "grading")
             timer.wrap(trainer, "_get_per_token_logps_and_entropies",
@@ -479,7 +502,12 @@ def run_worker(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     with tempfile.TemporaryDirectory(prefix=f"step-vs-trl-{spec['side']}-") as run_dir:
-        result = (run_ours if spec["side"] == "ours" else run_trl)(spec, run_dir)
+        if spec["side"] == "trl":
+            result = run_trl(spec, run_dir)
+        elif PAIRS[spec["pair"]][2] == "route":
+            result = run_trl(spec, run_dir, route=True)
+        else:
+            result = run_ours(spec, run_dir)
     if len(result["seconds"]) != spec["steps"]:
         raise RuntimeError(f"timed {len(result['seconds'])} steps, expected {spec['steps']}")
     result["peak_rss_mib"] = peak_rss_mib()
@@ -543,6 +571,8 @@ def merge_rounds(rounds: list[dict]) -> dict:
 
 def trl_name(pair: str, grpo_beta: float) -> str:
     _, kind, mode = PAIRS[pair]
+    if mode == "route":
+        return "GRPO beta=0"
     return f"SDFT {mode}" if kind == "sdft" else f"GRPO beta={grpo_beta:g}"
 
 

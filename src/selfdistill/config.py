@@ -430,6 +430,12 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def objective_from_dict(values: dict[str, Any], prefix: str = "objective.") -> ObjectiveConfig:
+    """An `ObjectiveConfig` from a mapping as a config file's `objective:` section reads (knobs flat or under
+    `knobs`), with the same checks and errors naming `prefix` + key."""
+    return _build(ObjectiveConfig, values, prefix)
+
+
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """Build and validate a TrainConfig from nested dicts (missing keys keep their defaults)."""
     return _build(TrainConfig, values, "")

@@ -1,0 +1,1 @@
+"""Our objectives inside other training engines; `selfdistill.integrations.trl`: TRL (extra `selfdistill[trl]`)."""
