@@ -15,6 +15,7 @@ from selfdistill.data.synthetic import (
     make_splits,
     number_sums,
     operation_chains,
+    search_checks,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "number_sums",
     "operation_chains",
     "resolve_data_root",
+    "search_checks",
 ]

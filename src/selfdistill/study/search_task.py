@@ -1,0 +1,374 @@
+"""The study's second task: search with verification (`search_checks`), and how its traces are read.
+
+A problem lists a few candidates for an unknown x and a short operation chain modulo 10: "Work modulo
+10. Start with x. Add 5. Multiply by 9. The result is 9. Which of 4, 6 and 8 is x?". The student's
+worked solution is a search: it tries a candidate, checks it on one line, and after a failed check
+opens the next line with an epistemic marker (SPEC §3's E(y) list) and tries another:
+
+    try 8: 8+5=3, 3*9=7 no
+    wait, try 4: 4+5=9, 9*9=1 no
+    wait, try 6: 6+5=1, 1*9=9 yes
+    \\boxed{6}
+
+Which candidate to try next is the only free choice (a *fork*), and it matters: the right pick ends the
+search at once, a wrong one costs a check line (and another chance of an arithmetic slip). Everything
+else is forced by the problem and the lines before it. A privileged teacher shown the worked solution
+that goes straight to the answer (`teacher_view(..., "rich")`), or only the answer ("weak"), knows
+which candidate passes, so it is sure at the forks where the student has to search.
+
+`analyse_trace` reads a trace (a worked solution or a sampled completion) into check lines and
+measures: StepAcc (the fraction of its step lines that are verifiably right), failed checks,
+recoveries (a failed check followed by a marker and another try), the boxed answer, and the character
+spans of forks (a candidate picked among two or more untried ones), forced picks (the last one left)
+and markers. `solution_token_kinds` / `completion_token_kinds` label tokens "fork", "marker" or
+"forced", in the spirit of `selfdistill.study.task.solution_token_labels`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from selfdistill.data import Problem
+from selfdistill.data.synthetic import (
+    SEARCH_CHECKS,
+    SEARCH_IN_DISTRIBUTION,
+    SEARCH_MARKERS,
+    SEARCH_MODULUS,
+    SEARCH_OUT_OF_DISTRIBUTION,
+    ChainInstruction,
+    SearchPuzzle,
+    make_splits,
+    search_checks,
+)
+from selfdistill.evaluation.metrics import EPISTEMIC_MARKERS
+
+_OPERATOR_OF_WORD = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
+_PROBLEM_RE = re.compile(
+    r"^Work modulo (\d+)\. Start with x\. ((?:(?:Add|Subtract|Multiply by) \d+\. )+)"
+    r"The result is (\d+)\. Which of (\d+(?:, \d+)* and \d+) is x\?$"
+)
+_OPERATION_RE = re.compile(r"(Add|Subtract|Multiply by) (\d+)\. ")
+_CHECK_RE = re.compile(r"^(?:([A-Za-z]+), )?try (\d+): (.+) (yes|no)$")
+_STEP_RE = re.compile(r"^(\d+)([+*-])(\d+)=(\d+)$")
+_BOXED_RE = re.compile(r"^\\boxed\{([^{}]*)\}$")
+
+TEACHER_CONDITIONS: dict[str, str] = {"rich": "opsd_mild", "weak": "answer_only"}
+"""Teacher condition -> prompt template: "rich" shows the search-free worked solution (a template whose
+context is the solution), "weak" shows only the final answer (the answer-only template)."""
+
+TOKEN_KINDS = ("fork", "marker", "forced")
+
+
+def parse_search_puzzle(problem_text: str) -> SearchPuzzle:
+    """The `SearchPuzzle` behind a `search_checks` problem text (the inverse of `problem_text()`)."""
+    match = _PROBLEM_RE.match(problem_text)
+    if match is None:
+        raise ValueError(f"not a search-checks problem: {problem_text!r}")
+    modulus, operations, target, listed = match.groups()
+    instructions = tuple(
+        ChainInstruction(_OPERATOR_OF_WORD[word], (int(operand),))
+        for word, operand in _OPERATION_RE.findall(operations)
+    )
+    candidates = tuple(int(number) for number in re.split(r", | and ", listed))
+    puzzle = SearchPuzzle(candidates, instructions, int(target), int(modulus))
+    if puzzle.problem_text() != problem_text:
+        raise ValueError(f"could not parse the search-checks problem {problem_text!r}")
+    return puzzle
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a trace
+
+
+@dataclass(frozen=True)
+class TraceLine:
+    """One step line of a trace: a check line ("wait, try 4: 4+5=9, 9*9=1 no") or a malformed line.
+
+    start: the line's character offset in the trace. opening: the word before ", try" (None when the
+    line opens with "try"); marker: True when that word is an E(y) marker. candidate / candidate_span:
+    the value tried and its characters (None for a malformed line). verdict: "yes" or "no" as written.
+    correct: the candidate is listed, every step `left op right = result` is the problem's operation
+    applied to the true value, and the verdict is right. fork: the candidate was picked while two or
+    more listed candidates were still untried (a choice point, whatever was picked there); repeated:
+    it was tried before.
+    """
+
+    start: int
+    text: str
+    opening: str | None = None
+    marker: bool = False
+    candidate: int | None = None
+    candidate_span: tuple[int, int] | None = None
+    verdict: str | None = None
+    correct: bool = False
+    fork: bool = False
+    repeated: bool = False
+
+    @property
+    def is_check(self) -> bool:
+        return self.candidate is not None
+
+    @property
+    def marker_span(self) -> tuple[int, int] | None:
+        return (self.start, self.start + len(self.opening)) if self.marker and self.opening else None
+
+
+@dataclass(frozen=True)
+class TraceAnalysis:
+    """What `analyse_trace` reads from one trace.
+
+    lines: every non-empty line before the answer line, and any after it (malformed lines count as
+    incorrect steps). answer: the content of the first `\\boxed{...}` line, or None.
+    """
+
+    lines: tuple[TraceLine, ...]
+    answer: str | None
+    gold: str
+    failed_checks: int = 0
+    recoveries: int = 0
+    unmarked_retries: int = 0
+    misplaced_markers: int = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.lines)
+
+    @property
+    def correct_steps(self) -> int:
+        return sum(line.correct for line in self.lines)
+
+    @property
+    def step_acc(self) -> float | None:
+        """StepAcc: the fraction of step lines that are verifiably right; None for a trace without any."""
+        return self.correct_steps / self.steps if self.lines else None
+
+    @property
+    def answer_correct(self) -> bool:
+        return self.answer is not None and self.answer.strip() == self.gold
+
+    @property
+    def checks(self) -> int:
+        """Check lines (parsed candidates), right or wrong."""
+        return sum(line.is_check for line in self.lines)
+
+    @property
+    def fork_spans(self) -> list[tuple[int, int]]:
+        """Characters of candidates picked among two or more untried ones."""
+        return [line.candidate_span for line in self.lines if line.fork and line.candidate_span]
+
+    @property
+    def forced_choice_spans(self) -> list[tuple[int, int]]:
+        """Characters of candidates tried with one untried candidate left, or none (a repeat)."""
+        return [line.candidate_span for line in self.lines if line.is_check and not line.fork and line.candidate_span]
+
+    @property
+    def marker_spans(self) -> list[tuple[int, int]]:
+        return [span for line in self.lines if (span := line.marker_span) is not None]
+
+
+def _read_line(puzzle: SearchPuzzle, text: str, start: int, tried: set[int]) -> TraceLine:
+    match = _CHECK_RE.match(text)
+    if match is None:
+        return TraceLine(start, text)
+    opening, candidate_text, arithmetic, verdict = match.groups()
+    candidate = int(candidate_text)
+    offset = match.start(2)
+    listed = candidate in puzzle.candidates
+    untried = set(puzzle.candidates) - tried
+    correct = False
+    if listed:
+        written = [_STEP_RE.match(part) for part in arithmetic.split(", ")]
+        expected = puzzle.check_steps(candidate)
+        correct = (
+            len(written) == len(expected)
+            and all(
+                found is not None and found.groups() == (str(s.left), s.operator, str(s.right), str(s.result))
+                for found, s in zip(written, expected, strict=False)
+            )
+            and verdict == ("yes" if puzzle.passes(candidate) else "no")
+        )
+    return TraceLine(
+        start=start,
+        text=text,
+        opening=opening,
+        marker=opening is not None and opening.lower() in EPISTEMIC_MARKERS,
+        candidate=candidate,
+        candidate_span=(start + offset, start + offset + len(candidate_text)),
+        verdict=verdict,
+        correct=correct,
+        fork=len(untried) >= 2,
+        repeated=candidate in tried,
+    )
+
+
+def analyse_trace(puzzle: SearchPuzzle, text: str) -> TraceAnalysis:
+    """Read a search trace line by line against `puzzle` (see `TraceLine` and `TraceAnalysis`).
+
+    Counts: failed_checks, lines with the verdict "no"; recoveries, failed checks whose next line is a
+    check line opened by an E(y) marker; unmarked_retries, failed checks followed by a check line
+    without one; misplaced_markers, check lines opened by a marker that do not follow a failed check.
+    """
+    lines: list[TraceLine] = []
+    answer: str | None = None
+    tried: set[int] = set()
+    start = 0
+    for raw in text.split("\n"):
+        stripped = raw.strip()
+        if stripped:
+            boxed = _BOXED_RE.match(stripped)
+            if boxed is not None and answer is None:
+                answer = boxed.group(1)
+            else:
+                line = _read_line(puzzle, raw, start, tried) if answer is None else TraceLine(start, raw)
+                lines.append(line)
+                if line.candidate is not None:
+                    tried.add(line.candidate)
+        start += len(raw) + 1
+    failed = recoveries = unmarked = misplaced = 0
+    for index, line in enumerate(lines):
+        after_failure = index > 0 and lines[index - 1].verdict == "no"
+        if line.verdict == "no":
+            failed += 1
+        if line.is_check and after_failure:
+            recoveries += line.marker
+            unmarked += not line.marker
+        elif line.is_check and line.marker:
+            misplaced += 1
+    return TraceAnalysis(
+        tuple(lines), answer, str(puzzle.answer), failed_checks=failed, recoveries=recoveries,
+        unmarked_retries=unmarked, misplaced_markers=misplaced,
+    )
+
+
+def analyse_completion(problem: Problem, completion: str) -> TraceAnalysis:
+    """`analyse_trace` for a `search_checks` problem's completion (or its worked solution)."""
+    return analyse_trace(parse_search_puzzle(problem.problem), completion)
+
+
+def pooled_step_acc(analyses: Iterable[TraceAnalysis]) -> float | None:
+    """StepAcc over many traces: correct step lines / step lines, all pooled (None without any line)."""
+    correct = steps = 0
+    for analysis in analyses:
+        correct += analysis.correct_steps
+        steps += analysis.steps
+    return correct / steps if steps else None
+
+
+# --------------------------------------------------------------------------------------------
+# Token labels
+
+
+def _char_kinds(analysis: TraceAnalysis) -> list[tuple[tuple[int, int], str]]:
+    return [(span, "fork") for span in analysis.fork_spans] + [(span, "marker") for span in analysis.marker_spans]
+
+
+def _kinds_of(offsets: Sequence[tuple[int, int]], analysis: TraceAnalysis) -> list[str]:
+    spans = _char_kinds(analysis)
+    kinds = []
+    for start, end in offsets:
+        kind = next((k for (s, e), k in spans if start < e and s < end), "forced")
+        kinds.append(kind)
+    return kinds
+
+
+def solution_token_kinds(tokenizer: Any, problem: Problem) -> tuple[list[int], list[str]]:
+    """(token ids of the worked solution, the kind of each token: "fork", "marker" or "forced").
+
+    A token is a fork where it overlaps a candidate picked among two or more untried ones, a marker
+    where it overlaps the E(y) word after a failed check; every other token is forced.
+    """
+    if problem.solution is None:
+        raise ValueError(f"problem {problem.id!r} has no worked solution")
+    encoded = tokenizer(problem.solution, add_special_tokens=False, return_offsets_mapping=True)
+    analysis = analyse_completion(problem, problem.solution)
+    return list(encoded["input_ids"]), _kinds_of(encoded["offset_mapping"], analysis)
+
+
+def completion_token_kinds(tokenizer: Any, problem: Problem, token_ids: Sequence[int]) -> list[str]:
+    """The kind of each token of a sampled completion (token ids as generated, special tokens kept
+    out): character offsets come from decoding growing prefixes, so no re-tokenization is assumed."""
+    ids = list(token_ids)
+    offsets, previous = [], 0
+    for end in range(1, len(ids) + 1):
+        length = len(tokenizer.decode(ids[:end], skip_special_tokens=True))
+        offsets.append((previous, length))
+        previous = length
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return _kinds_of(offsets, analyse_completion(problem, text))
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher conditions
+
+
+def teacher_view(problem: Problem, condition: str) -> tuple[Problem, str]:
+    """(the problem as the teacher should see it, the prompt template to render it with).
+
+    "rich": the worked solution that goes straight to the answer (the answer's one check line and the
+    boxed answer) replaces the search trace in `solution`, rendered by the "opsd_mild" template (the
+    study's default). "weak": the problem unchanged, rendered by "answer_only", which shows only
+    `answer`. The student prompt of either view is the same as the original's (it reads only
+    `problem.problem`); keep the original problems for the warm start, whose targets are the traces.
+    """
+    if condition not in TEACHER_CONDITIONS:
+        raise ValueError(f"condition must be one of {sorted(TEACHER_CONDITIONS)}, got {condition!r}")
+    if condition == "rich":
+        problem = replace(problem, solution=parse_search_puzzle(problem.problem).direct_solution())
+    return problem, TEACHER_CONDITIONS[condition]
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+@dataclass(frozen=True)
+class SearchStudyTask:
+    """The problems of a study on `search_checks`: one in-distribution stream cut into held-out, RL and
+    warm-start parts (as `StudyTask`), and an out-of-distribution held-out set with more candidates
+    and longer check lines than any in-distribution problem (ids `search_checks_ood-<seed>-<i>`)."""
+
+    candidates: tuple[int, int] = SEARCH_IN_DISTRIBUTION["candidates"]
+    length: tuple[int, int] = SEARCH_IN_DISTRIBUTION["length"]
+    ood_candidates: tuple[int, int] = SEARCH_OUT_OF_DISTRIBUTION["candidates"]
+    ood_length: tuple[int, int] = SEARCH_OUT_OF_DISTRIBUTION["length"]
+    modulus: int = SEARCH_MODULUS
+    markers: tuple[str, ...] = SEARCH_MARKERS
+    seed: int = 2025
+    n_eval: int = 64
+    n_ood: int = 64
+    n_rl: int = 512
+    n_sft: int = 4000
+
+    def __post_init__(self) -> None:
+        for name in ("candidates", "length", "ood_candidates", "ood_length", "markers"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if min(self.n_eval, self.n_ood, self.n_rl, self.n_sft) < 1:
+            raise ValueError("n_eval, n_ood, n_rl and n_sft must all be >= 1")
+        if self.ood_candidates[0] <= self.candidates[1] or self.ood_length[0] < self.length[1]:
+            raise ValueError(
+                "the out-of-distribution set must list more candidates than any in-distribution problem "
+                f"and have check lines at least as long: got candidates {self.candidates} vs "
+                f"{self.ood_candidates}, length {self.length} vs {self.ood_length}"
+            )
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of `search_checks` in distribution."""
+        return {"candidates": self.candidates, "length": self.length, "modulus": self.modulus, "markers": self.markers}
+
+    def ood_options(self) -> dict[str, Any]:
+        return {**self.options(), "candidates": self.ood_candidates, "length": self.ood_length}
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    def splits(self) -> tuple[list[Problem], list[Problem], list[Problem], list[Problem]]:
+        """(held_out, ood, rl_train, sft_train)."""
+        train, held_out = make_splits(SEARCH_CHECKS, self.n_rl + self.n_sft, self.n_eval, self.seed, **self.options())
+        ood = [
+            replace(problem, id=problem.id.replace(SEARCH_CHECKS, f"{SEARCH_CHECKS}_ood", 1))
+            for problem in search_checks(self.n_ood, seed=self.seed, **self.ood_options())
+        ]
+        return held_out, ood, train[: self.n_rl], train[self.n_rl :]
