@@ -199,18 +199,20 @@ def _eval_compare(work: Path, device_is_cuda: bool) -> tuple[str, str]:
 
 def _trl_child(out: str) -> None:
     import torch
+
+    from selfdistill.data import SYNTHETIC_TASKS
     from selfdistill.integrations.trl import (
         SelfDistillConfig,
         SelfDistillTrainer,
         boxed_answer_reward,
         problems_to_dataset,
     )
-
-    from selfdistill.data import SYNTHETIC_TASKS
     from selfdistill.models import tiny_model_dir
 
     use_vllm = _has("vllm") and torch.cuda.is_available()
-    dataset = problems_to_dataset(SYNTHETIC_TASKS["operation_chains"](16, seed=0))
+    from datasets import Dataset
+
+    dataset = Dataset.from_list(problems_to_dataset(SYNTHETIC_TASKS["operation_chains"](16, seed=0)))
     extra = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if use_vllm else {}
     args = SelfDistillConfig(output_dir=out, objective="dasd", objective_args={"teacher": "frozen"},
                              num_generations=4, per_device_train_batch_size=8, max_completion_length=32, max_steps=2,
