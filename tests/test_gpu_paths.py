@@ -6,31 +6,14 @@ import warnings
 
 import pytest
 import torch
+from test_trainer import length_reward, tiny_config
 
-from selfdistill.config import ConfigError, ObjectiveConfig, config_from_dict
+from selfdistill.config import ConfigError, ObjectiveConfig
 from selfdistill.models import build_tiny_model, build_tiny_tokenizer
 from selfdistill.objectives import OBJECTIVES, ObjectiveBatch
 from selfdistill.teacher import Teacher, check_output_layer
 from selfdistill.tokenstats import TokenStats
 from selfdistill.trainer import Collectives, Trainer
-
-
-def tiny_config(tmp_path, **sections):
-    values = {
-        "model": {"path": "tiny"},
-        "data": {"dataset": "synthetic:operation_chains", "num_problems": 8},
-        "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 12},
-        "optim": {"steps": 1, "lr": 1e-3, "micro_batch_size": 3, "chunk_tokens": 24},
-        "logging": {"output_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
-    }
-    for section, entries in sections.items():
-        values.setdefault(section, {}).update(entries)
-    return config_from_dict(values)
-
-
-def length_reward(completions, problems):
-    return [(len(text) % 5) / 4 for text in completions]
-
 
 # ----------------------------------------------------------------------------------------------
 # collectives
