@@ -30,6 +30,8 @@ from selfdistill.study.runner import EVAL_FILE, RunJob, execute_job, plan_jobs, 
 from selfdistill.study.settings import METHODS, StudySettings, WarmStartSettings
 from selfdistill.study.task import StudyTask, free_choice_spans, parse_chain, solution_steps, solution_token_labels
 from selfdistill.study.warmstart import (
+    FIRST_LOSSES,
+    SHIPPED_DIR,
     ShippedWarmStartError,
     drill_loss,
     drill_sequences,
@@ -39,6 +41,7 @@ from selfdistill.study.warmstart import (
     sft_loss,
     ship_warm_start,
     shipped_warm_start,
+    train_warm_start,
     warm_start_dir,
     warm_start_key,
 )
@@ -195,6 +198,40 @@ def test_shipped_warm_start_is_used_when_its_digests_match_and_skipped_on_rebuil
     (target / "model.safetensors").write_bytes(b"not the weights")
     with pytest.raises(ShippedWarmStartError, match="model.safetensors"):
         warm_start_dir(TINY_TASK, TINY_WARM_START, cache=tmp_path / "other", shipped=shipped)
+
+
+def test_the_package_ships_the_study_warm_start_of_the_current_code():
+    """The default study's warm start is shipped, its files match their digests, its record holds the
+    current settings, and the current code reproduces its first training steps: a change to the settings,
+    the task, the tiny model or the warm-start procedure fails here (then rebuild and ship it, docs/study.md)."""
+    task, settings = StudyTask(), WarmStartSettings()
+    key = warm_start_key(task, settings)
+    index = read_shipped_index()
+    assert key in index, f"no shipped warm start for key {key}; shipped: {sorted(index)}"
+    folder = shipped_warm_start(key)  # checks every file's SHA-256
+    assert folder is not None and folder.parent == SHIPPED_DIR
+    assert set(index[key]["sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json", "warm_start.json"}
+    assert (folder / "model.safetensors").stat().st_size < 4_000_000
+    record = read_warm_start_record(folder)
+    assert record["settings"] == WarmStartSettings().__dict__ and record["task"] == task.to_json()
+    model, tokenizer = load_model(folder)
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+    built = build_tiny_tokenizer()  # the warm start trains with this one; the study loads the saved one
+    problems = task.splits()[0][:8]
+    for role in ("student", "teacher"):
+        ids = [getattr(PromptBuilder(tok, template=settings.template), f"{role}_ids")(p) for p in problems
+               for tok in (tokenizer, built)]
+        assert ids[0::2] == ids[1::2]
+    # the weights were trained with the built tokenizer (the saved one gains an unused <|endoftext|>)
+    tokenizer = built
+    # retrain the first steps from scratch: the losses agree with the shipped build's to float noise
+    fresh = build_tiny_model(tokenizer, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
+                             num_heads=settings.num_heads, intermediate_size=settings.intermediate_size,
+                             seed=settings.seed)
+    steps = 3
+    assert len(record["first_losses"]) == FIRST_LOSSES >= steps
+    losses = train_warm_start(fresh, tokenizer, task, task.splits()[2], settings, stop_after=steps)
+    assert losses == pytest.approx(record["first_losses"][:steps], abs=1e-4)
 
 
 def test_the_same_study_run_twice_gives_identical_metrics(tmp_path):

@@ -316,7 +316,7 @@ def ship_warm_start(folder: Path, key: str, shipped: Path | None = None) -> Path
             shutil.copy2(path, target / path.name)
     index = read_shipped_index(root)
     index[key] = {"folder": name, "sha256": file_digests(target),
-                  "rebuild": "SELFDISTILL_CACHE=$(mktemp -d) selfdistill study --rebuild-warm-start"}
+                  "rebuild": "SELFDISTILL_CACHE=$(mktemp -d) python bench/ship_warm_start.py"}
     (root / SHIPPED_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     return target
 
