@@ -231,7 +231,8 @@ def test_the_package_ships_the_study_warm_start_of_the_current_code():
     steps = 3
     assert len(record["first_losses"]) == FIRST_LOSSES >= steps
     losses = train_warm_start(fresh, tokenizer, task, task.splits()[2], settings, stop_after=steps)
-    assert losses == pytest.approx(record["first_losses"][:steps], abs=1e-4)
+    # another CPU's kernels move these by ~1e-6 (docs/study.md); a change to the procedure moves them more
+    assert losses == pytest.approx(record["first_losses"][:steps], abs=2e-5)
 
 
 def test_the_same_study_run_twice_gives_identical_metrics(tmp_path):
