@@ -26,14 +26,22 @@ from selfdistill.study.report import (
     load_results,
     paired_difference,
 )
-from selfdistill.study.runner import RunJob, plan_jobs, read_finished, run_config
+from selfdistill.study.runner import EVAL_FILE, RunJob, execute_job, plan_jobs, read_finished, run_config
 from selfdistill.study.settings import METHODS, StudySettings, WarmStartSettings
 from selfdistill.study.task import StudyTask, free_choice_spans, parse_chain, solution_steps, solution_token_labels
 from selfdistill.study.warmstart import (
+    FIRST_LOSSES,
+    SHIPPED_DIR,
+    ShippedWarmStartError,
     drill_loss,
     drill_sequences,
+    file_digests,
+    read_shipped_index,
     read_warm_start_record,
     sft_loss,
+    ship_warm_start,
+    shipped_warm_start,
+    train_warm_start,
     warm_start_dir,
     warm_start_key,
 )
@@ -167,6 +175,87 @@ def test_warm_start_is_cached_by_its_settings(tmp_path):
     other = WarmStartSettings(**{**TINY_WARM_START.__dict__, "teacher_fraction": 0.0})
     assert warm_start_key(TINY_TASK, other) != warm_start_key(TINY_TASK, TINY_WARM_START)
     assert warm_start_key(StudyTask(n_eval=4, n_rl=6, n_sft=13), TINY_WARM_START) != folder.name[-12:]
+
+
+def test_shipped_warm_start_is_used_when_its_digests_match_and_skipped_on_rebuild(tmp_path):
+    built = warm_start_dir(TINY_TASK, TINY_WARM_START, cache=tmp_path / "cache")
+    key = warm_start_key(TINY_TASK, TINY_WARM_START)
+    shipped = tmp_path / "assets"
+    target = ship_warm_start(built, key, shipped=shipped)
+    assert read_shipped_index(shipped)[key]["sha256"] == file_digests(target)
+    assert "model.safetensors" in file_digests(target) and "selfdistill-complete.json" not in file_digests(target)
+    steps = []
+    found = warm_start_dir(TINY_TASK, TINY_WARM_START, cache=tmp_path / "other", shipped=shipped,
+                           on_step=lambda s, loss: steps.append(s))
+    assert found == target and steps == [] and not (tmp_path / "other").exists()  # no training, no cache
+    rebuilt = warm_start_dir(TINY_TASK, TINY_WARM_START, cache=tmp_path / "other", shipped=shipped, rebuild=True,
+                             on_step=lambda s, loss: steps.append(s))
+    assert rebuilt.parent == tmp_path / "other" and steps == [1, 2, 3, 4, 5]
+    # the same training on the same machine gives the same bytes
+    assert file_digests(rebuilt)["model.safetensors"] == file_digests(target)["model.safetensors"]
+    other = WarmStartSettings(**{**TINY_WARM_START.__dict__, "seed": 1})
+    assert shipped_warm_start(warm_start_key(TINY_TASK, other), shipped) is None  # other settings: not shipped
+    (target / "model.safetensors").write_bytes(b"not the weights")
+    with pytest.raises(ShippedWarmStartError, match="model.safetensors"):
+        warm_start_dir(TINY_TASK, TINY_WARM_START, cache=tmp_path / "other", shipped=shipped)
+
+
+def test_the_package_ships_the_study_warm_start_of_the_current_code():
+    """The default study's warm start is shipped, its files match their digests, its record holds the
+    current settings, and the current code reproduces its first training steps: a change to the settings,
+    the task, the tiny model or the warm-start procedure fails here (then rebuild and ship it, docs/study.md)."""
+    task, settings = StudyTask(), WarmStartSettings()
+    key = warm_start_key(task, settings)
+    index = read_shipped_index()
+    assert key in index, f"no shipped warm start for key {key}; shipped: {sorted(index)}"
+    folder = shipped_warm_start(key)  # checks every file's SHA-256
+    assert folder is not None and folder.parent == SHIPPED_DIR
+    assert set(index[key]["sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json", "warm_start.json"}
+    assert (folder / "model.safetensors").stat().st_size < 4_000_000
+    record = read_warm_start_record(folder)
+    assert record["settings"] == WarmStartSettings().__dict__ and record["task"] == task.to_json()
+    model, tokenizer = load_model(folder)
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+    built = build_tiny_tokenizer()  # the warm start trains with this one; the study loads the saved one
+    problems = task.splits()[0][:8]
+    for role in ("student", "teacher"):
+        ids = [getattr(PromptBuilder(tok, template=settings.template), f"{role}_ids")(p) for p in problems
+               for tok in (tokenizer, built)]
+        assert ids[0::2] == ids[1::2]
+    # the weights were trained with the built tokenizer (the saved one gains an unused <|endoftext|>)
+    tokenizer = built
+    # retrain the first steps from scratch: the losses agree with the shipped build's to float noise
+    fresh = build_tiny_model(tokenizer, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
+                             num_heads=settings.num_heads, intermediate_size=settings.intermediate_size,
+                             seed=settings.seed)
+    steps = 3
+    assert len(record["first_losses"]) == FIRST_LOSSES >= steps
+    losses = train_warm_start(fresh, tokenizer, task, task.splits()[2], settings, stop_after=steps)
+    # another CPU's kernels move these by ~1e-6 (docs/study.md); a change to the procedure moves them more
+    assert losses == pytest.approx(record["first_losses"][:steps], abs=2e-5)
+
+
+def test_the_same_study_run_twice_gives_identical_metrics(tmp_path):
+    """One study job (train, evaluate during and after) run twice from the same warm start: the same
+    eval.json and metrics.jsonl, timings aside."""
+    settings = StudySettings(methods=("grpo",), seeds=1, steps=2, prompts_per_step=2, group_size=2,
+                             max_new_tokens=8, eval_samples=2, eval_every=1, task=TINY_TASK,
+                             warm_start=TINY_WARM_START)
+    warm = warm_start_dir(TINY_TASK, TINY_WARM_START, cache=tmp_path / "cache")
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps({"id": p.id, "problem": p.problem, "answer": p.answer,
+                                              "solution": p.solution}) + "\n" for p in TINY_TASK.splits()[1]))
+    results = []
+    for copy in ("a", "b"):
+        job = plan_jobs(settings, tmp_path / copy, warm, train_file)[1]
+        execute_job(job)
+        evaluation = json.loads((Path(job.folder) / EVAL_FILE).read_text())
+        metrics = [json.loads(line) for line in (Path(job.folder) / "metrics.jsonl").read_text().splitlines()]
+        timing = {"train_seconds", "eval_seconds", "curve_eval_seconds"}
+        results.append(({k: v for k, v in evaluation.items() if k not in timing},
+                        [{k: v for k, v in row.items() if "second" not in k and "time" not in k} for row in metrics]))
+    assert results[0] == results[1]
+    assert len(results[0][1]) == 2 and len(results[0][0]["held_out_curve"]) == 1
 
 
 def test_choice_entropy_counts_every_solution_token(tokenizer):

@@ -25,7 +25,8 @@ def _study(args: argparse.Namespace) -> int:
         overrides["lr"] = args.lr
     settings = StudySettings.quick(**overrides) if args.quick else StudySettings(**overrides)
     out = args.out or ("runs/study-quick" if args.quick else "runs/study")
-    run_study(settings, out, workers=args.workers, progress=not args.no_progress)
+    run_study(settings, out, workers=args.workers, progress=not args.no_progress,
+              rebuild_warm_start=args.rebuild_warm_start)
     return 0
 
 
@@ -49,6 +50,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     study.add_argument("--steps", type=int, help="optimizer steps per run (default 30; --quick: 6)")
     study.add_argument("--lr", type=float, help="learning rate of every run (default 1e-4)")
     study.add_argument("--out", help="study folder (default runs/study, or runs/study-quick)")
+    study.add_argument("--rebuild-warm-start", action="store_true",
+                       help="train the warm start (on one thread, into the cache: about 15 min) instead of using the "
+                            "one shipped with the package; the study then runs from the rebuilt weights")
     study.add_argument("--workers", type=int, default=2, help="worker processes running runs in parallel")
     study.add_argument("--no-progress", action="store_true", help="no progress display")
     study.set_defaults(func=_study)

@@ -332,7 +332,7 @@ def _warm_start_section(results: StudyResults) -> str:
         f"{_number(record.get('stage1_final_loss'))}). Stage 2: {settings['drill_steps']} more such steps at lr "
         f"{settings['drill_lr']:g}, each plus an arithmetic drill of {settings['drill_facts']} single operations "
         f"in the solution line format (final loss, task + drill, {_number(record.get('final_loss'))}). "
-        f"**{record['train_seconds']:.0f} s** of training, once; the folder is cached.",
+        f"**{record['train_seconds']:.0f} s** of training, once. {_warm_start_source(results.study)}",
         "",
         f"Held-out ({task['n_eval']} problems, n = {n} samples each, temperature "
         f"{results.study['settings']['temperature']}); entropy is the mean next-token entropy (nats) along the "
@@ -341,6 +341,17 @@ def _warm_start_section(results: StudyResults) -> str:
         "",
         _table(["prompt", f"Avg@{n}", "pass@1", f"pass@{n}", "H free-choice", "H forced", "length (tokens)"], rows),
     ])
+
+
+def _warm_start_source(study: dict[str, Any]) -> str:
+    source, digest = study.get("warm_start_source"), study.get("warm_start_sha256")
+    if source == "shipped":
+        return (f"This study used the warm start shipped with the package (model.safetensors SHA-256 "
+                f"`{digest}`), not a fresh training.")
+    if source == "trained":
+        return (f"This study trained its own warm start (model.safetensors SHA-256 `{digest}`); another machine's "
+                "build can differ (docs/study.md).")
+    return "The folder is cached."
 
 
 def _main_table(results: StudyResults) -> str:

@@ -217,14 +217,19 @@ def plan_jobs(settings: StudySettings, out: Path, warm_folder: Path, train_file:
     return jobs
 
 
-def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, progress: bool = True) -> Path:
-    """Run (or continue) the study into `out` and write its report; returns the report path."""
+def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, progress: bool = True,
+              rebuild_warm_start: bool = False) -> Path:
+    """Run (or continue) the study into `out` and write its report; returns the report path.
+
+    The warm start is the one shipped with the package when there is one for these settings; with
+    `rebuild_warm_start` (or without a shipped one) it is trained into the cache first.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from selfdistill.progress import Progress  # plain lines every ~30 s when the output is a log
     from selfdistill.study.report import build_report
-    from selfdistill.study.warmstart import read_warm_start_record, warm_start_dir
+    from selfdistill.study.warmstart import SHIPPED_DIR, file_digests, read_warm_start_record, warm_start_dir
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -239,10 +244,13 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
     with Progress(*columns, console=console, disable=not progress) as bar:
         warm_task = bar.add_task("warm start", total=settings.warm_start.total_steps, status="cached?")
         warm_folder = warm_start_dir(
-            settings.task, settings.warm_start,
+            settings.task, settings.warm_start, rebuild=rebuild_warm_start,
             on_step=lambda step, loss: bar.update(warm_task, completed=step, status=f"loss {loss:.3f}"))
         bar.update(warm_task, completed=settings.warm_start.total_steps, status=str(warm_folder.name))
     warm_record = read_warm_start_record(warm_folder)
+    warm_source = "shipped" if warm_folder.parent == SHIPPED_DIR else "trained"
+    warm_digest = file_digests(warm_folder).get("model.safetensors")
+    console.print(f"warm start ({warm_source}): {warm_folder}  model.safetensors sha256 {warm_digest}")
 
     _, rl_problems, _ = settings.task.splits()
     train_file = out / "problems" / "rl_train.jsonl"
@@ -272,7 +280,8 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
                     _show_job(bar, rows, job)
     wall_seconds = time.perf_counter() - started
     write_json_atomic(out / STUDY_FILE, {"settings": settings.to_json(), "warm_start": warm_record,
-                                         "warm_start_dir": str(warm_folder), "workers": workers,
+                                         "warm_start_dir": str(warm_folder), "warm_start_source": warm_source,
+                                         "warm_start_sha256": warm_digest, "workers": workers,
                                          "wall_seconds": round(wall_seconds, 1)})
     report = build_report(out)
     with report.open("a", encoding="utf-8") as file:

@@ -13,10 +13,16 @@ never answers correctly. The warm start has two supervised stages (`WarmStartSet
    short sequences of single operations drawn like the task's steps and written in the solutions'
    own line format ("7*3=1"), loss on the results only.
 
-Both stages are short on purpose, so that the student ends partially right. The result is a standard
-Hugging Face folder (model + tokenizer) under ``cache_dir()/study-warmstart-<hash of every
-setting>``, written atomically by `models.build_cached_folder`, so every study run with the same
-settings starts from the same weights.
+Both stages are short on purpose, so that the student ends partially right. That makes the result
+sensitive to the arithmetic's rounding: the drill's accuracy rises late and abruptly, so two machines
+whose BLAS sums in another order (another thread count, CPU or library) end the 1,400 steps with
+different models (held-out student Avg@16 0.334, 0.257 and 0.103 in three runs of the same code; see
+docs/study.md). The study therefore ships the warm start it was measured on: a standard Hugging Face
+folder (model + tokenizer + `warm_start.json`) under ``assets/study-warmstart-<key>`` in this package,
+listed with the SHA-256 of every file in ``assets/warm_starts.json``. `warm_start_dir` returns that
+folder when its key (a hash of every setting) matches and its digests check; otherwise, or with
+``rebuild=True`` (``selfdistill study --rebuild-warm-start``), it trains the warm start on one thread
+into ``cache_dir()/study-warmstart-<key>``, written atomically by `models.build_cached_folder`.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -36,7 +43,14 @@ import torch.nn.functional as F
 
 from selfdistill.data import Problem
 from selfdistill.data.synthetic import sample_operation_chain
-from selfdistill.models import TINY_FORMAT, build_cached_folder, build_tiny_model, build_tiny_tokenizer, cache_dir
+from selfdistill.models import (
+    MARKER,
+    TINY_FORMAT,
+    build_cached_folder,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    cache_dir,
+)
 from selfdistill.prompts import PromptBuilder, pack
 from selfdistill.study.settings import WarmStartSettings
 from selfdistill.study.task import StudyTask
@@ -44,6 +58,10 @@ from selfdistill.study.task import StudyTask
 # Bump when the warm-start procedure changes in a way its settings do not show: it is part of the key.
 WARM_START_FORMAT = 3
 WARM_START_RECORD = "warm_start.json"
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets"
+SHIPPED_INDEX = "warm_starts.json"
+FIRST_LOSSES = 10  # the record keeps every one of the first steps' losses (a code change shows there first)
+BUILD_THREADS = 1  # the warm start is trained on one thread: the sum order does not depend on the machine's cores
 
 
 def warm_start_key(task: StudyTask, settings: WarmStartSettings) -> str:
@@ -119,8 +137,12 @@ def train_warm_start(
     settings: WarmStartSettings,
     *,
     on_step: Callable[[int, float], None] | None = None,
+    stop_after: int | None = None,
 ) -> list[float]:
     """Run both warm-start stages on `model` in place; returns the loss of every step.
+
+    `stop_after` ends the training after that many steps (the schedule stays the full one's): the
+    shipped warm start's first losses can be checked against the code without the full training.
 
     Every step fine-tunes on `batch_size` problems, each prompted as the student (problem only) or,
     with probability `teacher_fraction`, as the teacher (problem and worked solution), with the worked
@@ -165,7 +187,7 @@ def train_warm_start(
 
     model.train()
     losses: list[float] = []
-    for step in range(settings.total_steps):
+    for step in range(settings.total_steps if stop_after is None else min(stop_after, settings.total_steps)):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss = task_loss()
@@ -190,13 +212,23 @@ def warm_start_dir(
     *,
     cache: Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    rebuild: bool = False,
+    shipped: Path | None = None,
 ) -> Path:
-    """The cached warm-start folder for these settings, trained on the first call (see module doc).
+    """The warm-start folder for these settings: the shipped one if there is one for their key (and
+    `rebuild` is false), else the cached one, trained on the first call on `BUILD_THREADS` thread(s)
+    (see module doc). `shipped` replaces the package's assets folder (for tests).
 
     Besides the model and tokenizer the folder holds `warm_start.json`: the settings, the parameter
-    count, the training seconds and the loss curve (every 10th step and the last).
+    count, the training seconds, the loss of each of the first steps and the loss curve (every 10th step
+    and the last), and the torch / transformers versions and thread count it was built with.
     """
-    final = Path(cache or cache_dir()) / f"study-warmstart-{warm_start_key(task, settings)}"
+    key = warm_start_key(task, settings)
+    if not rebuild:
+        found = shipped_warm_start(key, shipped)
+        if found is not None:
+            return found
+    final = Path(cache or cache_dir()) / f"study-warmstart-{key}"
 
     def write(folder: Path) -> dict:
         started = time.perf_counter()
@@ -205,7 +237,12 @@ def warm_start_dir(
                                  num_heads=settings.num_heads, intermediate_size=settings.intermediate_size,
                                  seed=settings.seed)
         _, _, sft_problems = task.splits()
-        losses = train_warm_start(model, tokenizer, task, sft_problems, settings, on_step=on_step)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(BUILD_THREADS)
+        try:
+            losses = train_warm_start(model, tokenizer, task, sft_problems, settings, on_step=on_step)
+        finally:
+            torch.set_num_threads(threads)
         seconds = time.perf_counter() - started
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -216,13 +253,85 @@ def warm_start_dir(
             "train_seconds": round(seconds, 1),
             "loss_curve": {step: round(loss, 4) for step, loss in enumerate(losses, start=1)
                            if step % 10 == 0 or step == len(losses)},
+            "first_losses": losses[:FIRST_LOSSES],
             "stage1_final_loss": _tail_mean(losses[: settings.steps]),
             "final_loss": _tail_mean(losses[settings.steps :] or losses),
+            "built_with": {"torch": torch.__version__, "transformers": _version("transformers"),
+                           "threads": torch.get_num_threads()},
         }
         (folder / WARM_START_RECORD).write_text(json.dumps(record, indent=1) + "\n")
         return {"parameters": record["parameters"], "train_seconds": record["train_seconds"]}
 
-    return build_cached_folder(final, write, what=f"study warm start {warm_start_key(task, settings)}")
+    return build_cached_folder(final, write, what=f"study warm start {key}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the shipped warm start
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file directly in `folder` (the build marker excluded), by file name."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())
+            if _shipped_file(p)}
+
+
+def read_shipped_index(shipped: Path | None = None) -> dict[str, Any]:
+    """`assets/warm_starts.json`: key -> {"folder", "sha256": {file: digest}, "rebuild"}; {} if absent."""
+    path = Path(shipped or SHIPPED_DIR) / SHIPPED_INDEX
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+class ShippedWarmStartError(RuntimeError):
+    """The shipped warm-start folder does not match the digests recorded for it."""
+
+
+def shipped_warm_start(key: str, shipped: Path | None = None) -> Path | None:
+    """The shipped folder for `key` after checking every file's digest, or None if none is shipped."""
+    root = Path(shipped or SHIPPED_DIR)
+    entry = read_shipped_index(root).get(key)
+    if entry is None:
+        return None
+    folder = root / entry["folder"]
+    found = file_digests(folder) if folder.is_dir() else {}
+    if found != entry["sha256"]:
+        expected = entry["sha256"]
+        bad = sorted(name for name in set(found) | set(expected) if found.get(name) != expected.get(name))
+        raise ShippedWarmStartError(
+            f"shipped warm start {folder} does not match its recorded digests ({', '.join(bad)}); reinstall the "
+            "package or train it with `selfdistill study --rebuild-warm-start`")
+    return folder
+
+
+def ship_warm_start(folder: Path, key: str, shipped: Path | None = None) -> Path:
+    """Copy a built warm-start folder into the assets as ``study-warmstart-<key>`` and record its digests."""
+    root = Path(shipped or SHIPPED_DIR)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"study-warmstart-{key}"
+    target = root / name
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    for path in sorted(Path(folder).iterdir()):
+        if _shipped_file(path):
+            shutil.copy2(path, target / path.name)
+    index = read_shipped_index(root)
+    index[key] = {"folder": name, "sha256": file_digests(target),
+                  "rebuild": "SELFDISTILL_CACHE=$(mktemp -d) python bench/ship_warm_start.py"}
+    (root / SHIPPED_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    return target
+
+
+def _shipped_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.name != MARKER
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _tail_mean(values: list[float], window: int = 20) -> float | None:
