@@ -482,38 +482,6 @@ def load_eval_problems(settings: EvalSettings, data_root: str | os.PathLike[str]
     return problems
 
 
-def resolve_model(name: str) -> str:
-    """The model to load for `--model name`: "tiny", "smollm2", a Hugging Face model folder (a full
-    fine-tuning checkpoint is one), or a training run folder, which means its latest complete checkpoint."""
-    if name in ("tiny", "smollm2"):
-        return name
-    folder = Path(name).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model {name!r} is neither 'tiny', 'smollm2' nor an existing local folder")
-    from selfdistill.checkpoint import complete_checkpoints
-
-    checkpoints = complete_checkpoints(folder)  # a run folder (its config.json is the training config)
-    if checkpoints:
-        folder = checkpoints[-1]
-    if not (folder / "config.json").is_file():
-        if (folder / "adapter" / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{folder} is a LoRA checkpoint: evaluate it as --model <the base model> "
-                                    f"--adapter {folder / 'adapter'}")
-        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    return str(folder)
-
-
-def _model_folder(name: str) -> Path:
-    from selfdistill.models import smollm2_dir, tiny_model_dir
-
-    name = resolve_model(name)
-    if name == "tiny":
-        return tiny_model_dir()
-    if name == "smollm2":
-        return smollm2_dir()
-    return Path(name)
-
-
 def _adapter_folder(adapter: str) -> Path:
     folder = Path(adapter).expanduser()
     if not (folder / "adapter_config.json").is_file():
@@ -523,8 +491,9 @@ def _adapter_folder(adapter: str) -> Path:
 
 def _check_model_paths(settings: EvalSettings) -> None:
     """Raise FileNotFoundError for a model or adapter folder that does not exist."""
-    if settings.model not in ("tiny", "smollm2"):
-        _model_folder(settings.model)
+    from selfdistill.models import resolve_model
+
+    resolve_model(settings.model)  # builds nothing: "tiny" and "smollm2" pass as they are
     if settings.adapter is not None:
         _adapter_folder(settings.adapter)
 
@@ -541,7 +510,9 @@ def load_policy(settings: EvalSettings, device: str = "auto") -> tuple[Any, Any]
     if settings.backend == "vllm":
         from transformers import AutoTokenizer
 
-        folder = _model_folder(settings.model)
+        from selfdistill.models import model_folder
+
+        folder = model_folder(settings.model)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -549,7 +520,7 @@ def load_policy(settings: EvalSettings, device: str = "auto") -> tuple[Any, Any]
 
     from selfdistill.models import load_model
 
-    model, tokenizer = load_model(resolve_model(settings.model), dtype=getattr(torch, settings.dtype))
+    model, tokenizer = load_model(settings.model, dtype=getattr(torch, settings.dtype))
     if settings.adapter is not None:
         from peft import PeftModel
 
