@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from selfdistill import models
+from selfdistill import checkpoint, models
 from selfdistill.models import (
     build_tiny_model,
     build_tiny_tokenizer,
@@ -244,6 +244,22 @@ def test_load_model_local_folder_without_pad_token(tmp_path, caplog):
 def test_load_model_refuses_missing_paths_and_hub_ids(name):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_model(name)
+
+
+def test_one_resolver_for_load_model_and_eval(tmp_path):
+    # load_model and `selfdistill eval --model` resolve names through models.resolve_model (issue #18):
+    # built-in names pass as they are, folders are checked, a run folder means its latest checkpoint.
+    assert models.resolve_model("tiny") == "tiny" and models.resolve_model("smollm2") == "smollm2"
+    with pytest.raises(FileNotFoundError, match=r"neither 'tiny', 'smollm2' nor an existing local folder"):
+        models.resolve_model(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        load_model(tmp_path)
+    lora = tmp_path / "run" / "checkpoint-3"
+    (lora / "adapter").mkdir(parents=True)
+    (lora / "adapter" / "adapter_config.json").write_text("{}")
+    (lora / checkpoint.MARKER).write_text("")
+    with pytest.raises(FileNotFoundError, match="checkpoint-3 is a LoRA checkpoint: evaluate it as --model"):
+        load_model(tmp_path / "run")  # the run folder means its latest complete checkpoint
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):

@@ -104,7 +104,8 @@ def run_demo(settings: DemoSettings, out: Path | None = None) -> Path:
     from rich.console import Console
 
     from selfdistill.data import make_splits
-    from selfdistill.evaluation.runner import evaluate_problems, record_to_json, summarize
+    from selfdistill.evaluation.runner import evaluate_problems, summarize
+    from selfdistill.evaluation.store import record_to_json
     from selfdistill.grading import Grader
     from selfdistill.models import load_model, smollm2_dir
     from selfdistill.prompts import PromptBuilder

@@ -8,7 +8,8 @@ standard Hugging Face folder, so ``AutoModelForCausalLM.from_pretrained(folder)`
 beside it and renamed into place only once complete; a marker file records every file's size, so a
 half-written or damaged folder is detected, removed and rebuilt.
 
-Nothing here downloads anything: ``load_model`` takes ``"tiny"``, ``"smollm2"`` or a local folder.
+Nothing here downloads anything: ``load_model`` takes ``"tiny"``, ``"smollm2"`` or a local folder, which
+``resolve_model`` (the one resolver of model names, used by evaluation too) turns into a model folder.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from selfdistill.checkpoint import complete_checkpoints
 from selfdistill.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -435,44 +437,74 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
     return model, tokenizer
 
 
+BUILT_IN_MODELS = ("tiny", "smollm2")
+
+
+def resolve_model(name: str | Path) -> str:
+    """The model that `name` means: "tiny" or "smollm2" (returned as they are), a Hugging Face model
+    folder (a full fine-tuning checkpoint is one), or a training run folder, which means its latest
+    complete checkpoint (returned as a folder path). Builds nothing and never reaches the Hugging Face hub.
+
+    Raises FileNotFoundError for a missing folder, a folder without config.json, or a LoRA checkpoint
+    (whose message says how to evaluate it: the base model with ``--adapter``).
+    """
+    name = str(name)
+    if name in BUILT_IN_MODELS:
+        return name
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model {name!r} is neither 'tiny', 'smollm2' nor an existing local folder "
+            "(selfdistill never downloads from the Hugging Face hub)"
+        )
+    checkpoints = complete_checkpoints(folder)  # a run folder (its config.json is the training config)
+    if checkpoints:
+        folder = checkpoints[-1]
+    if not (folder / "config.json").is_file():
+        if (folder / "adapter" / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{folder} is a LoRA checkpoint: evaluate it as --model <the base model> "
+                                    f"--adapter {folder / 'adapter'}")
+        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    return str(folder)
+
+
+def _built_in_folder(name: str, cache: Path | None) -> Path:
+    return tiny_model_dir(cache=cache) if name == "tiny" else smollm2_dir(cache=cache)
+
+
+def model_folder(name: str | Path, *, cache: Path | None = None) -> Path:
+    """The Hugging Face folder of `name` (see `resolve_model`); "tiny" and "smollm2" are built into the
+    cache on first use."""
+    resolved = resolve_model(name)
+    return _built_in_folder(resolved, cache) if resolved in BUILT_IN_MODELS else Path(resolved)
+
+
 def load_model(
     name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, cache: Path | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` from ``"tiny"``, ``"smollm2"`` or a local Hugging Face folder.
+    """Load ``(model, tokenizer)`` from ``"tiny"``, ``"smollm2"`` or a local folder (see `resolve_model`).
 
     Never reaches the Hugging Face hub. A cached folder ("tiny", "smollm2") that fails to load is
     removed and rebuilt once. The tokenizer is made ready for batched generation: a pad token is set
     (the eos token if it had none, which is logged) and ``padding_side="left"``.
     """
-    name = str(name_or_path)
-    rebuild: Callable[[], Path] | None = None
-    if name == "tiny":
-        rebuild = lambda: tiny_model_dir(cache=cache)  # noqa: E731
-    elif name == "smollm2":
-        rebuild = lambda: smollm2_dir(cache=cache)  # noqa: E731
-
-    if rebuild is None:
-        folder = Path(name).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"model {name!r} is neither 'tiny', 'smollm2' nor an existing local folder "
-                "(selfdistill never downloads from the Hugging Face hub)"
-            )
-        model, tokenizer = _load_folder(folder, dtype)
+    resolved = resolve_model(name_or_path)
+    if resolved not in BUILT_IN_MODELS:
+        model, tokenizer = _load_folder(Path(resolved), dtype)
     else:
-        folder = rebuild()
+        folder = _built_in_folder(resolved, cache)
         try:
             model, tokenizer = _load_folder(folder, dtype)
         except Exception as err:  # a damaged cache that still passed the size check
             log.warning("cached model at %s failed to load (%s); rebuilding it", folder, err)
             shutil.rmtree(folder, ignore_errors=True)
-            model, tokenizer = _load_folder(rebuild(), dtype)
+            model, tokenizer = _load_folder(_built_in_folder(resolved, cache), dtype)
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {name!r} has neither a pad nor an eos token")
+            raise ValueError(f"the tokenizer of {resolved!r} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
-        log.info("tokenizer of %s has no pad token; using its eos token %r", name, tokenizer.eos_token)
+        log.info("tokenizer of %s has no pad token; using its eos token %r", resolved, tokenizer.eos_token)
     tokenizer.padding_side = "left"
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -21,7 +21,8 @@ def _positive_int(text: str) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from selfdistill.evaluation.report import print_summary, write_summary_files
-    from selfdistill.evaluation.runner import EvalSettings, SettingsMismatchError, run_eval
+    from selfdistill.evaluation.runner import run_eval
+    from selfdistill.evaluation.store import EvalSettings, SettingsMismatchError
 
     try:
         settings = EvalSettings(

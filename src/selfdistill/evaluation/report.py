@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.evaluation.metrics import epistemic_density
-from selfdistill.evaluation.runner import SAMPLES_FILE, SUMMARY_FILE, SampleRecord, load_records
+from selfdistill.evaluation.store import SAMPLES_FILE, SUMMARY_FILE, SampleRecord, load_records
 
 MACRO = "macro"
 

@@ -5,19 +5,18 @@ the gold answer and returns one `SampleRecord` per completion. Every problem is 
 seed, derived from ``(seed, source, problem id)``, so a problem's samples do not depend on which other
 problems are evaluated, in which order, or whether the run was interrupted and resumed. `summarize`
 turns records into the per-benchmark and macro table (Avg@n, pass@k, maj@n and reasoning health).
+`run_eval` drives a whole run into a folder whose files (settings, samples, summary, resuming)
+`selfdistill.evaluation.store` reads and writes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable, Container, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from selfdistill.data import BENCHMARKS, Problem, load_benchmark
+from selfdistill.data import Problem, load_benchmark
 from selfdistill.evaluation.metrics import (
     avg_at_k,
     epistemic_density,
@@ -42,6 +41,24 @@ from selfdistill.evaluation.metrics import (
     pass_at_k_table,
     response_length,
     truncation_rate,
+)
+from selfdistill.evaluation.store import (  # the store's names stay importable from here, as before
+    SAMPLES_FILE,
+    SETTINGS_FILE,
+    SUMMARY_FILE,
+    EvalSettings,
+    SampleRecord,
+    SettingsMismatchError,
+    append_records,
+    check_settings,
+    done_records,
+    load_records,
+    merge_records,
+    prepare_run_folder,
+    record_from_json,
+    record_to_json,
+    write_json_atomic,
+    write_summary,
 )
 from selfdistill.grading import Grader, extract_answer, normalize_answer
 from selfdistill.progress import Progress
@@ -55,26 +72,6 @@ log = logging.getLogger(__name__)
 # schedules its own batches).
 DEFAULT_HF_ROWS = 32
 DEFAULT_MULTI_PROMPT_ROWS = 512
-
-
-@dataclass
-class SampleRecord:
-    """One graded completion; the rows of ``samples.jsonl``."""
-
-    source: str  # benchmark / task name (Problem.source)
-    problem_id: str
-    sample_index: int
-    completion: str
-    extracted: str | None  # grading.extract_answer(completion)
-    correct: float  # 1.0 / 0.0
-    num_tokens: int  # response tokens (EOS included)
-    truncated: bool
-    mean_entropy: float | None  # mean token entropy of the response when the backend gives it
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        """(source, problem_id, sample_index): what identifies a sample across runs."""
-        return (self.source, self.problem_id, self.sample_index)
 
 
 def problem_seed(seed: int, source: str, problem_id: str) -> int:
@@ -336,141 +333,7 @@ def summarize(records: Sequence[SampleRecord], *, ks: Sequence[int] | None = Non
 
 
 # --------------------------------------------------------------------------------------------------
-# Run folders: settings.json, samples.jsonl (appended as records finish), summary.json
-
-
-SETTINGS_FILE = "settings.json"
-SAMPLES_FILE = "samples.jsonl"
-SUMMARY_FILE = "summary.json"
-
-
-class SettingsMismatchError(ValueError):
-    """A run folder holds samples made with other settings than the ones asked for now."""
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Everything that decides which samples an evaluation run draws (stored in settings.json).
-
-    A re-run into the same folder must have equal settings; it then resumes.
-    """
-
-    model: str  # "tiny", "smollm2" or a local Hugging Face folder
-    benchmarks: tuple[str, ...]  # keys of selfdistill.data.BENCHMARKS
-    n: int = 16  # samples per problem
-    temperature: float = 0.6
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
-    adapter: str | None = None  # a peft LoRA adapter folder applied to the model
-    limit: int | None = None  # the first `limit` problems of each benchmark (None: all)
-    split: str = "test"
-    seed: int = 0
-    max_prompt_tokens: int = 2048  # longer prompts raise (never truncated)
-    backend: str = "hf"  # "hf" or "vllm"
-    batch_size: int | None = None  # see evaluate_problems
-    dtype: str = "float32"  # weights dtype: float32, bfloat16 or float16
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "benchmarks", tuple(self.benchmarks))
-        if not self.benchmarks:
-            raise ValueError("no benchmarks given")
-        unknown = [name for name in self.benchmarks if name not in BENCHMARKS]
-        if unknown:
-            raise ValueError(f"unknown benchmarks {unknown}; known: {', '.join(BENCHMARKS)}")
-        if len(set(self.benchmarks)) != len(self.benchmarks):
-            raise ValueError(f"a benchmark is listed twice: {list(self.benchmarks)}")
-        if self.n < 1 or self.max_new_tokens < 1 or self.max_prompt_tokens < 1:
-            raise ValueError("n, max_new_tokens and max_prompt_tokens must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
-        if self.backend not in ("hf", "vllm"):
-            raise ValueError(f"backend must be 'hf' or 'vllm', got {self.backend!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-
-    def to_json(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["benchmarks"] = list(self.benchmarks)
-        return values
-
-
-def check_settings(stored: dict[str, Any], settings: EvalSettings, run_dir: Path) -> None:
-    """Raise SettingsMismatchError naming every setting that differs from the stored ones."""
-    wanted = settings.to_json()
-    differing = [
-        f"{name}: {stored.get(name)!r} in the folder, {value!r} now"
-        for name, value in wanted.items()
-        if stored.get(name) != value
-    ]
-    differing += [f"{name}: {stored[name]!r} in the folder, not a setting now" for name in stored if name not in wanted]
-    if differing:
-        raise SettingsMismatchError(
-            f"{run_dir} holds an evaluation run with other settings ({'; '.join(differing)}); "
-            "use another --out folder, or the same settings to resume"
-        )
-
-
-def record_to_json(record: SampleRecord) -> dict[str, Any]:
-    return dataclasses.asdict(record)
-
-
-def record_from_json(row: dict[str, Any]) -> SampleRecord:
-    names = [f.name for f in dataclasses.fields(SampleRecord)]
-    missing = [name for name in names if name not in row]
-    if missing:
-        raise ValueError(f"missing fields {missing}")
-    return SampleRecord(**{name: row[name] for name in names})
-
-
-def load_records(path: str | os.PathLike[str], *, repair: bool = False) -> list[SampleRecord]:
-    """The records of a samples.jsonl file.
-
-    A last line without its newline is what a killed run leaves behind: it is dropped (with
-    ``repair=True`` the file is also cut back to the last complete line, so appending can go on).
-    Any other bad line raises ValueError naming the file and line.
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    complete_end = data.rfind(b"\n") + 1  # bytes up to and including the last newline
-    if complete_end < len(data):
-        log.warning("%s: dropping a half-written last line (%d bytes) left by an interrupted run",
-                    path, len(data) - complete_end)
-        if repair:
-            with path.open("r+b") as file:
-                file.truncate(complete_end)
-    records = []
-    for number, line in enumerate(data[:complete_end].decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(record_from_json(json.loads(line)))
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"{path}, line {number}: not a sample record ({error})") from error
-    return records
-
-
-def append_records(path: Path, records: Sequence[SampleRecord]) -> None:
-    """Append records as JSON lines in one write, flushed to disk."""
-    if not records:
-        return
-    payload = "".join(json.dumps(record_to_json(r), ensure_ascii=False) + "\n" for r in records)
-    with path.open("a", encoding="utf-8") as file:
-        file.write(payload)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to a temporary file beside `path` and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+# A run: load the problems and the policy, resume the folder (`store`), sample what is missing, summarize
 
 
 def load_eval_problems(settings: EvalSettings, data_root: str | os.PathLike[str] | None) -> list[Problem]:
@@ -482,38 +345,6 @@ def load_eval_problems(settings: EvalSettings, data_root: str | os.PathLike[str]
     return problems
 
 
-def resolve_model(name: str) -> str:
-    """The model to load for `--model name`: "tiny", "smollm2", a Hugging Face model folder (a full
-    fine-tuning checkpoint is one), or a training run folder, which means its latest complete checkpoint."""
-    if name in ("tiny", "smollm2"):
-        return name
-    folder = Path(name).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model {name!r} is neither 'tiny', 'smollm2' nor an existing local folder")
-    from selfdistill.checkpoint import complete_checkpoints
-
-    checkpoints = complete_checkpoints(folder)  # a run folder (its config.json is the training config)
-    if checkpoints:
-        folder = checkpoints[-1]
-    if not (folder / "config.json").is_file():
-        if (folder / "adapter" / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{folder} is a LoRA checkpoint: evaluate it as --model <the base model> "
-                                    f"--adapter {folder / 'adapter'}")
-        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    return str(folder)
-
-
-def _model_folder(name: str) -> Path:
-    from selfdistill.models import smollm2_dir, tiny_model_dir
-
-    name = resolve_model(name)
-    if name == "tiny":
-        return tiny_model_dir()
-    if name == "smollm2":
-        return smollm2_dir()
-    return Path(name)
-
-
 def _adapter_folder(adapter: str) -> Path:
     folder = Path(adapter).expanduser()
     if not (folder / "adapter_config.json").is_file():
@@ -523,8 +354,9 @@ def _adapter_folder(adapter: str) -> Path:
 
 def _check_model_paths(settings: EvalSettings) -> None:
     """Raise FileNotFoundError for a model or adapter folder that does not exist."""
-    if settings.model not in ("tiny", "smollm2"):
-        _model_folder(settings.model)
+    from selfdistill.models import resolve_model
+
+    resolve_model(settings.model)  # builds nothing: "tiny" and "smollm2" pass as they are
     if settings.adapter is not None:
         _adapter_folder(settings.adapter)
 
@@ -541,7 +373,9 @@ def load_policy(settings: EvalSettings, device: str = "auto") -> tuple[Any, Any]
     if settings.backend == "vllm":
         from transformers import AutoTokenizer
 
-        folder = _model_folder(settings.model)
+        from selfdistill.models import model_folder
+
+        folder = model_folder(settings.model)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -549,7 +383,7 @@ def load_policy(settings: EvalSettings, device: str = "auto") -> tuple[Any, Any]
 
     from selfdistill.models import load_model
 
-    model, tokenizer = load_model(resolve_model(settings.model), dtype=getattr(torch, settings.dtype))
+    model, tokenizer = load_model(settings.model, dtype=getattr(torch, settings.dtype))
     if settings.adapter is not None:
         from peft import PeftModel
 
@@ -578,20 +412,13 @@ def run_eval(
     """
     _check_model_paths(settings)  # before anything is written into the run folder
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    settings_path, samples_path = out / SETTINGS_FILE, out / SAMPLES_FILE
-    if settings_path.exists():
-        check_settings(json.loads(settings_path.read_text(encoding="utf-8")), settings, out)
-    elif samples_path.exists():
-        raise SettingsMismatchError(f"{out} has {SAMPLES_FILE} but no {SETTINGS_FILE}; use an empty --out folder")
-    else:
-        write_json_atomic(settings_path, settings.to_json())
+    prepare_run_folder(out, settings)
+    samples_path = out / SAMPLES_FILE
     environment = record_environment(out)  # environment.json: versions, commit, hardware
 
     problems = load_eval_problems(settings, data_root)
-    wanted = {(p.source, p.id) for p in problems}
-    done = [r for r in load_records(samples_path, repair=True) if (r.source, r.problem_id) in wanted]
-    done_keys = {r.key for r in done if r.sample_index < settings.n}
+    done = done_records(samples_path, problems, settings.n)
+    done_keys = {r.key for r in done}
     remaining = len(problems) * settings.n - len(done_keys)
     if done_keys:
         log.warning("%s: resuming, %d samples already done, %d to go", out, len(done_keys), remaining)
@@ -614,13 +441,9 @@ def run_eval(
         )
     seconds = time.perf_counter() - started
 
-    by_key = {r.key: r for r in done if r.sample_index < settings.n}
-    by_key.update({r.key: r for r in new})
-    order = {(p.source, p.id): i for i, p in enumerate(problems)}
-    records = sorted(by_key.values(), key=lambda r: (order[(r.source, r.problem_id)], r.sample_index))
     summary = {
         "settings": settings.to_json(),
-        **summarize(records),
+        **summarize(merge_records(done, new, problems)),
         "environment": summary_line(environment),
         "timing": {
             "seconds": seconds,
@@ -629,11 +452,14 @@ def run_eval(
             "resumed_samples": len(done_keys),
         },
     }
-    write_json_atomic(out / SUMMARY_FILE, summary)
+    write_summary(out, summary)
     return summary
 
 
 __all__ = [
+    "SAMPLES_FILE",
+    "SETTINGS_FILE",
+    "SUMMARY_FILE",
     "EvalSettings",
     "SampleRecord",
     "SettingsMismatchError",
@@ -645,6 +471,9 @@ __all__ = [
     "load_policy",
     "load_records",
     "problem_seed",
+    "record_from_json",
+    "record_to_json",
     "run_eval",
     "summarize",
+    "write_json_atomic",
 ]
