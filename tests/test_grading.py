@@ -376,6 +376,22 @@ def test_gsm8k_reference_solutions(data_root: Path) -> None:
     assert other <= 0.03
 
 
+def test_worker_module_loads_stand_alone() -> None:
+    # Workers load grading/worker.py by path: its top level must import only the standard library,
+    # never the package (whose __init__ may grow heavy imports) nor torch.
+    from selfdistill.grading import worker
+
+    assert worker.start_command()[-1] == os.path.abspath(worker.__file__)
+    script = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('w', sys.argv[1])\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'selfdistill', 'torch', 'math_verify'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, worker.__file__], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def _process_gone(pid: int) -> bool:
     """True once ``pid`` has exited (a zombie waiting for its new parent to reap it counts)."""
     try:
