@@ -36,6 +36,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from _harness import WORKER_FLAG, error_line, markdown_table, run_worker, serve_worker
+
 REPO = Path(__file__).resolve().parents[1]
 CHECKS = ("tiny", "smollm2", "eval", "trl")
 
@@ -77,7 +79,7 @@ def _run(name: str, fn, rows: list[Row]) -> None:
         status, note = fn()
     except Exception as error:  # noqa: BLE001 - a check's failure is reported, the others still run
         traceback.print_exc()
-        status, note = "FAIL", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:160]
+        status, note = "FAIL", error_line(error, 160)
     rows.append(Row(name, status, time.perf_counter() - start, _peak_mib(), note))
     print(f"[gpu_check] {name}: {status} ({rows[-1].seconds:.0f} s) {note}", flush=True)
 
@@ -197,7 +199,8 @@ def _eval_compare(work: Path, device_is_cuda: bool) -> tuple[str, str]:
 # the TRL route (selfdistill.integrations.trl), in a child process (vLLM colocate sets up its own process group)
 
 
-def _trl_child(out: str) -> None:
+def _trl_child(spec: dict) -> dict:
+    """The worker: train the route for 2 steps in spec["out"]; its steps, losses and whether vLLM generated."""
     import torch
 
     from selfdistill.data import SYNTHETIC_TASKS
@@ -214,7 +217,7 @@ def _trl_child(out: str) -> None:
 
     dataset = Dataset.from_list(problems_to_dataset(SYNTHETIC_TASKS["operation_chains"](16, seed=0)))
     extra = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if use_vllm else {}
-    args = SelfDistillConfig(output_dir=out, objective="dasd", objective_args={"teacher": "frozen"},
+    args = SelfDistillConfig(output_dir=spec["out"], objective="dasd", objective_args={"teacher": "frozen"},
                              num_generations=4, per_device_train_batch_size=8, max_completion_length=32, max_steps=2,
                              learning_rate=1e-5, logging_steps=1, report_to=[], save_strategy="no",
                              bf16=torch.cuda.is_available(), **extra)
@@ -222,7 +225,7 @@ def _trl_child(out: str) -> None:
                                  train_dataset=dataset)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    print("TRL_RESULT " + json.dumps({"steps": trainer.state.global_step, "losses": losses, "vllm": use_vllm}))
+    return {"steps": trainer.state.global_step, "losses": losses, "vllm": use_vllm}
 
 
 def _trl_route(work: Path) -> tuple[str, str]:
@@ -232,12 +235,9 @@ def _trl_route(work: Path) -> tuple[str, str]:
         import selfdistill.integrations.trl  # noqa: F401
     except ImportError as error:
         return "skipped", f"selfdistill.integrations.trl not available: {error}"
-    done = subprocess.run([sys.executable, __file__, "--trl-child", str(work / "trl")], capture_output=True,
-                          text=True, timeout=300, env=_child_env())
-    result = [line for line in done.stdout.splitlines() if line.startswith("TRL_RESULT ")]
-    if done.returncode != 0 or not result:
-        return "FAIL", f"exited {done.returncode}: {done.stderr.strip()[-200:]}"
-    values = json.loads(result[-1].split(" ", 1)[1])
+    values = run_worker(__file__, {"out": str(work / "trl")}, timeout=300, env=_child_env())
+    if "error" in values:
+        return "FAIL", values["error"][-200:]
     ok = values["steps"] == 2 and all(math.isfinite(x) for x in values["losses"])
     note = f"{values['steps']} steps, losses {values['losses']}, " + \
            ("vLLM colocate" if values["vllm"] else "TRL's own generation (no vLLM)")
@@ -248,11 +248,10 @@ def _trl_route(work: Path) -> tuple[str, str]:
 
 
 def _table(rows: list[Row], header: str) -> str:
-    lines = [header, "", "| check | status | seconds | peak GPU MiB | note |", "|---|---|---:|---:|---|"]
-    for r in rows:
-        peak = "" if r.peak_mib is None else f"{r.peak_mib:.0f}"
-        lines.append(f"| {r.check} | {r.status} | {r.seconds:.0f} | {peak} | {r.note} |")
-    return "\n".join(lines)
+    cells = [[r.check, r.status, f"{r.seconds:.0f}", "" if r.peak_mib is None else f"{r.peak_mib:.0f}", r.note]
+             for r in rows]
+    return "\n".join([header, "", *markdown_table(["check", "status", "seconds", "peak GPU MiB", "note"], "llrrl",
+                                                   cells)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,11 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {', '.join(CHECKS)}")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU when there is no CUDA device (slow)")
     parser.add_argument("--out", help="work folder (default: a temporary one)")
-    parser.add_argument("--trl-child", help=argparse.SUPPRESS)
+    parser.add_argument(WORKER_FLAG, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "src"))
-    if args.trl_child:
-        _trl_child(args.trl_child)
+    if args.worker:
+        serve_worker(_trl_child, args.worker)
         return 0
     import torch
 

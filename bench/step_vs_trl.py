@@ -43,509 +43,32 @@ a slow spell then hits both sides instead of one.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import traceback
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-# (our objective, TRL trainer, TRL mode); the TRL mode is SDFT's distillation_mode, or "" for GRPO
-PAIRS: dict[str, tuple[str, str, str]] = {
-    "opsd-full": ("opsd", "sdft", "full_logits"),
-    "opsd-topk": ("opsd", "sdft", "topk_logits"),
-    "dasd-grpo": ("dasd", "grpo", ""),
-    "dasd-route": ("dasd", "grpo", "route"),  # "ours" is the TRL route; TRL's side runs GRPO with beta=0
-}
+from _harness import WORKER_FLAG, fmt, markdown_table, ratio, run_worker, serve_worker
+from _step_vs_trl_sides import PAIRS, SIZES, build_model_dirs, measure_case
+
 SIDES = ("ours", "trl")
-QWEN_VOCAB = 151_936  # the output layer of Qwen2 / Qwen2.5 models (their tokenizers hold 151,665 tokens)
-BENCH_TEMPLATE = "bench_trl"
-TRL_TEACHER_TEMPLATE = "{prompt}\n\n{privileged_context}"  # TRL's default; ours is built to render the same
-RESULT_PREFIX = "RESULT "
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    vocab: int | None  # None: the tokenizer's length
-
-
-SIZES: dict[str, ModelSize] = {
-    "tiny": ModelSize(hidden=128, layers=2, heads=4, intermediate=256, vocab=None),
-    "qwen-vocab": ModelSize(hidden=64, layers=2, heads=4, intermediate=128, vocab=QWEN_VOCAB),
-}
 
 
 # ----------------------------------------------------------------------------------------------
-# memory and timing helpers (used inside the worker processes)
+# the parent: one subprocess per (side, pair, size) and round, then the tables
 
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
-
-
-def synchronize() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-class MemoryTimeline:
-    """Resident memory at each phase's entry and exit and the highest value in between, for the phases entered
-    while `recording` is on (the last timed step); a background thread samples it every 2 ms."""
-
-    def __init__(self) -> None:
-        self.recording = False
-        self.events: list[list] = []  # [name, MiB at entry, highest MiB, MiB at exit], in the order entered
-        self._open: list[list] = []  # the events of the phases entered and not yet left
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self) -> None:
-        while True:
-            now = rss_mib()
-            for event in list(self._open):
-                event[2] = max(event[2], now)
-            time.sleep(0.002)
-
-    def enter(self, name: str) -> None:
-        if self.recording:
-            now = rss_mib()
-            self._open.append([name, now, now, None])
-            self.events.append(self._open[-1])
-
-    def exit(self) -> None:
-        if self._open:
-            event = self._open.pop()
-            event[3] = rss_mib()
-            event[2] = max(event[2], event[3])
-
-
-class PhaseTimer:
-    """Exclusive wall time per named phase: time spent in a nested phase counts only for the inner one; with a
-    MemoryTimeline, the memory of each phase too."""
-
-    def __init__(self, memory: MemoryTimeline | None = None) -> None:
-        self.totals: dict[str, float] = defaultdict(float)
-        self._stack: list[list] = []  # [name, start, seconds spent in nested phases]
-        self.memory = memory
-
-    def enter(self, name: str) -> None:
-        synchronize()
-        self._stack.append([name, time.perf_counter(), 0.0])
-        if self.memory is not None:
-            self.memory.enter(name)
-
-    def exit(self) -> None:
-        synchronize()
-        name, start, nested = self._stack.pop()
-        elapsed = time.perf_counter() - start
-        self.totals[name] += elapsed - nested
-        if self._stack:
-            self._stack[-1][2] += elapsed
-        if self.memory is not None:
-            self.memory.exit()
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        self.enter(name)
-        try:
-            yield
-        finally:
-            self.exit()
-
-    def wrap(self, owner: object, attribute: str, phase: str | Callable[[], str]) -> None:
-        """Replace `owner.attribute` (a function or method) by one timed as `phase` (a name, or a function
-        returning the name at call time)."""
-        original = getattr(owner, attribute)
-
-        def timed(*args, **kwargs):
-            with self.phase(phase() if callable(phase) else phase):
-                return original(*args, **kwargs)
-
-        setattr(owner, attribute, timed)
-
-    def snapshot(self) -> dict[str, float]:
-        return dict(self.totals)
-
-
-def per_step_phases(snapshots: list[dict[str, float]], step_seconds: list[float]) -> dict[str, float]:
-    """Mean seconds per step of each phase over the timed steps, from cumulative snapshots taken at each
-    timed step's start and end (pairs), plus "other" = step time - the phases."""
-    sums: dict[str, float] = defaultdict(float)
-    for begin, end in zip(snapshots[0::2], snapshots[1::2], strict=True):
-        for name, total in end.items():
-            sums[name] += total - begin.get(name, 0.0)
-    n = len(step_seconds)
-    phases = {name: value / n for name, value in sums.items() if value > 0}
-    phases["other"] = max(0.0, statistics.fmean(step_seconds) - sum(phases.values()))
-    return phases
-
-
-def timed_backward(timer: PhaseTimer) -> None:
-    """Time every `Tensor.backward` call as the "backward" phase (inside this worker process only)."""
-    import torch
-
-    original = torch.Tensor.backward
-
-    def backward(self, *args, **kwargs):
-        with timer.phase("backward"):
-            return original(self, *args, **kwargs)
-
-    torch.Tensor.backward = backward
-    timer.wrap(torch.nn.utils, "clip_grad_norm_", "grad clip")
-
-
-# ----------------------------------------------------------------------------------------------
-# shared set-up: the model folders, the problems, the prompt template
-
-
-def build_model_dirs(sizes: list[str], root: Path) -> dict[str, str]:
-    """Build the tiny tokenizer and one random Qwen2 model per size, saved as Hugging Face folders."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
-    from transformers.utils import logging as transformers_logging
-
-    from selfdistill.models import build_tiny_model, build_tiny_tokenizer
-
-    transformers_logging.disable_progress_bar()
-    tokenizer = build_tiny_tokenizer()
-    folders = {}
-    for name in sizes:
-        size = SIZES[name]
-        if size.vocab is None:
-            model = build_tiny_model(tokenizer, hidden_size=size.hidden, num_layers=size.layers,
-                                     num_heads=size.heads, intermediate_size=size.intermediate)
-        else:
-            # The output layer is larger than the tokenizer, as in real Qwen models; every id the tokenizer makes
-            # is below its length (833), and sampled ids past it decode to the empty string on both sides.
-            special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                       "pad_token_id": tokenizer.pad_token_id}
-            config = Qwen2Config(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
-                                 num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                                 num_key_value_heads=size.heads, max_position_embeddings=2048,
-                                 tie_word_embeddings=True, **special)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            model.generation_config = GenerationConfig(**special)
-        folder = root / f"model-{name}"
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        folders[name] = str(folder)
-    return folders
-
-
-def register_bench_template() -> None:
-    """Our prompt template whose teacher prompt is TRL's default: `<student message>\\n\\n<solution>`."""
-    from selfdistill.prompts import DEFAULT_TEMPLATE, TEMPLATES, PromptTemplate
-
-    student = TEMPLATES[DEFAULT_TEMPLATE].student
-    TEMPLATES[BENCH_TEMPLATE] = PromptTemplate(BENCH_TEMPLATE, student, student + "\n\n{solution}", "solution")
-
-
-def bench_problems(spec: dict):
-    from selfdistill.data.synthetic import number_sums
-
-    return number_sums(spec["prompts"] * (spec["warmup"] + spec["steps"]), seed=spec["seed"])
-
-
-# ----------------------------------------------------------------------------------------------
-# our side
-
-
-def run_ours(spec: dict, run_dir: str) -> dict:
-    import torch
-
-    import selfdistill.trainer as trainer_module
-    from selfdistill.config import config_from_dict
-    from selfdistill.trainer import Trainer
-
-    register_bench_template()
-    method, _, trl_mode = PAIRS[spec["pair"]]
-    objective = {"method": method, "teacher": "frozen"}
-    if trl_mode == "topk_logits":
-        objective["divergence_top_k"] = spec["top_k"]
-    config = config_from_dict({
-        "model": {"path": spec["model_dir"], "gradient_checkpointing": spec["gradient_checkpointing"]},
-        "data": {"template": BENCH_TEMPLATE, "max_prompt_tokens": spec["max_prompt_tokens"], "shuffle": False},
-        "rollout": {"prompts_per_step": spec["prompts"], "group_size": spec["group_size"],
-                    "max_new_tokens": spec["max_new_tokens"], "temperature": 1.0, "top_p": 1.0},
-        "objective": objective,
-        "optim": {"steps": spec["warmup"] + spec["steps"], "lr": spec["lr"], "micro_batch_size": spec["micro_batch"],
-                  "max_grad_norm": 1.0, "seed": spec["seed"]},
-        "logging": {"output_dir": run_dir, "sample_every": 0, "tensorboard": False, "progress": False},
-    })
-    trainer = Trainer(config, run_dir=run_dir, problems=bench_problems(spec))
-    trainer.backend.min_new_tokens = spec["max_new_tokens"]  # EOS held back: every completion has that length
-    rss_loaded = rss_mib()
-
-    timer = PhaseTimer(MemoryTimeline() if spec["profile"] else None)
-    if spec["profile"]:
-        timer.wrap(trainer.backend, "generate", "generation")
-        timer.wrap(trainer.grader, "grade_many", "grading")
-        if trainer.teacher is not None:
-            timer.wrap(trainer.teacher, "hidden_states", "teacher forward")
-        timer.wrap(trainer_module, "pack", "packing prompts + responses")
-        timer.wrap(trainer_module, "response_hidden_states", "student forward (decoder only)")
-        timer.wrap(trainer_module, "hidden_objective", "output layer + token stats + objective (fused fwd/grad)")
-        timer.wrap(trainer.optimizer, "step", "optimizer")
-        timer.wrap(trainer, "_log", "logging")
-        timed_backward(timer)
-
-    seconds, lengths, snapshots = [], [], []
-    for step in range(spec["warmup"] + spec["steps"]):
-        timed = step >= spec["warmup"]
-        if timed:
-            snapshots.append(timer.snapshot())
-        if timer.memory is not None and step == spec["warmup"] + spec["steps"] - 1:
-            timer.memory.recording = True
-            timer.memory.step_start = rss_mib()
-        synchronize()
-        start = time.perf_counter()
-        metrics = trainer.train_step()
-        synchronize()
-        if timed:
-            seconds.append(time.perf_counter() - start)
-            snapshots.append(timer.snapshot())
-        lengths.append(metrics["response_length"])
-    trainer.grader.close()
-    result = {"seconds": seconds, "rss_loaded_mib": rss_loaded, "completion_length": statistics.fmean(lengths),
-              "threads": torch.get_num_threads(), "prompts_match": True}
-    if spec["profile"]:
-        result["phases"] = per_step_phases(snapshots, seconds)
-        result["memory_timeline"] = {"step_start": timer.memory.step_start, "events": timer.memory.events}
-    return result
-
-
-# ----------------------------------------------------------------------------------------------
-# TRL's side
-
-
-def run_trl(spec: dict, run_dir: str, route: bool = False) -> dict:
-    """TRL's trainer; with `route`, our TRL route (SelfDistillTrainer) on the same settings instead."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-
-    from selfdistill.grading import Grader
-    from selfdistill.prompts import PromptBuilder
-
-    register_bench_template()
-    _, trainer_kind, mode = PAIRS[spec["pair"]]
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
-    prompts = PromptBuilder(tokenizer, template=BENCH_TEMPLATE, max_prompt_tokens=spec["max_prompt_tokens"])
-    problems = bench_problems(spec)
-    rows = [{"prompt": prompts.student_messages(p), "problem": p.problem, "privileged_context": p.solution,
-             "answer": p.answer} for p in problems]
-    dataset = Dataset.from_list(rows)
-
-    timer = PhaseTimer(MemoryTimeline() if spec["profile"] else None)
-    seconds, lengths, snapshots = [], [], []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step >= spec["warmup"]:
-                snapshots.append(timer.snapshot())
-            if timer.memory is not None and state.global_step == spec["warmup"] + spec["steps"] - 1:
-                timer.memory.recording = True
-                timer.memory.step_start = rss_mib()
-            synchronize()
-            self.start = time.perf_counter()
-
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            if spec["profile"]:
-                timer.enter("optimizer")
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            if spec["profile"]:
-                timer.exit()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            synchronize()
-            if state.global_step > spec["warmup"]:  # global_step already counts this step
-                seconds.append(time.perf_counter() - self.start)
-                snapshots.append(timer.snapshot())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "completions/mean_length" in logs:
-                lengths.append(logs["completions/mean_length"])
-
-    use_cpu = not torch.cuda.is_available()
-    common = {
-        "output_dir": run_dir,
-        "per_device_train_batch_size": spec["micro_batch"],
-        "gradient_accumulation_steps": spec["prompts"] * spec["group_size"] // spec["micro_batch"],
-        "num_generations": spec["group_size"],
-        "max_completion_length": spec["max_new_tokens"],
-        "generation_kwargs": {"min_new_tokens": spec["max_new_tokens"]},
-        "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-        "learning_rate": spec["lr"], "lr_scheduler_type": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0,
-        "optim": "adamw_torch",
-        "max_steps": spec["warmup"] + spec["steps"],
-        "num_iterations": 1,
-        "shuffle_dataset": False,
-        "seed": spec["seed"],
-        "use_cpu": use_cpu, "bf16": False, "fp16": False,
-        "gradient_checkpointing": spec["gradient_checkpointing"],
-        "report_to": [], "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True,
-    }
-    grader = None
-    if trainer_kind == "sdft":
-        from trl.experimental.sdft import SDFTConfig, SDFTTrainer
-
-        args = SDFTConfig(**common, max_prompt_length=spec["max_prompt_tokens"], teacher_model_kind="base",
-                          distillation_mode=mode, distillation_topk=spec["top_k"], distillation_alpha=0.5,
-                          teacher_prompt_template=TRL_TEACHER_TEMPLATE)
-        trainer = SDFTTrainer(model=spec["model_dir"], args=args, train_dataset=dataset, processing_class=tokenizer,
-                              callbacks=[StepTimer()])
-        # The prompts TRL will tokenize must be ours, token for token (student and teacher).
-        builder = trainer.teacher_context_builder
-        prompts_match = all(
-            trainer._tokenize_prompts([row["prompt"]])[0] == prompts.student_ids(p)
-            and trainer._tokenize_prompts([builder._compose_teacher_prompt(row["prompt"], p.solution)])[0]
-            == prompts.teacher_ids(p)
-            for row, p in zip(rows, problems, strict=True)
-        )
-    else:
-        from trl import GRPOConfig, GRPOTrainer
-
-        grader = Grader(workers=2)
-
-        def boxed_answer_reward(prompts, completions, answer, **kwargs) -> list[float]:
-            """1 when the last \\boxed{} answer equals the gold answer (selfdistill.grading, as our trainer)."""
-            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-            return grader.grade_many(texts, answer)
-
-        if route:
-            from selfdistill.integrations.trl import SelfDistillConfig, SelfDistillTrainer
-
-            args = SelfDistillConfig(**common, objective=PAIRS[spec["pair"]][0], objective_args={"teacher": "frozen"},
-                                     teacher_template=BENCH_TEMPLATE)
-            trainer = SelfDistillTrainer(model=spec["model_dir"], reward_funcs=[boxed_answer_reward], args=args,
-                                         train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()])
-        else:
-            args = GRPOConfig(**common, beta=0.0 if mode == "route" else spec["grpo_beta"])
-            trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=[boxed_answer_reward], args=args,
-                                  train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()])
-        prompts_match = all(trainer._tokenize_prompts([row["prompt"]])[0][0] == prompts.student_ids(p)
-                            for row, p in zip(rows, problems, strict=True))
-        if route:
-            prompts_match = prompts_match and all(trainer.teacher_prompt_ids([row])[0] == prompts.teacher_ids(p)
-                                                  for row, p in zip(rows, problems, strict=True))
-    rss_loaded = rss_mib()
-
-    # Check that TRL generates once per optimizer step, P x G rows each time, as we do.
-    generated_rows: list[int] = []
-    generate = trainer._generate
-
-    def counted_generate(prompts, *args, **kwargs):
-        generated_rows.append(len(prompts))
-        return generate(prompts, *args, **kwargs)
-
-    trainer._generate = counted_generate
-    if spec["profile"]:
-        timer.wrap(trainer, "_generate", "generation")
-        if trainer_kind == "sdft":
-            timer.wrap(trainer, "_forward_logits",
-                       lambda: "student forward (with logits)" if torch.is_grad_enabled() else "teacher forward")
-            timer.wrap(trainer, "_compute_self_distillation_loss", "divergence loss")
-        elif route:
-            timer.wrap(trainer, "_calculate_rewards", "grading")
-            timer.wrap(trainer, "teacher_prompt_ids", "teacher prompts")
-            timer.wrap(trainer, "_response_logits",
-                       lambda: "student forward (with logits)" if torch.is_grad_enabled() else "teacher forward")
-            timer.wrap(trainer, "_compute_loss", "token stats + objective")
-        else:
-            timer.wrap(trainer, "_calculate_rewards", "grading")
-            timer.wrap(trainer, "_get_per_token_logps_and_entropies",
-                       lambda: "student forward (with logits)" if torch.is_grad_enabled() else "reference forward")
-            timer.wrap(trainer, "_compute_loss", "policy loss")
-        timed_backward(timer)
-
-    trainer.train()
-    if grader is not None:
-        grader.close()
-    result = {"seconds": seconds, "rss_loaded_mib": rss_loaded,
-              "completion_length": statistics.fmean(lengths) if lengths else None,
-              "threads": torch.get_num_threads(), "prompts_match": prompts_match,
-              "generated_rows": generated_rows}
-    if spec["profile"]:
-        result["phases"] = per_step_phases(snapshots, seconds)
-        result["memory_timeline"] = {"step_start": timer.memory.step_start, "events": timer.memory.events}
-    return result
-
-
-def run_worker(spec: dict) -> dict:
-    import torch
-
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    with tempfile.TemporaryDirectory(prefix=f"step-vs-trl-{spec['side']}-") as run_dir:
-        if spec["side"] == "trl":
-            result = run_trl(spec, run_dir)
-        elif PAIRS[spec["pair"]][2] == "route":
-            result = run_trl(spec, run_dir, route=True)
-        else:
-            result = run_ours(spec, run_dir)
-    if len(result["seconds"]) != spec["steps"]:
-        raise RuntimeError(f"timed {len(result['seconds'])} steps, expected {spec['steps']}")
-    result["peak_rss_mib"] = peak_rss_mib()
-    if torch.cuda.is_available():
-        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return result
-
-
-# ----------------------------------------------------------------------------------------------
-# the parent: one subprocess per (side, pair, size), then the tables
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+              "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
 
 
 def run_case(spec: dict, timeout: float) -> dict:
     """Run one worker process; returns its result, or {"error": why it produced none}."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true")
+    env = dict(WORKER_ENV)
     if spec["threads"]:
         env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"no result within --timeout {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    stderr = proc.stderr.strip().splitlines()
-    if proc.returncode < 0:
-        return {"error": f"killed by signal {-proc.returncode} (out of memory?)"}
-    return {"error": stderr[-1] if stderr else f"exit status {proc.returncode} and no result"}
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+    return run_worker(__file__, spec, timeout=timeout, env=env)
 
 
 def summarize(result: dict) -> dict:
@@ -569,6 +92,32 @@ def merge_rounds(rounds: list[dict]) -> dict:
     return merged
 
 
+def run_rounds(args: argparse.Namespace, pair: str, size: str, model_dir: str) -> dict[str, dict]:
+    """Both sides of one (pair, size), --rounds times, the sides alternating so that slow spells hit both."""
+    rounds: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for round_index in range(args.rounds):
+        for side in SIDES:
+            spec = {"side": side, "pair": pair, "size": size, "model_dir": model_dir,
+                    **{k: v for k, v in vars(args).items() if k not in ("worker", "quick", "timeout", "rounds")}}
+            spec["profile"] = args.profile and round_index == 0
+            rounds[side].append(run_case(spec, args.timeout))
+            summary = summarize(rounds[side][-1])
+            status = rounds[side][-1].get("error") or f"{fmt(summary['s'], 3)} s/step"
+            print(f"  {pair} / {size} / {side} (round {round_index + 1}): {status}", file=sys.stderr, flush=True)
+    return {side: merge_rounds(rounds[side]) for side in SIDES}
+
+
+def run_all(args: argparse.Namespace, sizes: list[str], pairs: list[str]) -> dict:
+    """{(pair, size): {side: merged result}}, the models built once in a temporary folder."""
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="step-vs-trl-models-") as root:
+        model_dirs = build_model_dirs(sizes, Path(root))
+        for pair in pairs:
+            for size in sizes:
+                results[pair, size] = run_rounds(args, pair, size, model_dirs[size])
+    return results
+
+
 def trl_name(pair: str, grpo_beta: float) -> str:
     _, kind, mode = PAIRS[pair]
     if mode == "route":
@@ -584,64 +133,94 @@ def profiled_sides(results: dict, args: argparse.Namespace, key: str) -> Iterato
                 yield pair, size, side if side == "ours" else trl_name(pair, args.grpo_beta), sides[side]
 
 
-def print_tables(results: dict, args: argparse.Namespace) -> None:
-    print("| pair | size | ours s/step | TRL s/step | ours/TRL | ours peak MiB | TRL peak MiB | ours/TRL "
-          "| ours extra MiB | TRL extra MiB | completion len ours / TRL | note |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    notes = []
+def case_notes(sides: dict, args: argparse.Namespace) -> list[str]:
+    """What the note column says of one (pair, size): failures, mismatches, and the time ratio of each round."""
+    note = []
+    for side in SIDES:
+        if "error" in sides[side]:
+            note.append(f"{side} failed: {sides[side]['error']}")
+        elif not sides[side]["prompts_match"]:
+            note.append("TRL's prompt tokens differ from ours")
+    expected_rows = [args.prompts * args.group_size] * (args.warmup + args.steps)
+    if sides["trl"].get("generated_rows", expected_rows) != expected_rows:
+        note.append(f"TRL generated {sides['trl']['generated_rows']} rows, expected one generation of "
+                    f"{expected_rows[0]} rows per step")
+    lengths = [summarize(sides[side])["len"] for side in SIDES]
+    if any(length is not None and abs(length - args.max_new_tokens) > 1e-6 for length in lengths):
+        note.append("completion lengths are not fixed")
+    if args.rounds > 1 and all("round_seconds" in sides[side] for side in SIDES):
+        per_round = [a / b for a, b in zip(sides["ours"]["round_seconds"], sides["trl"]["round_seconds"],
+                                           strict=True)]
+        note.append("time ratio per round " + " / ".join(f"{r:.2f}" for r in per_round))
+    return note
+
+
+def print_main_table(results: dict, args: argparse.Namespace) -> None:
+    rows, long_notes = [], []
     for (pair, size), sides in results.items():
         ours, trl = summarize(sides["ours"]), summarize(sides["trl"])
-        note = []
-        for side in SIDES:
-            if "error" in sides[side]:
-                note.append(f"{side} failed: {sides[side]['error']}")
-            elif not sides[side]["prompts_match"]:
-                note.append("TRL's prompt tokens differ from ours")
-        expected_rows = [args.prompts * args.group_size] * (args.warmup + args.steps)
-        if sides["trl"].get("generated_rows", expected_rows) != expected_rows:
-            note.append(f"TRL generated {sides['trl']['generated_rows']} rows, expected one generation of "
-                        f"{expected_rows[0]} rows per step")
-        if any(s["len"] is not None and abs(s["len"] - args.max_new_tokens) > 1e-6 for s in (ours, trl)):
-            note.append("completion lengths are not fixed")
-        if args.rounds > 1 and all("round_seconds" in sides[side] for side in SIDES):
-            per_round = [a / b for a, b in zip(sides["ours"]["round_seconds"], sides["trl"]["round_seconds"],
-                                               strict=True)]
-            note.append("time ratio per round " + " / ".join(f"{r:.2f}" for r in per_round))
+        note = case_notes(sides, args)
         short = "; ".join(n if len(n) <= 160 else n[:157] + "..." for n in note)
-        notes.extend(f"{pair} / {size}: {n}" for n in note if len(n) > 160)
-        print(f"| {pair} (vs {trl_name(pair, args.grpo_beta)}) | {size} | {fmt(ours['s'], 3)} | {fmt(trl['s'], 3)} "
-              f"| {ratio(ours['s'], trl['s'])} | {fmt(ours['peak'], 0)} | {fmt(trl['peak'], 0)} "
-              f"| {ratio(ours['peak'], trl['peak'])} | {fmt(ours['extra'], 0)} | {fmt(trl['extra'], 0)} "
-              f"| {fmt(ours['len'], 1)} / {fmt(trl['len'], 1)} | {short} |")
-    for note in notes:
+        long_notes.extend(f"{pair} / {size}: {n}" for n in note if len(n) > 160)
+        rows.append([f"{pair} (vs {trl_name(pair, args.grpo_beta)})", size, fmt(ours["s"], 3), fmt(trl["s"], 3),
+                     ratio(ours["s"], trl["s"]), fmt(ours["peak"], 0), fmt(trl["peak"], 0),
+                     ratio(ours["peak"], trl["peak"]), fmt(ours["extra"], 0), fmt(trl["extra"], 0),
+                     f"{fmt(ours['len'], 1)} / {fmt(trl['len'], 1)}", short])
+    columns = ["pair", "size", "ours s/step", "TRL s/step", "ours/TRL", "ours peak MiB", "TRL peak MiB", "ours/TRL",
+               "ours extra MiB", "TRL extra MiB", "completion len ours / TRL", "note"]
+    print("\n".join(markdown_table(columns, "llrrrrrrrrrl", rows)))
+    for note in long_notes:
         print(f"\n{note}")
     gpu = [(key, side, r["peak_gpu_mib"]) for key, sides in results.items() for side, r in sides.items()
            if "peak_gpu_mib" in r]
     if gpu:
         print("\nPeak GPU memory allocated (MiB): " + ", ".join(f"{p}/{s} {side} {v:.0f}" for (p, s), side, v in gpu))
 
-    if args.profile:
-        print("\nWhere a step's time goes (mean seconds per timed step; nested calls counted in the innermost phase; "
-              "TRL's 'student forward' includes its output layer, ours is the decoder only):")
-        for pair, size, name, result in profiled_sides(results, args, "phases"):
-            phases = result["phases"]
-            total = sum(phases.values())
-            print(f"\n{pair} / {size} / {name}: {total:.3f} s/step")
-            print("| phase | s/step | share |\n|---|---:|---:|")
-            for phase, value in sorted(phases.items(), key=lambda item: -item[1]):
-                print(f"| {phase} | {value:.3f} | {100 * value / total:.0f}% |")
-        print("\nResident memory during the last timed step, phase by phase in the order entered (MiB; sampled "
-              "every 2 ms; 'loaded' is the trainer built, before the first step):")
-        for pair, size, name, result in profiled_sides(results, args, "memory_timeline"):
-            timeline = result["memory_timeline"]
-            print(f"\n{pair} / {size} / {name}: loaded {result['rss_loaded_mib']:.0f}, step start "
-                  f"{timeline['step_start']:.0f}, process peak {result['peak_rss_mib']:.0f}")
-            print("| phase | at entry | highest | at exit |\n|---|---:|---:|---:|")
-            for phase, entry, highest, leaving in timeline["events"]:
-                print(f"| {phase} | {entry:.0f} | {highest:.0f} | {fmt(leaving, 0)} |")
+
+def print_profile(results: dict, args: argparse.Namespace) -> None:
+    print("\nWhere a step's time goes (mean seconds per timed step; nested calls counted in the innermost phase; "
+          "TRL's 'student forward' includes its output layer, ours is the decoder only):")
+    for pair, size, name, result in profiled_sides(results, args, "phases"):
+        phases = result["phases"]
+        total = sum(phases.values())
+        print(f"\n{pair} / {size} / {name}: {total:.3f} s/step")
+        rows = [[phase, f"{value:.3f}", f"{100 * value / total:.0f}%"]
+                for phase, value in sorted(phases.items(), key=lambda item: -item[1])]
+        print("\n".join(markdown_table(["phase", "s/step", "share"], "lrr", rows)))
+    print("\nResident memory during the last timed step, phase by phase in the order entered (MiB; sampled "
+          "every 2 ms; 'loaded' is the trainer built, before the first step):")
+    for pair, size, name, result in profiled_sides(results, args, "memory_timeline"):
+        timeline = result["memory_timeline"]
+        print(f"\n{pair} / {size} / {name}: loaded {result['rss_loaded_mib']:.0f}, step start "
+              f"{timeline['step_start']:.0f}, process peak {result['peak_rss_mib']:.0f}")
+        rows = [[phase, f"{entry:.0f}", f"{highest:.0f}", fmt(leaving, 0)]
+                for phase, entry, highest, leaving in timeline["events"]]
+        print("\n".join(markdown_table(["phase", "at entry", "highest", "at exit"], "lrrr", rows)))
 
 
-def main() -> None:
+def print_settings(results: dict, args: argparse.Namespace, sizes: list[str]) -> None:
+    import torch
+    import transformers
+    import trl
+
+    threads = {r["threads"] for sides in results.values() for r in sides.values() if "threads" in r}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    thread_counts = ",".join(map(str, sorted(threads))) or "?"
+    rows = args.prompts * args.group_size
+    print(f"\nSettings: {device}, torch threads {thread_counts}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, trl {trl.__version__}; P={args.prompts} prompts x "
+          f"G={args.group_size} samples per step, {args.max_new_tokens} new tokens (fixed), micro-batch "
+          f"{args.micro_batch} (gradient accumulation {rows // args.micro_batch}), lr {args.lr:g}, top-k {args.top_k}, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32; median of "
+          f"{args.steps} steps after {args.warmup} warm-up, {args.rounds} round(s); sizes: "
+          + ", ".join(f"{s} = {SIZES[s]}" for s in sizes))
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
@@ -669,19 +248,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also print where each step's time goes")
     parser.add_argument("--quick", action="store_true",
                         help="smoke check: tiny size, P=2, G=2, 8 tokens, micro-batch 2, 2 timed steps, 1 thread")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument(WORKER_FLAG, help=argparse.SUPPRESS)
+    return parser
 
-    if args.worker:
-        spec = json.loads(args.worker)
-        try:
-            result = run_worker(spec)
-        except Exception as error:  # report why, in one line, to the parent
-            traceback.print_exc()
-            result = {"error": f"{type(error).__name__}: {' '.join(str(error).split())}"}
-        print(RESULT_PREFIX + json.dumps(result), flush=True)
-        return
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Apply --quick and check the arguments; returns the sizes and the pairs."""
     if args.quick:
         args.sizes = args.sizes or "tiny"
         args.prompts, args.group_size, args.max_new_tokens, args.micro_batch = 2, 2, 8, 2
@@ -700,45 +272,24 @@ def main() -> None:
         parser.error("--rounds must be >= 1")
     if args.steps < 1 or args.warmup < 0 or args.group_size < 2:
         parser.error("need --steps >= 1, --warmup >= 0 and --group-size >= 2 (GRPO needs two samples per prompt)")
+    return sizes, pairs
 
-    import torch
-    import transformers
-    import trl
 
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.worker:
+        serve_worker(measure_case, args.worker)
+        return
+    sizes, pairs = check_args(parser, args)
+    import trl  # noqa: F401 - missing TRL fails here, before any worker runs
     started = time.perf_counter()
-    results: dict = {}
-    with tempfile.TemporaryDirectory(prefix="step-vs-trl-models-") as root:
-        model_dirs = build_model_dirs(sizes, Path(root))
-        for pair in pairs:
-            for size in sizes:
-                results[pair, size] = {}
-                rounds: dict[str, list[dict]] = {side: [] for side in SIDES}
-                for round_index in range(args.rounds):  # the sides alternate, so slow spells hit both
-                    for side in SIDES:
-                        spec = {"side": side, "pair": pair, "size": size, "model_dir": model_dirs[size],
-                                **{k: v for k, v in vars(args).items()
-                                   if k not in ("worker", "quick", "timeout", "rounds")}}
-                        spec["profile"] = args.profile and round_index == 0
-                        rounds[side].append(run_case(spec, args.timeout))
-                        summary = summarize(rounds[side][-1])
-                        status = rounds[side][-1].get("error") or f"{fmt(summary['s'], 3)} s/step"
-                        print(f"  {pair} / {size} / {side} (round {round_index + 1}): {status}", file=sys.stderr,
-                              flush=True)
-                for side in SIDES:
-                    results[pair, size][side] = merge_rounds(rounds[side])
-
-    threads = {r["threads"] for sides in results.values() for r in sides.values() if "threads" in r}
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    thread_counts = ",".join(map(str, sorted(threads))) or "?"
-    print(f"\nSettings: {device}, torch threads {thread_counts}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, trl {trl.__version__}; P={args.prompts} prompts x "
-          f"G={args.group_size} samples per step, {args.max_new_tokens} new tokens (fixed), micro-batch "
-          f"{args.micro_batch} (gradient accumulation {rows // args.micro_batch}), lr {args.lr:g}, top-k {args.top_k}, "
-          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32; median of "
-          f"{args.steps} steps after {args.warmup} warm-up, {args.rounds} round(s); sizes: "
-          + ", ".join(f"{s} = {SIZES[s]}" for s in sizes))
+    results = run_all(args, sizes, pairs)
+    print_settings(results, args, sizes)
     print()
-    print_tables(results, args)
+    print_main_table(results, args)
+    if args.profile:
+        print_profile(results, args)
     print(f"\n({time.perf_counter() - started:.0f} s in all)")
 
 

@@ -15,27 +15,15 @@ minus the resident memory once the inputs exist. Paths:
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
-import sys
-import time
+
+from _harness import WORKER_FLAG, markdown_table, peak_rss_mib, ratio, rss_mib, run_worker, serve_worker, time_runs
 
 PATHS = ("naive", "chunked", "hidden", "recompute", "trl")
 
 
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def run_one(path: str, n_tokens: int, vocab: int, dim: int, rows: int, chunk_tokens: int, repeats: int) -> dict:
-    import torch
-
+def path_loss(path: str, h, w, tokens, teacher_hidden, chunk_tokens: int):
+    """The scalar loss of `path`: (sum of log-probs + entropies + reverse KL(S‖T)) / tokens, as a tensor."""
     from selfdistill.tokenstats import (
         DivergenceSpec,
         hidden_objective,
@@ -44,17 +32,52 @@ def run_one(path: str, n_tokens: int, vocab: int, dim: int, rows: int, chunk_tok
         token_stats,
     )
 
+    spec = DivergenceSpec(beta=1.0)  # reverse KL(S‖T)
+    n = float(tokens.numel())
+
+    def loss_of(stats):
+        return (stats.logp.sum() + stats.entropy.sum() + stats.divergence.sum()) / n
+
+    if path == "naive":
+        return loss_of(naive_token_stats(h @ w.T, tokens, teacher_logits=teacher_hidden @ w.detach().T,
+                                         divergence=spec))
+    if path == "chunked":
+        return loss_of(token_stats(h @ w.T, tokens, teacher_logits=teacher_hidden @ w.detach().T,
+                                   divergence=spec, chunk_tokens=chunk_tokens))
+    if path == "recompute":
+        return loss_of(hidden_token_stats(h, w, tokens, teacher_hidden=teacher_hidden, divergence=spec,
+                                          chunk_tokens=chunk_tokens))
+    if path == "hidden":
+        loss, _ = hidden_objective(h, w, tokens, lambda stats, rows_: loss_of(stats),
+                                   teacher_hidden=teacher_hidden, divergence=spec, chunk_tokens=chunk_tokens)
+        return loss
+    if path == "trl":
+        import os
+
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.gkd import GKDTrainer
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+        logits = h @ w.T  # [B,T,V]
+        t_logits = teacher_hidden @ w.detach().T
+        logp = selective_log_softmax(logits, tokens)
+        entropy = entropy_from_logits(logits)
+        jsd = GKDTrainer.generalized_jsd_loss(logits, t_logits, beta=1.0, reduction="sum")
+        return (logp.sum() + entropy.sum() + jsd) / n
+    raise ValueError(path)
+
+
+def run_one(spec: dict) -> dict:
+    """The worker: one path's forward + backward, timed, and the resident memory it adds."""
+    import torch
+
     torch.manual_seed(0)
-    T = n_tokens // rows
+    rows, dim, vocab = spec["rows"], spec["dim"], spec["vocab"]
+    T = spec["tokens"] // rows
     hidden = torch.randn(rows, T, dim) / dim**0.5
     teacher_hidden = torch.randn(rows, T, dim) / dim**0.5
     weight = torch.randn(vocab, dim)
     tokens = torch.randint(0, vocab, (rows, T))
-    spec = DivergenceSpec(beta=1.0)  # reverse KL(S‖T)
-    n = float(rows * T)
-
-    def loss_of(stats) -> torch.Tensor:
-        return (stats.logp.sum() + stats.entropy.sum() + stats.divergence.sum()) / n
 
     # The inputs are leaves that exist before the step, as a model's hidden states and output weight do;
     # each step starts with no gradients, so "extra" counts the gradients the step itself allocates.
@@ -63,45 +86,23 @@ def run_one(path: str, n_tokens: int, vocab: int, dim: int, rows: int, chunk_tok
 
     def step() -> float:
         h.grad = w.grad = None
-        if path == "naive":
-            loss = loss_of(naive_token_stats(h @ w.T, tokens, teacher_logits=teacher_hidden @ w.detach().T,
-                                             divergence=spec))
-        elif path == "chunked":
-            loss = loss_of(token_stats(h @ w.T, tokens, teacher_logits=teacher_hidden @ w.detach().T,
-                                       divergence=spec, chunk_tokens=chunk_tokens))
-        elif path == "recompute":
-            loss = loss_of(hidden_token_stats(h, w, tokens, teacher_hidden=teacher_hidden, divergence=spec,
-                                              chunk_tokens=chunk_tokens))
-        elif path == "hidden":
-            loss, _ = hidden_objective(h, w, tokens, lambda stats, rows_: loss_of(stats),
-                                       teacher_hidden=teacher_hidden, divergence=spec, chunk_tokens=chunk_tokens)
-        elif path == "trl":
-            import os
-
-            os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-            from trl.experimental.gkd import GKDTrainer
-            from trl.trainer.utils import entropy_from_logits, selective_log_softmax
-
-            logits = h @ w.T  # [B,T,V]
-            t_logits = teacher_hidden @ w.detach().T
-            logp = selective_log_softmax(logits, tokens)
-            entropy = entropy_from_logits(logits)
-            jsd = GKDTrainer.generalized_jsd_loss(logits, t_logits, beta=1.0, reduction="sum")
-            loss = (logp.sum() + entropy.sum() + jsd) / n
-        else:
-            raise ValueError(path)
+        loss = path_loss(spec["path"], h, w, tokens, teacher_hidden, spec["chunk_tokens"])
         loss.backward()
         return loss.item()
 
-    base = rss_kib()
-    times, value = [], None
-    for i in range(repeats + 1):  # the first run is a warm-up
-        t0 = time.perf_counter()
-        value = step()
-        if i:
-            times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"path": path, "seconds": statistics.median(times), "extra_gib": (peak - base) / 2**20, "loss": value}
+    base = rss_mib()
+    _, times, value = time_runs(step, spec["repeats"])  # the first run is a warm-up
+    extra_gib = (peak_rss_mib() - base) / 1024
+    return {"path": spec["path"], "seconds": statistics.median(times), "extra_gib": extra_gib, "loss": value}
+
+
+def print_table(results: list[dict]) -> None:
+    naive = next((r for r in results if r["path"] == "naive"), None)
+    rows = [[r["path"], f"{r['seconds']:.2f}", f"{r['extra_gib']:.2f}",
+             ratio(r["seconds"], naive["seconds"]) if naive else "-",
+             ratio(r["extra_gib"], naive["extra_gib"]) if naive else "-"] for r in results]
+    columns = ["path", "time fwd+bwd (s)", "peak extra memory (GiB)", "time / naive", "memory / naive"]
+    print("\n".join(markdown_table(columns, "lrrrr", rows)))
 
 
 def main() -> None:
@@ -113,11 +114,10 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
     parser.add_argument("--paths", default=",".join(PATHS))
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument(WORKER_FLAG, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        result = run_one(args.child, args.tokens, args.vocab, args.dim, args.rows, args.chunk_tokens, args.repeats)
-        print(json.dumps(result))
+    if args.worker:
+        serve_worker(run_one, args.worker)
         return
 
     import torch
@@ -127,27 +127,18 @@ def main() -> None:
           "after 1 warm-up")
     results = []
     for path in args.paths.split(","):
-        cmd = [sys.executable, __file__, "--child", path] + [
-            f"--{k}={v}" for k, v in (("tokens", args.tokens), ("vocab", args.vocab), ("dim", args.dim),
-                                      ("rows", args.rows), ("chunk-tokens", args.chunk_tokens),
-                                      ("repeats", args.repeats))
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        spec = {"path": path, "tokens": args.tokens, "vocab": args.vocab, "dim": args.dim, "rows": args.rows,
+                "chunk_tokens": args.chunk_tokens, "repeats": args.repeats}
+        result = run_worker(__file__, spec)
+        if "error" in result:
+            reason = result["error"]
             if path == "trl" and "No module named" in reason:
                 reason = "trl is not installed (pip install trl beside the pinned torch)"
             print(f"{path:10s} failed: {reason}")
             continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    naive = next((r for r in results if r["path"] == "naive"), None)
+        results.append(result)
     print()
-    print("| path | time fwd+bwd (s) | peak extra memory (GiB) | time / naive | memory / naive |")
-    print("|---|---:|---:|---:|---:|")
-    for r in results:
-        t_ratio = f"{r['seconds'] / naive['seconds']:.2f}x" if naive else "-"
-        m_ratio = f"{r['extra_gib'] / naive['extra_gib']:.2f}x" if naive else "-"
-        print(f"| {r['path']} | {r['seconds']:.2f} | {r['extra_gib']:.2f} | {t_ratio} | {m_ratio} |")
+    print_table(results)
     ours = [r for r in results if r["path"] != "trl"]
     if len({round(r["loss"], 4) for r in ours}) > 1:
         print("WARNING: the paths disagree on the loss:", {r["path"]: r["loss"] for r in ours})

@@ -1,0 +1,398 @@
+"""The two sides of bench/step_vs_trl.py, each run in its own worker process: our trainer, and TRL's (or our TRL
+route). Both load the same model folder, train on the same problems and prompts, and record each optimizer step the
+same way (StepLog); see bench/step_vs_trl.py for what is compared and how.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _harness import MemoryTimeline, PhaseTimer, peak_rss_mib, per_step_phases, rss_mib, synchronize
+
+# (our objective, TRL trainer, TRL mode); the TRL mode is SDFT's distillation_mode, or "" for GRPO
+PAIRS: dict[str, tuple[str, str, str]] = {
+    "opsd-full": ("opsd", "sdft", "full_logits"),
+    "opsd-topk": ("opsd", "sdft", "topk_logits"),
+    "dasd-grpo": ("dasd", "grpo", ""),
+    "dasd-route": ("dasd", "grpo", "route"),  # "ours" is the TRL route; TRL's side runs GRPO with beta=0
+}
+QWEN_VOCAB = 151_936  # the output layer of Qwen2 / Qwen2.5 models (their tokenizers hold 151,665 tokens)
+BENCH_TEMPLATE = "bench_trl"
+TRL_TEACHER_TEMPLATE = "{prompt}\n\n{privileged_context}"  # TRL's default; ours is built to render the same
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int | None  # None: the tokenizer's length
+
+
+SIZES: dict[str, ModelSize] = {
+    "tiny": ModelSize(hidden=128, layers=2, heads=4, intermediate=256, vocab=None),
+    "qwen-vocab": ModelSize(hidden=64, layers=2, heads=4, intermediate=128, vocab=QWEN_VOCAB),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# shared set-up: the model folders, the problems, the prompt template
+
+
+def build_model_dirs(sizes: list[str], root: Path) -> dict[str, str]:
+    """Build the tiny tokenizer and one random Qwen2 model per size, saved as Hugging Face folders."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
+    from transformers.utils import logging as transformers_logging
+
+    from selfdistill.models import build_tiny_model, build_tiny_tokenizer
+
+    transformers_logging.disable_progress_bar()
+    tokenizer = build_tiny_tokenizer()
+    folders = {}
+    for name in sizes:
+        size = SIZES[name]
+        if size.vocab is None:
+            model = build_tiny_model(tokenizer, hidden_size=size.hidden, num_layers=size.layers,
+                                     num_heads=size.heads, intermediate_size=size.intermediate)
+        else:
+            # The output layer is larger than the tokenizer, as in real Qwen models; every id the tokenizer makes
+            # is below its length (833), and sampled ids past it decode to the empty string on both sides.
+            special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                       "pad_token_id": tokenizer.pad_token_id}
+            config = Qwen2Config(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+                                 num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                                 num_key_value_heads=size.heads, max_position_embeddings=2048,
+                                 tie_word_embeddings=True, **special)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.generation_config = GenerationConfig(**special)
+        folder = root / f"model-{name}"
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[name] = str(folder)
+    return folders
+
+
+def register_bench_template() -> None:
+    """Our prompt template whose teacher prompt is TRL's default: `<student message>\\n\\n<solution>`."""
+    from selfdistill.prompts import DEFAULT_TEMPLATE, TEMPLATES, PromptTemplate
+
+    student = TEMPLATES[DEFAULT_TEMPLATE].student
+    TEMPLATES[BENCH_TEMPLATE] = PromptTemplate(BENCH_TEMPLATE, student, student + "\n\n{solution}", "solution")
+
+
+def bench_problems(spec: dict):
+    from selfdistill.data.synthetic import number_sums
+
+    return number_sums(spec["prompts"] * (spec["warmup"] + spec["steps"]), seed=spec["seed"])
+
+
+# ----------------------------------------------------------------------------------------------
+# what a worker records step by step, the same on both sides
+
+
+@dataclass
+class StepLog:
+    """The timed steps' seconds, the completion lengths seen, and the phase timer's snapshots at each timed step's
+    start and end; with --profile, resident memory phase by phase during the last timed step."""
+
+    spec: dict
+    timer: PhaseTimer
+    seconds: list[float] = field(default_factory=list)
+    lengths: list[float] = field(default_factory=list)
+    snapshots: list[dict[str, float]] = field(default_factory=list)
+    start: float = 0.0
+
+    def begin(self, step: int) -> None:
+        """Before step `step` (0-based, warm-up steps included)."""
+        if step >= self.spec["warmup"]:
+            self.snapshots.append(self.timer.snapshot())
+        if self.timer.memory is not None and step == self.spec["warmup"] + self.spec["steps"] - 1:
+            self.timer.memory.start_recording()
+        synchronize()
+        self.start = time.perf_counter()
+
+    def end(self, step: int) -> None:
+        synchronize()
+        if step >= self.spec["warmup"]:
+            self.seconds.append(time.perf_counter() - self.start)
+            self.snapshots.append(self.timer.snapshot())
+
+    def result(self, rss_loaded: float, **fields) -> dict:
+        import torch
+
+        result = {"seconds": self.seconds, "rss_loaded_mib": rss_loaded,
+                  "completion_length": statistics.fmean(self.lengths) if self.lengths else None,
+                  "threads": torch.get_num_threads(), **fields}
+        if self.spec["profile"]:
+            memory = self.timer.memory
+            result["phases"] = per_step_phases(self.snapshots, self.seconds)
+            result["memory_timeline"] = {"step_start": memory.step_start, "events": memory.events}
+        return result
+
+
+def new_step_log(spec: dict) -> StepLog:
+    return StepLog(spec, PhaseTimer(MemoryTimeline() if spec["profile"] else None))
+
+
+# ----------------------------------------------------------------------------------------------
+# our side
+
+
+def ours_config(spec: dict, run_dir: str):
+    from selfdistill.config import config_from_dict
+
+    method, _, trl_mode = PAIRS[spec["pair"]]
+    objective = {"method": method, "teacher": "frozen"}
+    if trl_mode == "topk_logits":
+        objective["divergence_top_k"] = spec["top_k"]
+    return config_from_dict({
+        "model": {"path": spec["model_dir"], "gradient_checkpointing": spec["gradient_checkpointing"]},
+        "data": {"template": BENCH_TEMPLATE, "max_prompt_tokens": spec["max_prompt_tokens"], "shuffle": False},
+        "rollout": {"prompts_per_step": spec["prompts"], "group_size": spec["group_size"],
+                    "max_new_tokens": spec["max_new_tokens"], "temperature": 1.0, "top_p": 1.0},
+        "objective": objective,
+        "optim": {"steps": spec["warmup"] + spec["steps"], "lr": spec["lr"], "micro_batch_size": spec["micro_batch"],
+                  "max_grad_norm": 1.0, "seed": spec["seed"]},
+        "logging": {"output_dir": run_dir, "sample_every": 0, "tensorboard": False, "progress": False},
+    })
+
+
+def profile_ours(trainer, timer: PhaseTimer) -> None:
+    import selfdistill.trainer as trainer_module
+
+    timer.wrap(trainer.backend, "generate", "generation")
+    timer.wrap(trainer.grader, "grade_many", "grading")
+    if trainer.teacher is not None:
+        timer.wrap(trainer.teacher, "hidden_states", "teacher forward")
+    timer.wrap(trainer_module, "pack", "packing prompts + responses")
+    timer.wrap(trainer_module, "response_hidden_states", "student forward (decoder only)")
+    timer.wrap(trainer_module, "hidden_objective", "output layer + token stats + objective (fused fwd/grad)")
+    timer.wrap(trainer.optimizer, "step", "optimizer")
+    timer.wrap(trainer, "_log", "logging")
+    timer.wrap_backward()
+
+
+def run_ours(spec: dict, run_dir: str) -> dict:
+    from selfdistill.trainer import Trainer
+
+    register_bench_template()
+    trainer = Trainer(ours_config(spec, run_dir), run_dir=run_dir, problems=bench_problems(spec))
+    trainer.backend.min_new_tokens = spec["max_new_tokens"]  # EOS held back: every completion has that length
+    rss_loaded = rss_mib()
+
+    log = new_step_log(spec)
+    if spec["profile"]:
+        profile_ours(trainer, log.timer)
+    for step in range(spec["warmup"] + spec["steps"]):
+        log.begin(step)
+        metrics = trainer.train_step()
+        log.end(step)
+        log.lengths.append(metrics["response_length"])
+    trainer.grader.close()
+    return log.result(rss_loaded, prompts_match=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL's side
+
+
+def trl_rows(spec: dict, tokenizer):
+    """(our PromptBuilder, the problems, TRL's dataset rows): the same problems and prompts as ours."""
+    from selfdistill.prompts import PromptBuilder
+
+    prompts = PromptBuilder(tokenizer, template=BENCH_TEMPLATE, max_prompt_tokens=spec["max_prompt_tokens"])
+    problems = bench_problems(spec)
+    rows = [{"prompt": prompts.student_messages(p), "problem": p.problem, "privileged_context": p.solution,
+             "answer": p.answer} for p in problems]
+    return prompts, problems, rows
+
+
+def trl_step_callback(log: StepLog):
+    """A TrainerCallback timing each optimizer step (and, with --profile, the optimizer) into `log`."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            log.begin(state.global_step)
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if log.spec["profile"]:
+                log.timer.enter("optimizer")
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if log.spec["profile"]:
+                log.timer.exit()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            log.end(state.global_step - 1)  # global_step already counts this step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                log.lengths.append(logs["completions/mean_length"])
+
+    return StepTimer()
+
+
+def trl_common_args(spec: dict, run_dir: str) -> dict:
+    """The training arguments TRL's trainers share, set to match ours (see the module docstring)."""
+    import torch
+
+    return {
+        "output_dir": run_dir,
+        "per_device_train_batch_size": spec["micro_batch"],
+        "gradient_accumulation_steps": spec["prompts"] * spec["group_size"] // spec["micro_batch"],
+        "num_generations": spec["group_size"],
+        "max_completion_length": spec["max_new_tokens"],
+        "generation_kwargs": {"min_new_tokens": spec["max_new_tokens"]},
+        "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+        "learning_rate": spec["lr"], "lr_scheduler_type": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0,
+        "optim": "adamw_torch",
+        "max_steps": spec["warmup"] + spec["steps"],
+        "num_iterations": 1,
+        "shuffle_dataset": False,
+        "seed": spec["seed"],
+        "use_cpu": not torch.cuda.is_available(), "bf16": False, "fp16": False,
+        "gradient_checkpointing": spec["gradient_checkpointing"],
+        "report_to": [], "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True,
+    }
+
+
+def build_sdft(spec: dict, common: dict, dataset, tokenizer, callback):
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    args = SDFTConfig(**common, max_prompt_length=spec["max_prompt_tokens"], teacher_model_kind="base",
+                      distillation_mode=PAIRS[spec["pair"]][2], distillation_topk=spec["top_k"],
+                      distillation_alpha=0.5, teacher_prompt_template=TRL_TEACHER_TEMPLATE)
+    return SDFTTrainer(model=spec["model_dir"], args=args, train_dataset=dataset, processing_class=tokenizer,
+                       callbacks=[callback])
+
+
+def build_grpo(spec: dict, common: dict, dataset, tokenizer, callback, grader, route: bool):
+    """TRL's GRPOTrainer, or with `route` our SelfDistillTrainer, rewarded by `grader` as our trainer is."""
+
+    def boxed_answer_reward(prompts, completions, answer, **kwargs) -> list[float]:
+        """1 when the last \\boxed{} answer equals the gold answer (selfdistill.grading, as our trainer)."""
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return grader.grade_many(texts, answer)
+
+    kwargs = {"model": spec["model_dir"], "reward_funcs": [boxed_answer_reward], "train_dataset": dataset,
+              "processing_class": tokenizer, "callbacks": [callback]}
+    if route:
+        from selfdistill.integrations.trl import SelfDistillConfig, SelfDistillTrainer
+
+        args = SelfDistillConfig(**common, objective=PAIRS[spec["pair"]][0], objective_args={"teacher": "frozen"},
+                                 teacher_template=BENCH_TEMPLATE)
+        return SelfDistillTrainer(args=args, **kwargs)
+    from trl import GRPOConfig, GRPOTrainer
+
+    beta = 0.0 if PAIRS[spec["pair"]][2] == "route" else spec["grpo_beta"]
+    return GRPOTrainer(args=GRPOConfig(**common, beta=beta), **kwargs)
+
+
+def trl_prompts_match(trainer, kind: str, route: bool, rows: list[dict], problems, prompts) -> bool:
+    """Whether the prompts TRL tokenizes are ours, token for token (student, and teacher where TRL builds one)."""
+    pairs = list(zip(rows, problems, strict=True))
+    if kind == "sdft":
+        builder = trainer.teacher_context_builder
+        return all(trainer._tokenize_prompts([row["prompt"]])[0] == prompts.student_ids(p)
+                   and trainer._tokenize_prompts([builder._compose_teacher_prompt(row["prompt"], p.solution)])[0]
+                   == prompts.teacher_ids(p) for row, p in pairs)
+    match = all(trainer._tokenize_prompts([row["prompt"]])[0][0] == prompts.student_ids(p) for row, p in pairs)
+    if route:
+        match = match and all(trainer.teacher_prompt_ids([row])[0] == prompts.teacher_ids(p) for row, p in pairs)
+    return match
+
+
+def count_generated_rows(trainer) -> list[int]:
+    """The rows of each of TRL's generation calls, filled in as it trains (to check: once per step, P x G rows)."""
+    generated_rows: list[int] = []
+    generate = trainer._generate
+
+    def counted_generate(prompts, *args, **kwargs):
+        generated_rows.append(len(prompts))
+        return generate(prompts, *args, **kwargs)
+
+    trainer._generate = counted_generate
+    return generated_rows
+
+
+def profile_trl(trainer, timer: PhaseTimer, kind: str, route: bool) -> None:
+    import torch
+
+    def forward(other: str):
+        return lambda: "student forward (with logits)" if torch.is_grad_enabled() else other
+
+    timer.wrap(trainer, "_generate", "generation")
+    if kind == "sdft":
+        timer.wrap(trainer, "_forward_logits", forward("teacher forward"))
+        timer.wrap(trainer, "_compute_self_distillation_loss", "divergence loss")
+    elif route:
+        timer.wrap(trainer, "_calculate_rewards", "grading")
+        timer.wrap(trainer, "teacher_prompt_ids", "teacher prompts")
+        timer.wrap(trainer, "_response_logits", forward("teacher forward"))
+        timer.wrap(trainer, "_compute_loss", "token stats + objective")
+    else:
+        timer.wrap(trainer, "_calculate_rewards", "grading")
+        timer.wrap(trainer, "_get_per_token_logps_and_entropies", forward("reference forward"))
+        timer.wrap(trainer, "_compute_loss", "policy loss")
+    timer.wrap_backward()
+
+
+def run_trl(spec: dict, run_dir: str, route: bool = False) -> dict:
+    """TRL's trainer; with `route`, our TRL route (SelfDistillTrainer) on the same settings instead."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from selfdistill.grading import Grader
+
+    register_bench_template()
+    kind = PAIRS[spec["pair"]][1]
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
+    prompts, problems, rows = trl_rows(spec, tokenizer)
+    log = new_step_log(spec)
+    common, dataset, callback = trl_common_args(spec, run_dir), Dataset.from_list(rows), trl_step_callback(log)
+    grader = None
+    if kind == "sdft":
+        trainer = build_sdft(spec, common, dataset, tokenizer, callback)
+    else:
+        grader = Grader(workers=2)
+        trainer = build_grpo(spec, common, dataset, tokenizer, callback, grader, route)
+    prompts_match = trl_prompts_match(trainer, kind, route, rows, problems, prompts)
+    rss_loaded = rss_mib()
+
+    generated_rows = count_generated_rows(trainer)
+    if spec["profile"]:
+        profile_trl(trainer, log.timer, kind, route)
+    trainer.train()
+    if grader is not None:
+        grader.close()
+    return log.result(rss_loaded, prompts_match=prompts_match, generated_rows=generated_rows)
+
+
+def measure_case(spec: dict) -> dict:
+    """The worker: one (side, pair, size) in this process; its times, lengths and peak memory."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    with tempfile.TemporaryDirectory(prefix=f"step-vs-trl-{spec['side']}-") as run_dir:
+        if spec["side"] == "trl":
+            result = run_trl(spec, run_dir)
+        elif PAIRS[spec["pair"]][2] == "route":
+            result = run_trl(spec, run_dir, route=True)
+        else:
+            result = run_ours(spec, run_dir)
+    if len(result["seconds"]) != spec["steps"]:
+        raise RuntimeError(f"timed {len(result['seconds'])} steps, expected {spec['steps']}")
+    result["peak_rss_mib"] = peak_rss_mib()
+    if torch.cuda.is_available():
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
