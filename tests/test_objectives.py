@@ -17,6 +17,7 @@ from selfdistill.objectives import (
     masked_quantile,
     policy_loss,
     rlsd_advantages,
+    token_weights,
 )
 from selfdistill.tokenstats import TokenStats, naive_token_stats
 
@@ -108,6 +109,25 @@ def test_aggregate_reference_and_micro_batch_invariance(mode):
         for rows in (slice(0, 1), slice(1, 4), slice(4, 6))
     )
     torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_trainer_reduction_with_token_weights_is_aggregate_of_the_whole_batch(mode):
+    """The trainer reduces a loss as `(loss · token_weights(...)).sum()` per row block of each micro-batch,
+    with the whole update's counts, each micro-batch padded only to its own longest response, and sums: that
+    is `aggregate` of the whole batch in the same mode."""
+    _, _, _, _, _, mask = make_batch(5, B=6, T=9)
+    loss = torch.randn(6, 9, generator=torch.Generator().manual_seed(6)) * mask
+    whole = aggregate(loss, mask, mode=mode, norm_length=9)
+    total = torch.zeros(())
+    for rows in (slice(0, 2), slice(2, 5), slice(5, 6)):
+        width = int(mask[rows].sum(dim=1).max())  # the micro-batch's own padded width
+        micro_loss, micro_mask = loss[rows, :width], mask[rows, :width]
+        weights = token_weights(micro_mask, mode=mode, global_tokens=mask.sum().item(), global_sequences=6,
+                                norm_length=9)
+        total = total + sum((micro_loss[block] * weights[block]).sum()
+                            for block in (slice(0, 1), slice(1, micro_loss.shape[0])))
+    torch.testing.assert_close(total, whole, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])

@@ -9,6 +9,7 @@ import torch
 from selfdistill.models import build_tiny_model, build_tiny_tokenizer, load_model
 from selfdistill.rollout import Rollouts, cut_at_eos, eos_token_ids, make_backend
 from selfdistill.rollout.hf import HFBackend, _RowSampler, nucleus_mask, row_seed
+from selfdistill.rollout.vllm import VLLMBackend
 
 # Question -> the exact answer the trained tiny model learns to give (then EOS). The prompts have
 # different lengths, so batches need left padding; the longest comes first so that sorting by length
@@ -222,6 +223,30 @@ def test_a_prompts_samples_depend_only_on_its_seed(tok, random_model):
     assert len(set(together.texts[:3])) > 1  # the samples of a prompt differ from each other
     with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
         HFBackend(random_model, tok).generate(prompts, seed=[1, 2], **kwargs)
+
+
+BAD_GENERATE_ARGS = [
+    ({"prompt_ids": []}, "prompt_ids must be a non-empty list of non-empty token-id lists"),
+    ({"prompt_ids": [[1], []]}, "prompt_ids must be a non-empty list of non-empty token-id lists"),
+    ({"num_samples": 0}, r"need num_samples >= 1 and max_new_tokens >= 1, got 0, 4"),
+    ({"max_new_tokens": 0}, r"need num_samples >= 1 and max_new_tokens >= 1, got 2, 0"),
+    ({"temperature": -0.5}, r"need temperature >= 0 and 0 < top_p <= 1, got -0.5, 1.0"),
+    ({"top_p": 0.0}, r"need temperature >= 0 and 0 < top_p <= 1, got 1.0, 0.0"),
+    ({"top_p": 1.5}, r"need temperature >= 0 and 0 < top_p <= 1, got 1.0, 1.5"),
+    ({"seed": [1, 2, 3]}, "got 3 seeds for 2 prompts"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_GENERATE_ARGS)
+def test_both_backends_check_generate_arguments_alike(tok, random_model, bad, message):
+    """One set of checks (`check_generate_args`) for every backend; the vLLM backend's run before vLLM is
+    touched, so they are tested here without it (a backend object without its __init__)."""
+    args = {"prompt_ids": [[1, 2], [3]], "num_samples": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4,
+            "seed": 0, **bad}
+    prompt_ids = args.pop("prompt_ids")
+    for backend in (HFBackend(random_model, tok), object.__new__(VLLMBackend)):
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            backend.generate(prompt_ids, **args)
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.8)])

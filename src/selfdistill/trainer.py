@@ -269,13 +269,14 @@ class Trainer:
             self.tokenizer, template=config.data.template, max_prompt_tokens=config.data.max_prompt_tokens,
             enable_thinking=config.data.enable_thinking, system_prompt=config.data.system_prompt,
         )
-        self._check_prompts()
+        self._check_prompts(self.prompts, self.problems, needs_teacher=self.objective.needs_teacher)
         self.model = self._prepare_model(self.model).to(self.device)
         with self._compute():
             check_output_layer(base_model(self.model))
         self.teacher = Teacher(config.objective.teacher, self.model, ema_decay=config.objective.ema_decay) \
             if self.objective.needs_teacher else None
-        self.pack_student, self.pack_teacher = self._packing()
+        self.pack_student, self.pack_teacher = self._packing(self.model, shared_prefix=config.optim.shared_prefix,
+                                                             has_teacher=self.teacher is not None)
         self.backend = make_backend(config.rollout.backend, self.model, self.tokenizer,
                                     batch_size=config.rollout.generation_batch_size or None)
         self.pad_id = self.backend.pad_id
@@ -367,26 +368,29 @@ class Trainer:
         model.train()
         return model
 
-    def _packing(self) -> tuple[Callable, Callable]:
+    @staticmethod
+    def _packing(model: torch.nn.Module, *, shared_prefix: bool, has_teacher: bool) -> tuple[Callable, Callable]:
         """How micro-batches are packed for the student and for the teacher: `pack_shared` (each distinct
-        prompt runs once) where `optim.shared_prefix` is on and the model allows it, else `pack`. Decided
-        here only; a shared prefix the model does not allow is logged with the reason."""
-        if not self.config.optim.shared_prefix:
+        prompt runs once) where `shared_prefix` (`optim.shared_prefix`) is on and `model` (the prepared one)
+        allows it, else `pack`. Decided here only; a shared prefix the model does not allow is logged with the
+        reason (for the teacher only when there is one)."""
+        if not shared_prefix:
             return pack, pack
         packing = []
         for role, backward in (("student", True), ("teacher", False)):
-            blocker = shared_prefix_blocker(self.model, backward=backward)
-            if blocker is not None and (role == "student" or self.teacher is not None):
+            blocker = shared_prefix_blocker(model, backward=backward)
+            if blocker is not None and (role == "student" or has_teacher):
                 log.warning("optim.shared_prefix: the %s forward packs every row's prompt in full: %s", role, blocker)
             packing.append(pack if blocker else pack_shared)
         return packing[0], packing[1]
 
-    def _check_prompts(self) -> None:
+    @staticmethod
+    def _check_prompts(prompts: PromptBuilder, problems: list[Problem], *, needs_teacher: bool) -> None:
         """Fail before the first rollout if any prompt is over the limit or lacks its context."""
-        for problem in self.problems:
-            self.prompts.student_ids(problem)
-            if self.objective.needs_teacher and self.prompts.template.context != "sibling":
-                self.prompts.teacher_ids(problem)
+        for problem in problems:
+            prompts.student_ids(problem)
+            if needs_teacher and prompts.template.context != "sibling":
+                prompts.teacher_ids(problem)
 
     def _truncate_log(self, path: Path) -> None:
         """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
@@ -437,15 +441,15 @@ class Trainer:
             return self.prompts.student_ids(problem)
         return self.prompts.teacher_ids(problem, sibling=group.texts[siblings[0]])
 
-    def _reduced_means(self, log: StepLog) -> dict[str, float]:
+    def _reduced_means(self, step_log: StepLog) -> dict[str, float]:
         """The step's diagnostics averaged over every process's tokens (not rank 0's only)."""
-        names = sorted(log.values)
+        names = sorted(step_log.values)
         # The names must agree across processes, or the sums below would pair different quantities.
         key = zlib.crc32("\x00".join(names).encode())
         agreed = self.collectives.sum(torch.tensor([float(len(names)), float(key)], dtype=torch.float64))  # [2]
         if agreed.tolist() != [float(len(names) * self.world), float(key * self.world)]:
             raise RuntimeError(f"the processes logged different diagnostics (this one: {names})")
-        local = torch.tensor([log.values[n] for n in names] + [log.weights[n] for n in names],
+        local = torch.tensor([step_log.values[n] for n in names] + [step_log.weights[n] for n in names],
                              dtype=torch.float64)  # [2K]
         total = self.collectives.sum(local).tolist()
         values, weights = total[: len(names)], total[len(names) :]
@@ -466,7 +470,7 @@ class Trainer:
             hidden, weight = self.teacher.hidden_states(teacher)  # [b,T,d], [V,d]
         return hidden.to(self.compute_dtype), weight.to(self.compute_dtype)
 
-    def _update(self, group: RolloutGroup, log: StepLog, update_rows: list[int] | None = None,
+    def _update(self, group: RolloutGroup, step_log: StepLog, update_rows: list[int] | None = None,
                 scored: ScoredRollouts | None = None) -> float:
         """Accumulate into `.grad` the gradient of the loss over `update_rows` (default: every row), normalized
         by those rows' token / sequence counts summed over processes; returns the loss. Group advantages are
@@ -519,7 +523,7 @@ class Trainer:
                 loss, diagnostics = self.objective(batch, **knobs)
                 n = float(mask[block].sum())
                 for name, value in diagnostics.items():
-                    log.add(name, value.item(), n)
+                    step_log.add(name, value.item(), n)
                 return (loss * weights[block]).sum()
 
             hidden = self._student_hidden(student)  # [b,T,d]
@@ -531,12 +535,12 @@ class Trainer:
             loss.backward()
             total_loss += loss.detach().float()
             n = float(mask.sum())
-            log.add("entropy", float((stats.entropy * mask).sum()) / max(n, 1), n)
+            step_log.add("entropy", float((stats.entropy * mask).sum()) / max(n, 1), n)
             if stats.teacher_entropy is not None:
-                log.add("teacher_entropy", float((stats.teacher_entropy * mask).sum()) / max(n, 1), n)
-                log.add("teacher_logp_gap", float(((stats.teacher_logp - stats.logp) * mask).sum()) / max(n, 1), n)
+                step_log.add("teacher_entropy", float((stats.teacher_entropy * mask).sum()) / max(n, 1), n)
+                step_log.add("teacher_logp_gap", float(((stats.teacher_logp - stats.logp) * mask).sum()) / max(n, 1), n)
             if stats.divergence is not None:
-                log.add("divergence", float((stats.divergence * mask).sum()) / max(n, 1), n)
+                step_log.add("divergence", float((stats.divergence * mask).sum()) / max(n, 1), n)
         return float(self.collectives.sum(total_loss))
 
     def train_step(self) -> dict[str, Any]:
@@ -547,16 +551,16 @@ class Trainer:
         picked = self._step_problems()
         group = self._rollouts(picked)
         t_rollout = time.perf_counter() - t0
-        log = StepLog()
+        step_log = StepLog()
         lr = self.scheduler.get_last_lr()[0]
         optim = self.config.optim
         if optim.ppo_epochs * optim.mini_batches == 1:
             t_scoring = 0.0
-            results = [self._optimizer_update(group, log)]  # exactly on-policy: ratio 1, no scoring pass
+            results = [self._optimizer_update(group, step_log)]  # exactly on-policy: ratio 1, no scoring pass
         else:
             scored = self._score_rollouts(group)
             t_scoring = time.perf_counter() - t0 - t_rollout
-            results = [self._optimizer_update(group, log, rows, scored)
+            results = [self._optimizer_update(group, step_log, rows, scored)
                        for _ in range(optim.ppo_epochs) for rows in self._minibatches(group)]
         losses, grad_norms, skips = zip(*results, strict=True)
         loss, grad_norm, skipped = sum(losses) / len(losses), sum(grad_norms) / len(grad_norms), sum(skips)
@@ -582,7 +586,7 @@ class Trainer:
             "skipped": int(skipped),
             "updates": len(results),
             "processes": self.world,
-            **self._reduced_means(log),
+            **self._reduced_means(step_log),
             "seconds_rollout": t_rollout,
             "seconds_scoring": t_scoring,
             "seconds": time.perf_counter() - t0,
@@ -652,14 +656,14 @@ class Trainer:
             teacher_weight = teacher_weight.clone()  # [V,d] as it is before the first update
         return ScoredRollouts(logp, hidden, teacher_weight)
 
-    def _optimizer_update(self, group: RolloutGroup, log: StepLog, update_rows: list[int] | None = None,
+    def _optimizer_update(self, group: RolloutGroup, step_log: StepLog, update_rows: list[int] | None = None,
                           scored: ScoredRollouts | None = None) -> tuple[float, float, bool]:
         """One optimizer step on `update_rows` (default: every row, on-policy): the gradients (`_update`),
         summed over processes and clipped; a non-finite loss or gradient skips it, weights and optimizer state
         untouched. Returns (loss, gradient norm before clipping, skipped). The LR schedule and the EMA teacher
         are advanced by `train_step`, once per rollout step."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._update(group, log, update_rows, scored)
+        loss = self._update(group, step_log, update_rows, scored)
         self.collectives.sum_gradients(self.params)
         max_norm = self.config.optim.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))

@@ -1,6 +1,9 @@
 """Objectives as pure functions over token statistics, selected by name through `OBJECTIVES`.
 
 `register_objective` adds a method (ours in `registry` and `family`, a user's from their own package).
+A per-token loss is reduced in its aggregation mode by `token_weights` (per-token weights from the counts
+of the whole update; the trainer sums `loss · weights` over micro-batches) or, in one call on one batch,
+by `aggregate`, which is `(loss · token_weights(...)).sum()`.
 """
 
 from selfdistill.objectives.advantages import (

@@ -116,6 +116,10 @@ def token_weights(
     `global_tokens` / `global_sequences` are the counts over the *whole* optimizer batch (all
     micro-batches and processes); left `None` they are this batch's own counts. Rows with no valid
     token contribute 0 and still count as sequences.
+
+    This is how the trainer reduces every objective's loss: `token_weights` of each micro-batch with the
+    global counts (and `L = rollout.max_new_tokens`), `(loss · weights).sum()` per row block, summed over
+    blocks, micro-batches and processes. `aggregate` is the same reduction in one call.
     """
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B,T], got shape {tuple(mask.shape)}")
@@ -142,7 +146,8 @@ def aggregate(
     global_sequences: float | None = None,
     norm_length: float | None = None,
 ) -> Tensor:
-    """Reduce a per-token loss `[B,T]` to a scalar; see `token_weights` for the modes.
+    """Reduce a per-token loss `[B,T]` to a scalar: `(loss · token_weights(mask, ...)).sum()`, the same
+    weights the trainer applies micro-batch by micro-batch; see `token_weights` for the modes.
 
     Given the global counts, the sum of this over micro-batches equals its value on the whole batch.
     """

@@ -1,7 +1,11 @@
 """Every training method as one entry of `OBJECTIVES`: token statistics in, per-token loss out.
 
-The trainer looks a method up by name, computes the statistics it declares it needs, calls it,
-and reduces the loss with `aggregate` in the method's aggregation mode. No if/elif on names.
+The trainer looks a method up by name, computes the statistics it declares it needs, calls it, and
+reduces the per-token loss in the method's aggregation mode (`objective.aggregation` in the config
+overrides it): it multiplies the loss by `token_weights` of each micro-batch, computed with the counts of
+the whole update (all micro-batches and processes), and sums. That is `aggregate` of the whole update,
+which is itself `(loss · token_weights(...)).sum()`; tests/test_objectives.py checks the two agree
+(test_trainer_reduction_with_token_weights_is_aggregate_of_the_whole_batch). No if/elif on names.
 A package of one's own adds a method with `register_objective` (see docs/objectives.md).
 """
 

@@ -74,6 +74,31 @@ class RolloutBackend(Protocol):
         ...
 
 
+def check_generate_args(
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int | Sequence[int] | None,
+) -> int | list[int] | None:
+    """The argument checks every backend's `generate` makes; raises ValueError naming the bad values.
+    Returns `seed` as given when it is None or an int, else as a list of ints, one per prompt (checked)."""
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("prompt_ids must be a non-empty list of non-empty token-id lists")
+    if num_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"need num_samples >= 1 and max_new_tokens >= 1, got {num_samples}, {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if seed is None or isinstance(seed, int):
+        return seed
+    seeds = [int(s) for s in seed]
+    if len(seeds) != len(prompt_ids):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompt_ids)} prompts")
+    return seeds
+
+
 def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     """Every token id that ends a response: the tokenizer's eos token and the eos id(s) of the model's
     generation config (an int or a list), without duplicates, in that order."""
@@ -168,4 +193,12 @@ def make_backend(name: str, model: Any, tokenizer: Any, **kwargs: Any) -> Rollou
     raise ValueError(f"unknown rollout backend {name!r}; choose 'hf' or 'vllm'")
 
 
-__all__ = ["Rollouts", "assemble_rollouts", "RolloutBackend", "cut_at_eos", "eos_token_ids", "make_backend"]
+__all__ = [
+    "Rollouts",
+    "assemble_rollouts",
+    "RolloutBackend",
+    "check_generate_args",
+    "cut_at_eos",
+    "eos_token_ids",
+    "make_backend",
+]

@@ -44,7 +44,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from selfdistill.models import base_model, cache_keyword, full_attention_cache
-from selfdistill.rollout import Rollouts, assemble_rollouts, eos_token_ids
+from selfdistill.rollout import Rollouts, assemble_rollouts, check_generate_args, eos_token_ids
 
 # The most bytes a preallocated KV cache may take; above it the cache grows with the tokens decoded.
 STATIC_CACHE_BYTES = 1 << 30
@@ -193,17 +193,8 @@ class HFBackend:
 
         seed: one int for every prompt, one int per prompt, or None (the global RNG).
         """
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("prompt_ids must be a non-empty list of non-empty token-id lists")
-        if num_samples < 1 or max_new_tokens < 1:
-            raise ValueError(f"need num_samples >= 1 and max_new_tokens >= 1, got {num_samples}, {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-
-        if seed is not None and not isinstance(seed, int):
-            seed = [int(s) for s in seed]
-            if len(seed) != len(prompt_ids):
-                raise ValueError(f"got {len(seed)} seeds for {len(prompt_ids)} prompts")
+        seed = check_generate_args(prompt_ids, num_samples=num_samples, temperature=temperature, top_p=top_p,
+                                   max_new_tokens=max_new_tokens, seed=seed)
         rows = [p for p in range(len(prompt_ids)) for _ in range(num_samples)]  # prompt-major
         # Row r's random stream (seeded sampling): prompt seed and sample index.
         streams = None

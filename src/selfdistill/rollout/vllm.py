@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from selfdistill.rollout import Rollouts, assemble_rollouts, eos_token_ids
+from selfdistill.rollout import Rollouts, assemble_rollouts, check_generate_args, eos_token_ids
 
 INSTALL_HINT = "pip install selfdistill[vllm]  (GPU only; use backend 'hf' on CPU)"
 
@@ -126,18 +126,9 @@ class VLLMBackend:
 
         seed: one int for every prompt, one int per prompt, or None (vLLM's own randomness).
         """
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("prompt_ids must be a non-empty list of non-empty token-id lists")
-        if num_samples < 1 or max_new_tokens < 1:
-            raise ValueError(f"need num_samples >= 1 and max_new_tokens >= 1, got {num_samples}, {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        if seed is None or isinstance(seed, int):
-            seeds: list[int | None] = [seed] * len(prompt_ids)
-        else:
-            seeds = [int(s) for s in seed]
-            if len(seeds) != len(prompt_ids):
-                raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+        seed = check_generate_args(prompt_ids, num_samples=num_samples, temperature=temperature, top_p=top_p,
+                                   max_new_tokens=max_new_tokens, seed=seed)
+        seeds: list[int | None] = [seed] * len(prompt_ids) if seed is None or isinstance(seed, int) else seed
         from vllm.inputs import TokensPrompt
 
         # Greedy decoding gives the same response every time, and some vLLM versions refuse n > 1
