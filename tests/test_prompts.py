@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from selfdistill.data import Problem, load_benchmark
+from selfdistill.forward import pack, pack_shared
 from selfdistill.prompts import (
     TEMPLATES,
     MissingContextError,
@@ -16,8 +17,6 @@ from selfdistill.prompts import (
     PromptTemplate,
     PromptTooLongError,
     fill,
-    pack,
-    pack_shared,
 )
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -473,7 +473,7 @@ def test_prefill_runs_each_distinct_prompt_once_with_the_same_samples(tok, arch,
 def test_prefill_is_not_shared_for_sliding_window_caches(tok):
     from transformers import DynamicCache, Qwen2Config
 
-    from selfdistill.models import full_attention_cache
+    from selfdistill.forward import full_attention_cache
 
     config = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=2, intermediate_size=64, use_sliding_window=True, sliding_window=4,
@@ -485,7 +485,7 @@ def test_prefill_is_not_shared_for_sliding_window_caches(tok):
 def test_the_cache_keyword_follows_the_installed_transformers(tok, random_model):
     """transformers 5.x takes the KV cache as `cache` (`past_key_values` is deprecated there), older versions as
     `past_key_values`; a model taking neither is refused up front."""
-    from selfdistill.models import cache_keyword
+    from selfdistill.forward import cache_keyword
 
     class OldStyle(torch.nn.Module):
         def forward(self, input_ids, past_key_values=None, use_cache=None):

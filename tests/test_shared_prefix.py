@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
+from selfdistill.forward import pack, pack_shared, response_hidden_states, shared_prefix_blocker
 from selfdistill.models import build_tiny_model, build_tiny_tokenizer
-from selfdistill.prompts import pack, pack_shared
-from selfdistill.teacher import Teacher, response_hidden_states, shared_prefix_blocker
+from selfdistill.teacher import Teacher
 
 # Rows of one prompt are not adjacent; prompts differ in length (left padding), responses too (right
 # padding); responses hold the pad id (0) and EOS (2) among real tokens; one prompt is used once only,

@@ -72,7 +72,7 @@ def test_lora_frozen_teacher_is_the_base_model_without_a_copy(tmp_path):
     trainer = Trainer(config)
     assert trainer.teacher.copy is None and trainer.teacher.uses_adapter_switch
     base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
-    from selfdistill.prompts import pack
+    from selfdistill.forward import pack
 
     problem = trainer.problems[0]
     batch = pack([trainer.prompts.teacher_ids(problem)], [[5, 6, 7]], pad_id=trainer.pad_id)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -76,28 +74,6 @@ STALE_TEMP_SECONDS = 3600.0
 
 # ---------------------------------------------------------------------------------------------------
 # cache folders
-
-
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model itself: a peft wrapper is looked through to the model it wraps."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def cache_keyword(model: torch.nn.Module) -> str | None:
-    """The keyword under which `model.forward` takes a KV cache: `cache` (transformers 5.x, where
-    `past_key_values` is deprecated) or `past_key_values` (before), None if it takes neither. A peft
-    wrapper is looked through to the model it wraps."""
-    base = base_model(model)
-    parameters = inspect.signature(type(base).forward).parameters  # the class's: hooks may wrap the instance's
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
-
-
-def full_attention_cache(cache: Any) -> bool:
-    """Whether every layer of a transformers KV cache is a full-attention one (no sliding window, no hybrid
-    state), so that a prompt's keys and values can be computed once and copied to several rows."""
-    from transformers.cache_utils import DynamicLayer, StaticLayer
-
-    return all(type(layer) in (StaticLayer, DynamicLayer) for layer in cache.layers)
 
 
 def is_complete(folder: Path) -> bool:

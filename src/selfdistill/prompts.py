@@ -1,14 +1,11 @@
-"""Student and teacher prompts, and packing prompts with responses into aligned batches.
+"""Student and teacher prompts: text and token ids.
 
 The student sees the problem; the teacher sees the problem plus privileged context (a reference
 solution, the final answer, or a successful sibling rollout). Both are rendered through the same
 chat template with the same thinking setting, tokenized without adding special tokens a second
 time, and never truncated: a prompt over the limit raises `PromptTooLongError` with the numbers.
 
-Alignment (used by every consumer of `pack`): with prompts left-padded to width P, response token
-t of every row sits at column P + t, and the logits that predict it are at column P - 1 + t.
-`pack_shared` lays out the same batch with each distinct prompt kept once (`SharedPrefixBatch`), for
-a forward pass that runs each prompt once and the responses on its KV cache.
+Packing the token ids with responses into tensor batches is `selfdistill.forward`'s (`pack`, `pack_shared`).
 """
 
 from __future__ import annotations
@@ -16,8 +13,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from selfdistill.data import Problem
 
@@ -282,164 +277,3 @@ class PromptBuilder:
     def teacher_ids(self, problem: Problem, sibling: str | None = None) -> list[int]:
         """Token ids of the teacher prompt; `sibling` is required by (and only by) the sibling template."""
         return self._cached("teacher", problem, sibling)
-
-
-# --------------------------------------------------------------------------------------------
-# Packing prompts and responses
-
-
-@dataclass
-class PackedBatch:
-    """Prompts left-padded to a common width, each followed by its right-padded response.
-
-    input_ids, attention_mask, position_ids: [B, L] long with L = prompt_width + T.
-    response_mask: [B, T] float, 1.0 on real response tokens (EOS included, even when pad == EOS).
-    Response token t sits at column prompt_width + t; its logits are at column prompt_width - 1 + t.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    prompt_width: int
-    response_mask: torch.Tensor
-
-    @property
-    def response_ids(self) -> torch.Tensor:
-        """The response tokens, [B, T] (padding where response_mask is 0)."""
-        return self.input_ids[:, self.prompt_width :]
-
-    def response_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """From model logits [B, L, V], the ones that predict each response token: [B, T, V]."""
-        if logits.shape[:2] != self.input_ids.shape:
-            raise ValueError(
-                f"logits of shape {tuple(logits.shape)} do not match input_ids {tuple(self.input_ids.shape)}"
-            )
-        response_length = self.response_mask.shape[1]
-        return logits[:, self.prompt_width - 1 : self.prompt_width - 1 + response_length]  # [B, T, V]
-
-    def to(self, device: torch.device | str) -> PackedBatch:
-        """The same batch with every tensor on `device`."""
-        return PackedBatch(
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            position_ids=self.position_ids.to(device),
-            prompt_width=self.prompt_width,
-            response_mask=self.response_mask.to(device),
-        )
-
-
-def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: int) -> PackedBatch:
-    """Pack one prompt and one response per row so that responses line up column by column.
-
-    Prompts are left-padded to the longest prompt (width P), responses right-padded to the longest
-    response (T). The masks come from the lengths, never from comparing tokens with pad_id, so a
-    response may contain the pad id (EOS when pad == EOS) and it still counts.
-    """
-    if len(prompt_ids) != len(response_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
-    if not prompt_ids:
-        raise ValueError("cannot pack an empty batch")
-    if any(len(prompt) == 0 for prompt in prompt_ids):
-        raise ValueError(
-            "every prompt needs at least one token (its last token's logits predict the response)"
-        )
-    batch_size = len(prompt_ids)
-    prompt_width = max(len(prompt) for prompt in prompt_ids)
-    response_length = max(len(response) for response in response_ids)
-    total_length = prompt_width + response_length
-
-    input_ids = torch.full((batch_size, total_length), pad_id, dtype=torch.long)  # [B, L]
-    attention_mask = torch.zeros((batch_size, total_length), dtype=torch.long)  # [B, L]
-    response_mask = torch.zeros((batch_size, response_length), dtype=torch.float32)  # [B, T]
-    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids, strict=True)):
-        prompt_start = prompt_width - len(prompt)
-        response_end = prompt_width + len(response)
-        input_ids[row, prompt_start:prompt_width] = torch.tensor(prompt, dtype=torch.long)
-        input_ids[row, prompt_width:response_end] = torch.tensor(response, dtype=torch.long)
-        attention_mask[row, prompt_start:response_end] = 1
-        response_mask[row, : len(response)] = 1.0
-    # Positions count real tokens only, so left padding does not shift them.
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, L]
-    return PackedBatch(input_ids, attention_mask, position_ids, prompt_width, response_mask)
-
-
-@dataclass
-class SharedPrefixBatch:
-    """Each distinct prompt once, left-padded to width P, and every row's right-padded response.
-
-    Rows that share a prompt (the G samples of one problem) share its forward pass: the decoder runs
-    over the U distinct prompts once, their KV cache is indexed out to the B rows, and the responses
-    run on top of it (`selfdistill.teacher.response_hidden_states`): the hidden states of the `pack`
-    layout, computed without repeating the prompt.
-
-    prefix_ids, prefix_attention_mask, prefix_position_ids: [U, P] long, laid out as `pack` lays out
-    prompts. prefix_of_row: [B] long, the prompt of each row. response_ids: [B, T] long, padded with
-    pad_id. response_mask: [B, T] float, 1.0 on real response tokens (EOS included, even when
-    pad == EOS).
-    """
-
-    prefix_ids: torch.Tensor
-    prefix_attention_mask: torch.Tensor
-    prefix_position_ids: torch.Tensor
-    prefix_of_row: torch.Tensor
-    response_ids: torch.Tensor
-    response_mask: torch.Tensor
-
-    @property
-    def prompt_width(self) -> int:
-        """P, the width of the left-padded prompts; response token t sits at column P + t."""
-        return self.prefix_ids.shape[1]
-
-    def row_attention_mask(self) -> torch.Tensor:
-        """Each row's prompt mask followed by its response mask, [B, P + T] long (as `pack` makes it)."""
-        prompt_mask = self.prefix_attention_mask[self.prefix_of_row]  # [B, P]
-        return torch.cat([prompt_mask, self.response_mask.to(prompt_mask.dtype)], dim=1)  # [B, P+T]
-
-    def response_position_ids(self) -> torch.Tensor:
-        """Positions of the response columns, [B, T] long: counting each row's real tokens, as in `pack`."""
-        prompt_lengths = self.prefix_attention_mask.sum(dim=1)[self.prefix_of_row]  # [B]
-        real_tokens = prompt_lengths[:, None] + self.response_mask.long().cumsum(dim=1)  # [B, T]
-        return (real_tokens - 1).clamp(min=0)  # [B, T]
-
-    def to(self, device: torch.device | str) -> SharedPrefixBatch:
-        """The same batch with every tensor on `device`."""
-        return SharedPrefixBatch(
-            prefix_ids=self.prefix_ids.to(device),
-            prefix_attention_mask=self.prefix_attention_mask.to(device),
-            prefix_position_ids=self.prefix_position_ids.to(device),
-            prefix_of_row=self.prefix_of_row.to(device),
-            response_ids=self.response_ids.to(device),
-            response_mask=self.response_mask.to(device),
-        )
-
-
-def pack_shared(
-    prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: int
-) -> SharedPrefixBatch:
-    """Like `pack`, with each distinct prompt kept once: rows whose prompt token lists are identical
-    share it, wherever they sit in the batch. Rows with prompts of their own (the sibling teacher
-    template) simply share nothing.
-    """
-    if len(prompt_ids) != len(response_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
-    if not prompt_ids:
-        raise ValueError("cannot pack an empty batch")
-    index_of_prompt: dict[tuple[int, ...], int] = {}
-    prefix_of_row = [index_of_prompt.setdefault(tuple(prompt), len(index_of_prompt)) for prompt in prompt_ids]
-    distinct = [list(prompt) for prompt in index_of_prompt]  # [U] in order of first appearance
-    # The distinct prompts with empty responses: `pack` lays out (and checks) the prompt block.
-    prompts = pack(distinct, [[] for _ in distinct], pad_id=pad_id)
-    response_length = max(len(response) for response in response_ids)
-    responses = torch.full((len(response_ids), response_length), pad_id, dtype=torch.long)  # [B, T]
-    response_mask = torch.zeros((len(response_ids), response_length), dtype=torch.float32)  # [B, T]
-    for row, response in enumerate(response_ids):
-        responses[row, : len(response)] = torch.tensor(response, dtype=torch.long)
-        response_mask[row, : len(response)] = 1.0
-    return SharedPrefixBatch(
-        prefix_ids=prompts.input_ids,
-        prefix_attention_mask=prompts.attention_mask,
-        prefix_position_ids=prompts.position_ids,
-        prefix_of_row=torch.tensor(prefix_of_row, dtype=torch.long),
-        response_ids=responses,
-        response_mask=response_mask,
-    )

@@ -8,7 +8,7 @@ One optimizer step:
      the student's over `student_prompt ⊕ response`, then the fused output layer + statistics +
      objective (`tokenstats.hidden_objective`), normalized with the *global* token count. With
      `optim.shared_prefix` each distinct prompt of a micro-batch runs once and its rows' responses run
-     on its KV cache (`prompts.pack_shared`); the same hidden states as packing every row in full;
+     on its KV cache (`forward.pack_shared`); the same hidden states as packing every row in full;
   4. gradients summed over micro-batches and processes (in buckets, `Collectives`); a non-finite loss or
      gradient skips the step;
   5. AdamW with warm-up + cosine, gradient clipping; the EMA teacher follows.
@@ -48,19 +48,22 @@ from torch import Tensor
 from selfdistill.checkpoint import TrainingState, find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from selfdistill.config import ConfigError, TrainConfig, config_from_dict
 from selfdistill.data import BENCHMARKS, SYNTHETIC_TASKS, Problem, load_benchmark, load_problems
-from selfdistill.grading import Grader
-from selfdistill.models import base_model, load_model
-from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, group_advantages, token_weights
-from selfdistill.prompts import PromptBuilder, pack, pack_shared
-from selfdistill.provenance import record_environment
-from selfdistill.rollout import make_backend
-from selfdistill.teacher import (
-    Teacher,
+from selfdistill.forward import (
+    base_model,
     check_output_layer,
     output_weight,
+    pack,
+    pack_shared,
     response_hidden_states,
     shared_prefix_blocker,
 )
+from selfdistill.grading import Grader
+from selfdistill.models import load_model
+from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, group_advantages, token_weights
+from selfdistill.prompts import PromptBuilder
+from selfdistill.provenance import record_environment
+from selfdistill.rollout import make_backend
+from selfdistill.teacher import Teacher
 from selfdistill.tokenstats import FusedBuffers, TokenStats, hidden_objective
 
 RewardFn = Callable[[list[str], list[Problem]], list[float]]

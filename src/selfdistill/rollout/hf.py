@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StaticCache
 
-from selfdistill.models import base_model, cache_keyword, full_attention_cache
+from selfdistill.forward import base_model, cache_keyword, full_attention_cache
 from selfdistill.rollout import Rollouts, assemble_rollouts, check_generate_args, eos_token_ids
 
 # The most bytes a preallocated KV cache may take; above it the cache grows with the tokens decoded.

@@ -12,8 +12,9 @@ import torch
 
 from selfdistill.data import Problem
 from selfdistill.evaluation.runner import SampleRecord, evaluate_problems, summarize
+from selfdistill.forward import pack
 from selfdistill.grading import Grader
-from selfdistill.prompts import PromptBuilder, pack
+from selfdistill.prompts import PromptBuilder
 from selfdistill.study.task import solution_token_labels
 
 

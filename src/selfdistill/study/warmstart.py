@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from selfdistill.data import Problem
 from selfdistill.data.synthetic import sample_operation_chain
+from selfdistill.forward import pack
 from selfdistill.models import (
     MARKER,
     TINY_FORMAT,
@@ -51,7 +52,7 @@ from selfdistill.models import (
     build_tiny_tokenizer,
     cache_dir,
 )
-from selfdistill.prompts import PromptBuilder, pack
+from selfdistill.prompts import PromptBuilder
 from selfdistill.study.settings import WarmStartSettings
 from selfdistill.study.task import StudyTask
 
