@@ -145,9 +145,9 @@ def test_fused_hidden_objective_matches_naive_for_every_divergence(spec, tempera
 
 
 def _check_fused_against_naive(spec, temperature, chunk_tokens, subchunk, monkeypatch):
-    import selfdistill.tokenstats
+    import selfdistill.tokenstats.fused
 
-    monkeypatch.setattr(selfdistill.tokenstats, "_subchunk_positions", lambda d, v: subchunk)  # per softmax pass
+    monkeypatch.setattr(selfdistill.tokenstats.fused, "_subchunk_positions", lambda d, v: subchunk)  # per softmax pass
     h, w, th, tokens = inputs(3)
     ha, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     hb, wb = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -269,9 +269,9 @@ def test_streamed_logits_equal_held_blocks(spec):
 
 
 def test_streamed_buffers_hold_one_subchunk(monkeypatch):
-    import selfdistill.tokenstats
+    import selfdistill.tokenstats.fused
 
-    monkeypatch.setattr(selfdistill.tokenstats, "_subchunk_positions", lambda d, v: 2)
+    monkeypatch.setattr(selfdistill.tokenstats.fused, "_subchunk_positions", lambda d, v: 2)
     h, w, th, tokens = inputs(8)
     buffers = FusedBuffers()
     hidden_objective(h, w, tokens, lambda s, rows: s.logp.sum(), teacher_hidden=th, chunk_tokens=1, buffers=buffers)
@@ -324,7 +324,7 @@ def test_weight_grad_out_refuses_a_scaled_loss():
 
 
 def test_subchunk_positions_by_hidden_size_and_vocabulary():
-    from selfdistill.tokenstats import _subchunk_positions
+    from selfdistill.tokenstats.fused import _subchunk_positions
 
     assert _subchunk_positions(64, 151_936) == 16  # the workspace is 46 MiB, not 371
     assert _subchunk_positions(896, 151_936) == 128  # taller sub-chunks where the matmuls dominate
