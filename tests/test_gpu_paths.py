@@ -8,13 +8,14 @@ import pytest
 import torch
 from test_trainer import length_reward, tiny_config
 
+from selfdistill.collectives import Collectives
 from selfdistill.config import ConfigError, ObjectiveConfig
 from selfdistill.forward import check_output_layer
 from selfdistill.models import build_tiny_model, build_tiny_tokenizer
 from selfdistill.objectives import OBJECTIVES, ObjectiveBatch
 from selfdistill.teacher import Teacher
 from selfdistill.tokenstats import TokenStats
-from selfdistill.trainer import Collectives, Trainer
+from selfdistill.trainer import Trainer
 
 # ----------------------------------------------------------------------------------------------
 # collectives
