@@ -32,15 +32,8 @@ from selfdistill.evaluation.metrics import (
     truncation_rate,
 )
 from selfdistill.evaluation.report import compare_runs, summary_markdown
-from selfdistill.evaluation.runner import (
-    EvalSettings,
-    SampleRecord,
-    default_ks,
-    evaluate_problems,
-    load_records,
-    problem_seed,
-    summarize,
-)
+from selfdistill.evaluation.runner import default_ks, evaluate_problems, problem_seed, summarize
+from selfdistill.evaluation.store import EvalSettings, SampleRecord, load_records
 from selfdistill.grading import normalize_answer
 from selfdistill.models import load_model
 from selfdistill.rollout import Rollouts, make_backend

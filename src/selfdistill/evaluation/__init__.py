@@ -17,16 +17,17 @@ from selfdistill.evaluation.metrics import (
     truncation_rate,
 )
 
-# The runner pulls in torch and transformers; it is imported on first use of one of its names, so that
-# `selfdistill --help` and code that only needs the metrics stay fast.
-_RUNNER_EXPORTS = ("SampleRecord", "evaluate_problems", "problem_seed", "summarize")
+# The runner pulls in torch and transformers; its names (and the store's record type) are imported on first use,
+# so that `selfdistill --help` and code that only needs the metrics stay fast.
+_LAZY_EXPORTS = {"evaluate_problems": "runner", "problem_seed": "runner", "summarize": "runner",
+                 "SampleRecord": "store"}
 
 
 def __getattr__(name: str) -> object:
-    if name in _RUNNER_EXPORTS:
-        from selfdistill.evaluation import runner
+    if name in _LAZY_EXPORTS:
+        import importlib
 
-        return getattr(runner, name)
+        return getattr(importlib.import_module(f"selfdistill.evaluation.{_LAZY_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -42,22 +42,14 @@ from selfdistill.evaluation.metrics import (
     response_length,
     truncation_rate,
 )
-from selfdistill.evaluation.store import (  # the store's names stay importable from here, as before
+from selfdistill.evaluation.store import (
     SAMPLES_FILE,
-    SETTINGS_FILE,
-    SUMMARY_FILE,
     EvalSettings,
     SampleRecord,
-    SettingsMismatchError,
     append_records,
-    check_settings,
     done_records,
-    load_records,
     merge_records,
     prepare_run_folder,
-    record_from_json,
-    record_to_json,
-    write_json_atomic,
     write_summary,
 )
 from selfdistill.grading import Grader, extract_answer, normalize_answer
@@ -457,23 +449,11 @@ def run_eval(
 
 
 __all__ = [
-    "SAMPLES_FILE",
-    "SETTINGS_FILE",
-    "SUMMARY_FILE",
-    "EvalSettings",
-    "SampleRecord",
-    "SettingsMismatchError",
-    "append_records",
-    "check_settings",
     "default_ks",
     "evaluate_problems",
     "load_eval_problems",
     "load_policy",
-    "load_records",
     "problem_seed",
-    "record_from_json",
-    "record_to_json",
     "run_eval",
     "summarize",
-    "write_json_atomic",
 ]

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from selfdistill.data import Problem
-from selfdistill.evaluation.runner import SampleRecord, evaluate_problems, summarize
+from selfdistill.evaluation.runner import evaluate_problems, summarize
+from selfdistill.evaluation.store import SampleRecord
 from selfdistill.forward import pack
 from selfdistill.grading import Grader
 from selfdistill.prompts import PromptBuilder
