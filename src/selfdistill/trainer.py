@@ -443,10 +443,9 @@ class Trainer:
                 matrix.grad = torch.zeros_like(matrix)
         weight_grad = weight.grad if weight.requires_grad else None
         total_loss = torch.zeros((), device=self.device)
-        bf16 = self.compute_dtype == torch.bfloat16
-        # bfloat16 compute of the output layer too: a bfloat16 view of the (float32) weight for the fused path;
-        # its gradient still goes, in float32, into weight.grad (weight_grad_out).
-        compute_weight = weight.to(self.compute_dtype) if bf16 else weight  # [V,d]
+        # bfloat16 compute of the output layer too: a bfloat16 copy of the (float32) weight for the fused path
+        # (in float32 `.to` returns the weight itself); its gradient still goes, in float32, into weight.grad.
+        compute_weight = weight.to(self.compute_dtype)  # [V,d]
         for rows in self._micro_batches(update_rows):
             responses = [group.responses[r] for r in rows]
             student = self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]])
