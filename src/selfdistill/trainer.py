@@ -21,8 +21,8 @@ parameters, gradients and AdamW state: AdamW stepping bfloat16 weights directly 
 By default every update is exactly on-policy (one update per rollout batch), so the surrogate's ratio is 1
 and no separate pass for old log-probs is needed. With `optim.ppo_epochs × optim.mini_batches > 1` (TRL's
 `num_iterations`, verl's `ppo_epochs` / `ppo_mini_batch_size`) the rollouts are scored once
-(`_score_rollouts`: behaviour log-probs and the teacher's hidden states, before the first update), then
-steps 3-4 and the optimizer step run once per mini-batch per epoch (`_minibatches`, `_optimizer_update`),
+(`scoring.score_rollouts`: behaviour log-probs and the teacher's hidden states, before the first update), then
+steps 3-4 and the optimizer step run once per mini-batch per epoch (`scoring.minibatches`, `_optimizer_update`),
 each normalized by its own mini-batch's global counts; the LR schedule and the EMA teacher advance once per
 rollout step.
 """
@@ -30,7 +30,6 @@ rollout step.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -48,7 +47,7 @@ from torch import Tensor
 from selfdistill.checkpoint import TrainingState, find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from selfdistill.collectives import Collectives
 from selfdistill.config import ConfigError, TrainConfig, config_from_dict
-from selfdistill.data import BENCHMARKS, SYNTHETIC_TASKS, Problem, load_benchmark, load_problems
+from selfdistill.data import Problem
 from selfdistill.forward import (
     base_model,
     check_output_layer,
@@ -64,98 +63,19 @@ from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, group_advantages,
 from selfdistill.prompts import PromptBuilder
 from selfdistill.provenance import record_environment
 from selfdistill.rollout import make_backend
+from selfdistill.schedule import epoch_order, load_training_problems, lr_factor, seed_for
+from selfdistill.scoring import (
+    RolloutGroup,
+    ScoredRollouts,
+    micro_batches,
+    minibatches,
+    score_rollouts,
+)
 from selfdistill.teacher import Teacher
 from selfdistill.tokenstats import FusedBuffers, TokenStats, hidden_objective
 
 RewardFn = Callable[[list[str], list[Problem]], list[float]]
 log = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------------------------
-# data
-
-
-def load_training_problems(config: TrainConfig) -> list[Problem]:
-    """The problems named by `data.dataset`: `synthetic:<task>`, a benchmark name, or a file."""
-    data = config.data
-    if data.dataset.startswith("synthetic:"):
-        task = data.dataset.split(":", 1)[1]
-        if task not in SYNTHETIC_TASKS:
-            raise ConfigError(f"data.dataset: unknown synthetic task {task!r}; choose one of {sorted(SYNTHETIC_TASKS)}")
-        return SYNTHETIC_TASKS[task](data.num_problems, seed=config.optim.seed, **data.task_options)
-    if data.dataset in BENCHMARKS:
-        problems = load_benchmark(data.dataset, root=data.root, split=data.split)
-    else:
-        path = Path(data.dataset)
-        if not path.exists():
-            raise ConfigError(f"data.dataset: {data.dataset!r} is no synthetic task, benchmark or existing file")
-        problems = load_problems(path)
-    return problems[: data.num_problems] if data.num_problems else problems
-
-
-def _seed_for(*parts: int) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def epoch_order(num_problems: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
-    order = list(range(num_problems))
-    if shuffle:
-        random.Random(_seed_for(seed, epoch)).shuffle(order)
-    return order
-
-
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay toward `min_ratio`, reached after the last step."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ----------------------------------------------------------------------------------------------
-# a step's rollouts
-
-
-@dataclass
-class RolloutGroup:
-    """This process's rollouts for one step, prompt-major (G rows per prompt)."""
-
-    problems: list[Problem]  # [P_local]
-    prompt_of_row: list[int]  # [B] index into problems
-    responses: list[list[int]]  # [B] response token ids, cut after EOS
-    texts: list[str]  # [B]
-    truncated: list[bool]  # [B]
-    rewards: Tensor  # [B]
-
-
-@dataclass
-class ScoredRollouts:
-    """What a step's several updates share, computed once before the first (`Trainer._score_rollouts`).
-
-    Kept per row, unpadded, so each update re-pads its micro-batch to its own width.
-    """
-
-    logp: list[Tensor] | None  # [B] each [|y_i|] float32: the behaviour log-probs; None: the objective needs none
-    teacher_hidden: list[Tensor] | None  # [B] each [|y_i|,d]: the teacher's final hidden states; None: no teacher
-    teacher_weight: Tensor | None  # [V,d] the teacher's output weight (a copy for a live teacher)
-
-    def behaviour_logp(self, rows: list[int], width: int) -> Tensor | None:
-        """`[b,width]` log-probs of `rows`, zero past each response."""
-        if self.logp is None:
-            return None
-        out = self.logp[rows[0]].new_zeros(len(rows), width)  # [b,T]
-        for i, r in enumerate(rows):
-            out[i, : len(self.logp[r])] = self.logp[r]
-        return out
-
-    def teacher_states(self, rows: list[int], width: int) -> Tensor:
-        """`[b,width,d]` teacher hidden states of `rows`, zero past each response."""
-        first = self.teacher_hidden[rows[0]]
-        out = first.new_zeros(len(rows), width, first.shape[-1])  # [b,T,d]
-        for i, r in enumerate(rows):
-            out[i, : len(self.teacher_hidden[r])] = self.teacher_hidden[r]
-        return out
-
 
 @dataclass
 class StepLog:
@@ -367,7 +287,7 @@ class Trainer:
             out = self.backend.generate([self.prompts.student_ids(problem) for _, problem in picked],
                                         num_samples=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                                         max_new_tokens=cfg.max_new_tokens,
-                                        seed=[_seed_for(self.config.optim.seed, k) for k, _ in picked])
+                                        seed=[seed_for(self.config.optim.seed, k) for k, _ in picked])
         responses = [out.response_ids[row, : out.lengths[row]].tolist() for row in range(len(out))]
         texts, truncated = list(out.texts), [bool(t) for t in out.truncated]
         prompt_of_row = out.prompt_index.tolist()
@@ -402,6 +322,11 @@ class Trainer:
         total = self.collectives.sum(local).tolist()
         values, weights = total[: len(names)], total[len(names) :]
         return {n: v / w if w else 0.0 for n, v, w in zip(names, values, weights, strict=True)}
+
+    def _pack_student_rows(self, group: RolloutGroup, rows: list[int]):
+        """`student_prompt ⊕ response` of `rows`, packed (`pack_student`) on the device."""
+        return self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]]) for r in rows],
+                                 [group.responses[r] for r in rows], pad_id=self.pad_id).to(self.device)
 
     def _student_hidden(self, student) -> Tensor:
         """The student's response hidden states `[b,T,d]` in the compute dtype."""
@@ -446,10 +371,8 @@ class Trainer:
         # bfloat16 compute of the output layer too: a bfloat16 copy of the (float32) weight for the fused path
         # (in float32 `.to` returns the weight itself); its gradient still goes, in float32, into weight.grad.
         compute_weight = weight.to(self.compute_dtype)  # [V,d]
-        for rows in self._micro_batches(update_rows):
-            responses = [group.responses[r] for r in rows]
-            student = self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]])
-                                         for r in rows], responses, pad_id=self.pad_id).to(self.device)
+        for rows in micro_batches(update_rows, cfg.optim.micro_batch_size):
+            student = self._pack_student_rows(group, rows)
             mask = student.response_mask  # [b,T]
             tokens = student.response_ids  # [b,T]
             weights = token_weights(mask, mode=aggregation, global_tokens=global_tokens,
@@ -508,7 +431,7 @@ class Trainer:
             scored = self._score_rollouts(group)
             t_scoring = time.perf_counter() - t0 - t_rollout
             results = [self._optimizer_update(group, step_log, rows, scored)
-                       for _ in range(optim.ppo_epochs) for rows in self._minibatches(group)]
+                       for _ in range(optim.ppo_epochs) for rows in self._update_batches(group)]
         losses, grad_norms, skips = zip(*results, strict=True)
         loss, grad_norm, skipped = sum(losses) / len(losses), sum(grad_norms) / len(grad_norms), sum(skips)
         if skipped < len(results):  # once per rollout step, as verl; TRL's schedule counts optimizer steps
@@ -544,64 +467,32 @@ class Trainer:
 
     # -- several updates per rollout step (optim.ppo_epochs × optim.mini_batches)
 
-    def _micro_batches(self, rows: list[int]) -> list[list[int]]:
-        """`rows` in consecutive chunks of `optim.micro_batch_size`: one forward/backward pass each."""
-        size = self.config.optim.micro_batch_size
-        return [rows[i : i + size] for i in range(0, len(rows), size)]
-
-    def _minibatches(self, group: RolloutGroup) -> list[list[int]]:
-        """This process's rows in `optim.mini_batches` consecutive parts, the same parts every epoch.
-
-        Whole prompt groups when the process has at least as many prompts as parts (part sizes then differ by
-        at most one prompt); else the rows themselves split as evenly as possible, and a prompt's group spans
-        parts (its advantages are still those of the whole step). Every process has the same number of rows,
-        so the parts line up across processes and each update's counts are reduced over matching parts.
-        """
-        parts = self.config.optim.mini_batches
-        G = self.config.rollout.group_size
-        B = len(group.responses)
-        units, unit = (B // G, G) if parts <= B // G else (B, 1)  # whole groups, else single rows
-        base, extra = divmod(units, parts)
-        out, start = [], 0
-        for k in range(parts):
-            stop = start + base + (k < extra)
-            out.append(list(range(start * unit, stop * unit)))
-            start = stop
-        return out
+    def _update_batches(self, group: RolloutGroup) -> list[list[int]]:
+        """This process's rows in `optim.mini_batches` parts, one optimizer update each (`minibatches`)."""
+        return minibatches(len(group.responses), self.config.rollout.group_size, self.config.optim.mini_batches)
 
     @torch.no_grad()
     def _score_rollouts(self, group: RolloutGroup) -> ScoredRollouts:
-        """Before a step's first update: the behaviour policy's log-prob of every response token (one student
-        pass without gradient; skipped for objectives without a ratio, `Objective.uses_old_logp`) and the
-        teacher's hidden states, kept for all the step's updates so that neither moves while the weights do.
-        A live teacher's output weight is copied (the updates change it in place); a frozen or EMA teacher's
-        does not change within a step (the EMA teacher follows once per rollout step). Run over the same
-        micro-batches as the updates, so the first update's ratio is exactly 1."""
+        """`score_rollouts` with this run's student, teacher and packing, over the same micro-batches as the
+        updates (so the first update's ratio is exactly 1)."""
         cfg = self.config
-        B = len(group.responses)
-        weight = output_weight(self.model).detach().to(self.compute_dtype)  # [V,d]
-        logp: list[Tensor | None] | None = [None] * B if self.objective.uses_old_logp else None
-        hidden: list[Tensor | None] | None = None if self.teacher is None else [None] * B
-        teacher_weight = None
-        for rows in (micro for part in self._minibatches(group) for micro in self._micro_batches(part)):
-            responses = [group.responses[r] for r in rows]
-            if logp is not None:
-                student = self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]])
-                                             for r in rows], responses, pad_id=self.pad_id).to(self.device)
-                student_hidden = self._student_hidden(student)  # [b,T,d]
-                _, stats = hidden_objective(student_hidden, weight, student.response_ids,
-                                            lambda stats, block: stats.logp.new_zeros(()),
-                                            temperature=cfg.rollout.temperature,
-                                            chunk_tokens=cfg.optim.chunk_tokens or None, buffers=self.fused_buffers)
-                for i, r in enumerate(rows):
-                    logp[r] = stats.logp[i, : len(responses[i])].clone()  # [|y_r|]
-            if self.teacher is not None:
-                teacher_hidden, teacher_weight = self._teacher_states(group, rows)  # [b,T,d], [V,d]
-                for i, r in enumerate(rows):
-                    hidden[r] = teacher_hidden[i, : len(responses[i])].clone()  # [|y_r|,d]
-        if teacher_weight is not None and self.teacher.mode == "live" and output_weight(self.model).requires_grad:
-            teacher_weight = teacher_weight.clone()  # [V,d] as it is before the first update
-        return ScoredRollouts(logp, hidden, teacher_weight)
+
+        def student(rows: list[int]) -> tuple[Tensor, Tensor]:
+            packed = self._pack_student_rows(group, rows)
+            return self._student_hidden(packed), packed.response_ids  # [b,T,d], [b,T]
+
+        batches = [micro for part in self._update_batches(group)
+                   for micro in micro_batches(part, cfg.optim.micro_batch_size)]
+        return score_rollouts(
+            group, batches,
+            student=student if self.objective.uses_old_logp else None,
+            weight=output_weight(self.model).detach().to(self.compute_dtype),  # [V,d]
+            teacher=None if self.teacher is None else lambda rows: self._teacher_states(group, rows),
+            copy_teacher_weight=self.teacher is not None and self.teacher.mode == "live"
+            and output_weight(self.model).requires_grad,
+            temperature=cfg.rollout.temperature, chunk_tokens=cfg.optim.chunk_tokens or None,
+            buffers=self.fused_buffers,
+        )
 
     def _optimizer_update(self, group: RolloutGroup, step_log: StepLog, update_rows: list[int] | None = None,
                           scored: ScoredRollouts | None = None) -> tuple[float, float, bool]:
