@@ -1,5 +1,5 @@
 """What a run trains on and when: the problems `data.dataset` names, their order in each epoch, the seeds
-derived from the run's seed, and the learning-rate schedule (warm-up + cosine)."""
+derived from the run's seed, and the optimizer with its learning-rate schedule (warm-up + cosine)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import math
 import random
 from pathlib import Path
 
-from selfdistill.config import ConfigError, TrainConfig
+import torch
+
+from selfdistill.config import ConfigError, OptimConfig, TrainConfig
 from selfdistill.data import BENCHMARKS, SYNTHETIC_TASKS, Problem, load_benchmark, load_problems
 
 
@@ -50,3 +52,18 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: floa
         return (step + 1) / (warmup_steps + 1)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], optim: OptimConfig
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over `params` (`optim.*`) and its schedule, `lr_factor` of the scheduler's step count."""
+    # The fused kernel: one pass per parameter and no update-sized temporaries (the for-loop AdamW that is
+    # torch's default on CPUs allocates a parameter-sized tensor per update).
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.adam_betas, weight_decay=optim.weight_decay,
+                                  fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, warmup_steps=optim.warmup_steps, total_steps=optim.steps, min_ratio=optim.min_lr_ratio),
+    )
+    return optimizer, scheduler

@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import random
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +50,7 @@ from selfdistill.forward import (
     base_model,
     check_output_layer,
     output_weight,
-    pack,
-    pack_shared,
     response_hidden_states,
-    shared_prefix_blocker,
 )
 from selfdistill.grading import Grader
 from selfdistill.models import load_model
@@ -63,7 +58,7 @@ from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, group_advantages,
 from selfdistill.prompts import PromptBuilder
 from selfdistill.provenance import record_environment
 from selfdistill.rollout import make_backend
-from selfdistill.schedule import epoch_order, load_training_problems, lr_factor, seed_for
+from selfdistill.schedule import epoch_order, load_training_problems, make_optimizer, seed_for
 from selfdistill.scoring import (
     RolloutGroup,
     ScoredRollouts,
@@ -73,9 +68,16 @@ from selfdistill.scoring import (
 )
 from selfdistill.teacher import Teacher
 from selfdistill.tokenstats import FusedBuffers, TokenStats, hidden_objective
+from selfdistill.training_setup import (
+    check_process_split,
+    check_prompts,
+    choose_packing,
+    prepare_model,
+    refuse_sharding,
+)
 
 RewardFn = Callable[[list[str], list[Problem]], list[float]]
-log = logging.getLogger(__name__)
+
 
 @dataclass
 class StepLog:
@@ -113,15 +115,9 @@ class Trainer:
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.device = self.accelerator.device
-        self._refuse_sharding()
+        refuse_sharding(self.accelerator.distributed_type)
         self.collectives = Collectives(self.device, self.world, bucket_bytes=int(config.optim.grad_bucket_mb * 2**20))
-        if config.rollout.prompts_per_step % self.world:
-            raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must be divisible by "
-                              f"the number of processes ({self.world})")
-        rows_per_process = config.rollout.prompts_per_step // self.world * config.rollout.group_size
-        if config.optim.mini_batches > rows_per_process:
-            raise ConfigError(f"optim.mini_batches={config.optim.mini_batches} exceeds the {rows_per_process} rollouts "
-                              f"each of the {self.world} processes has per step")
+        check_process_split(config, self.world)
         torch.manual_seed(config.optim.seed)
         random.seed(config.optim.seed)
 
@@ -137,14 +133,14 @@ class Trainer:
             self.tokenizer, template=config.data.template, max_prompt_tokens=config.data.max_prompt_tokens,
             enable_thinking=config.data.enable_thinking, system_prompt=config.data.system_prompt,
         )
-        self._check_prompts(self.prompts, self.problems, needs_teacher=self.objective.needs_teacher)
-        self.model = self._prepare_model(self.model).to(self.device)
+        check_prompts(self.prompts, self.problems, needs_teacher=self.objective.needs_teacher)
+        self.model = prepare_model(self.model, config.model).to(self.device)
         with self._compute():
             check_output_layer(base_model(self.model))
         self.teacher = Teacher(config.objective.teacher, self.model, ema_decay=config.objective.ema_decay) \
             if self.objective.needs_teacher else None
-        self.pack_student, self.pack_teacher = self._packing(self.model, shared_prefix=config.optim.shared_prefix,
-                                                             has_teacher=self.teacher is not None)
+        self.pack_student, self.pack_teacher = choose_packing(self.model, shared_prefix=config.optim.shared_prefix,
+                                                              has_teacher=self.teacher is not None)
         self.backend = make_backend(config.rollout.backend, self.model, self.tokenizer,
                                     batch_size=config.rollout.generation_batch_size or None)
         self.pad_id = self.backend.pad_id
@@ -152,20 +148,20 @@ class Trainer:
         wrong = sorted({str(p.dtype) for p in self.params} - {"torch.float32"})
         if wrong:  # the master weights AdamW steps must be float32 (bfloat16 rounds small updates away)
             raise ConfigError(f"model.dtype: trained parameters must be float32, found {wrong}")
-        optim = config.optim
-        # The fused kernel: one pass per parameter and no update-sized temporaries (the for-loop AdamW that is
-        # torch's default on CPUs allocates a parameter-sized tensor per update).
-        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=optim.adam_betas,
-                                           weight_decay=optim.weight_decay, fused=True)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, warmup_steps=optim.warmup_steps, total_steps=optim.steps,
-                                min_ratio=optim.min_lr_ratio),
-        )
+        self.optimizer, self.scheduler = make_optimizer(self.params, config.optim)
         self.grader = Grader(workers=2)
         self.fused_buffers = FusedBuffers()  # the output layer's logits buffers, reused every micro-batch
         self.step = 0
         self.cursor = 0
+        self._open_run(run_dir, resume)
+
+    # -- set-up
+
+    def _open_run(self, run_dir: str | Path | None, resume: str | Path | None) -> None:
+        """The checkpoint `resume` names, loaded (weights, optimizer, schedule, teacher, step and cursor); the run
+        folder (`run_dir`, else `logging.output_dir`, else the resumed checkpoint's run, else a new one) with
+        config.json, environment.json and the logs cut back to the resumed step; the TensorBoard writer."""
+        config = self.config
         self.run_dir = Path(run_dir or config.logging.output_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
         if resume is not None:
             checkpoint = find_checkpoint(resume)
@@ -189,76 +185,9 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    # -- set-up
-
-    def _refuse_sharding(self) -> None:
-        """FSDP and DeepSpeed are not wired into this trainer (it holds a full replica per process and syncs
-        gradients itself): refuse them rather than run a replica under a sharding launcher."""
-        from accelerate.utils import DistributedType
-
-        kind = self.accelerator.distributed_type
-        if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-            raise ConfigError(f"accelerate launch: {kind.value} is not supported by selfdistill's own trainer (data "
-                              "parallel replicas only); for sharded training use the TRL route, "
-                              "selfdistill.integrations.trl, which runs under TRL's FSDP / DeepSpeed support")
-
     def _compute(self) -> contextlib.AbstractContextManager:
         """The compute dtype of forward passes: bfloat16 autocast when `model.dtype` is bfloat16."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
-
-    def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        cfg = self.config.model
-        if cfg.lora_rank > 0:
-            from peft import LoraConfig, get_peft_model
-
-            names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-            targets = [t for t in cfg.lora_targets if t in names]
-            if not targets:
-                raise ConfigError(f"model.lora_targets: none of {cfg.lora_targets} is a module of this model")
-            head = model.get_output_embeddings()
-            head_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
-            if head_names & set(targets):
-                raise ConfigError(f"model.lora_targets: {sorted(head_names & set(targets))} is the output layer; the "
-                                  "fused token statistics use its base weight, so an adapter there would never "
-                                  "learn. Leave it out (or train it fully with lora_rank 0)")
-            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=targets, bias="none", task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora)
-        embedding = model.get_input_embeddings()
-        if isinstance(embedding, torch.nn.Embedding) and embedding.weight.requires_grad:
-            # A sparse gradient (the rows looked up), added by autograd into the dense .grad that `_update` makes
-            # first: no dense [V,d] embedding gradient is formed per backward pass.
-            embedding.sparse = True
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if cfg.lora_rank > 0:
-                model.enable_input_require_grads()
-        model.train()
-        return model
-
-    @staticmethod
-    def _packing(model: torch.nn.Module, *, shared_prefix: bool, has_teacher: bool) -> tuple[Callable, Callable]:
-        """How micro-batches are packed for the student and for the teacher: `pack_shared` (each distinct
-        prompt runs once) where `shared_prefix` (`optim.shared_prefix`) is on and `model` (the prepared one)
-        allows it, else `pack`. Decided here only; a shared prefix the model does not allow is logged with the
-        reason (for the teacher only when there is one)."""
-        if not shared_prefix:
-            return pack, pack
-        packing = []
-        for role, backward in (("student", True), ("teacher", False)):
-            blocker = shared_prefix_blocker(model, backward=backward)
-            if blocker is not None and (role == "student" or has_teacher):
-                log.warning("optim.shared_prefix: the %s forward packs every row's prompt in full: %s", role, blocker)
-            packing.append(pack if blocker else pack_shared)
-        return packing[0], packing[1]
-
-    @staticmethod
-    def _check_prompts(prompts: PromptBuilder, problems: list[Problem], *, needs_teacher: bool) -> None:
-        """Fail before the first rollout if any prompt is over the limit or lacks its context."""
-        for problem in problems:
-            prompts.student_ids(problem)
-            if needs_teacher and prompts.template.context != "sibling":
-                prompts.teacher_ids(problem)
 
     def _truncate_log(self, path: Path) -> None:
         """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
@@ -309,20 +238,6 @@ class Trainer:
             return self.prompts.student_ids(problem)
         return self.prompts.teacher_ids(problem, sibling=group.texts[siblings[0]])
 
-    def _reduced_means(self, step_log: StepLog) -> dict[str, float]:
-        """The step's diagnostics averaged over every process's tokens (not rank 0's only)."""
-        names = sorted(step_log.values)
-        # The names must agree across processes, or the sums below would pair different quantities.
-        key = zlib.crc32("\x00".join(names).encode())
-        agreed = self.collectives.sum(torch.tensor([float(len(names)), float(key)], dtype=torch.float64))  # [2]
-        if agreed.tolist() != [float(len(names) * self.world), float(key * self.world)]:
-            raise RuntimeError(f"the processes logged different diagnostics (this one: {names})")
-        local = torch.tensor([step_log.values[n] for n in names] + [step_log.weights[n] for n in names],
-                             dtype=torch.float64)  # [2K]
-        total = self.collectives.sum(local).tolist()
-        values, weights = total[: len(names)], total[len(names) :]
-        return {n: v / w if w else 0.0 for n, v, w in zip(names, values, weights, strict=True)}
-
     def _pack_student_rows(self, group: RolloutGroup, rows: list[int]):
         """`student_prompt ⊕ response` of `rows`, packed (`pack_student`) on the device."""
         return self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]]) for r in rows],
@@ -362,7 +277,7 @@ class Trainer:
         weight = output_weight(self.model)
         # The two [V,d] matrices get their gradients into .grad in place, without a second [V,d] tensor per
         # micro-batch: the output layer's from the fused path (weight_grad_out), the embedding's as a sparse
-        # gradient of the rows looked up (see _prepare_model), added into the dense .grad made here.
+        # gradient of the rows looked up (see `prepare_model`), added into the dense .grad made here.
         for matrix in {id(w): w for w in (weight, self.model.get_input_embeddings().weight)}.values():
             if matrix.requires_grad and matrix.grad is None:
                 matrix.grad = torch.zeros_like(matrix)
@@ -456,7 +371,7 @@ class Trainer:
             "skipped": int(skipped),
             "updates": len(results),
             "processes": self.world,
-            **self._reduced_means(step_log),
+            **self.collectives.weighted_means(step_log.values, step_log.weights),  # over every process's tokens
             "seconds_rollout": t_rollout,
             "seconds_scoring": t_scoring,
             "seconds": time.perf_counter() - t0,
