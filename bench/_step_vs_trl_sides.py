@@ -166,15 +166,21 @@ def ours_config(spec: dict, run_dir: str):
 
 
 def profile_ours(trainer, timer: PhaseTimer) -> None:
+    import selfdistill.scoring as scoring_module
     import selfdistill.trainer as trainer_module
 
     timer.wrap(trainer.backend, "generate", "generation")
     timer.wrap(trainer.grader, "grade_many", "grading")
     if trainer.teacher is not None:
         timer.wrap(trainer.teacher, "hidden_states", "teacher forward")
-    timer.wrap(trainer_module, "pack", "packing prompts + responses")
+    # The trainer picks its packing (`pack` or `pack_shared`) when it is built and calls it through these two
+    # attributes: wrap them, not the module's `pack`, which the trainer no longer looks up after set-up.
+    timer.wrap(trainer, "pack_student", "packing prompts + responses")
+    timer.wrap(trainer, "pack_teacher", "packing prompts + responses")
     timer.wrap(trainer_module, "response_hidden_states", "student forward (decoder only)")
-    timer.wrap(trainer_module, "hidden_objective", "output layer + token stats + objective (fused fwd/grad)")
+    # the updates' fused pass (trainer) and, with ppo_epochs x mini_batches > 1, the scoring pass's (scoring)
+    for module in (trainer_module, scoring_module):
+        timer.wrap(module, "hidden_objective", "output layer + token stats + objective (fused fwd/grad)")
     timer.wrap(trainer.optimizer, "step", "optimizer")
     timer.wrap(trainer, "_log", "logging")
     timer.wrap_backward()

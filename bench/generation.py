@@ -63,7 +63,7 @@ import transformers
 from _generation_paths import TEMPERATURE, TOP_P, CallRecord, make_runner
 from _harness import error_line, markdown_table, ratio, time_runs
 
-from selfdistill.data.synthetic import make_splits
+from selfdistill.data.generated import make_splits
 from selfdistill.models import SMOLLM2_DIRNAME, cache_dir, is_complete, load_model, smollm2_dir
 from selfdistill.prompts import PromptBuilder
 

@@ -74,6 +74,24 @@ def test_every_collective_of_a_step_goes_through_collectives_on_the_model_device
     assert "entropy" in metrics and "teacher_entropy" in metrics  # the diagnostics, averaged over processes
 
 
+def test_weighted_means_sum_over_processes_and_refuse_different_names():
+    other = torch.tensor([2.0, 8.0, 6.0, 2.0], dtype=torch.float64)  # the other process's values, then weights
+
+    def with_the_other(tensor):
+        tensor.add_(other if tensor.numel() == 4 else tensor.clone())  # the name check: the same names there
+
+    collectives = Collectives("cpu", 2, all_reduce=with_the_other)
+    means = collectives.weighted_means({"a": 4.0, "b": 0.0}, {"a": 2.0, "b": 0.0})  # this process: b unweighted
+    assert means == {"a": (4.0 + 2.0) / (2.0 + 6.0), "b": (0.0 + 8.0) / (0.0 + 2.0)}
+
+    def with_other_names(tensor):
+        tensor.add_(tensor + 1)
+
+    with pytest.raises(RuntimeError, match="the processes logged different diagnostics"):
+        Collectives("cpu", 2, all_reduce=with_other_names).weighted_means({"a": 1.0}, {"a": 1.0})
+    assert Collectives("cpu", 1).weighted_means({"a": 3.0, "z": 1.0}, {"a": 2.0, "z": 0.0}) == {"a": 1.5, "z": 0.0}
+
+
 def test_gradient_buckets_are_bounded_and_sum_in_place():
     generator = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(5, 7), (300,), (3,), (40, 40), (2, 2)]]
@@ -227,11 +245,10 @@ def test_group_size_one_is_refused_where_every_update_would_be_zero(tmp_path):
 def test_sharding_launchers_are_refused(kind):
     """This trainer holds a full replica per process: under an FSDP or DeepSpeed launch it says so and points to
     the TRL route. (An FSDP / DeepSpeed launch needs GPUs; the accelerator's answer is stood in for.)"""
-    from types import SimpleNamespace
-
     from accelerate.utils import DistributedType
 
-    launched = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
+    from selfdistill.training_setup import refuse_sharding
+
     with pytest.raises(ConfigError, match=r"selfdistill\.integrations\.trl"):
-        Trainer._refuse_sharding(launched)
-    Trainer._refuse_sharding(SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)))
+        refuse_sharding(getattr(DistributedType, kind))
+    refuse_sharding(DistributedType.MULTI_GPU)

@@ -15,7 +15,8 @@ from test_trainer import _final_weights, length_reward, tiny_config
 
 from selfdistill.checkpoint import find_checkpoint
 from selfdistill.config import ConfigError
-from selfdistill.trainer import RolloutGroup, StepLog, Trainer
+from selfdistill.scoring import RolloutGroup, minibatches
+from selfdistill.trainer import StepLog, Trainer
 
 
 def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -75,15 +76,11 @@ def test_config_keys_are_validated(tmp_path, monkeypatch):
         Trainer(config, reward_fn=length_reward)
 
 
-def test_minibatches_take_whole_prompt_groups_where_they_can(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, rollout={"prompts_per_step": 3, "group_size": 2}), reward_fn=length_reward)
-    group = RolloutGroup([], [], [[1]] * 6, [""] * 6, [False] * 6, torch.zeros(6))
+def test_minibatches_take_whole_prompt_groups_where_they_can():
     expected = {1: [[0, 1, 2, 3, 4, 5]], 2: [[0, 1, 2, 3], [4, 5]], 3: [[0, 1], [2, 3], [4, 5]],
                 4: [[0, 1], [2, 3], [4], [5]], 6: [[0], [1], [2], [3], [4], [5]]}
-    for parts, rows in expected.items():
-        trainer.config.optim.mini_batches = parts
-        assert trainer._minibatches(group) == rows
-    trainer.grader.close()
+    for parts, rows in expected.items():  # 3 prompts x 2 samples
+        assert minibatches(6, group_size=2, parts=parts) == rows
 
 
 @pytest.mark.parametrize(("method", "teacher"), [("grpo", "frozen"), ("dasd", "live")])
@@ -176,7 +173,7 @@ def test_each_minibatch_is_normalized_by_its_own_counts(tmp_path, method):
     config = tiny_config(tmp_path, objective={"method": method}, optim={"ppo_epochs": 2, "mini_batches": 2})
     trainer = Trainer(config, reward_fn=length_reward)
     group = trainer._rollouts(trainer._step_problems())
-    parts = trainer._minibatches(group)
+    parts = trainer._update_batches(group)
     assert parts == [[0, 1, 2, 3], [4, 5, 6, 7]]
     scored = trainer._score_rollouts(group)
     for rows in parts:

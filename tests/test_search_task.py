@@ -12,14 +12,14 @@ from statistics import mean
 import pytest
 
 from selfdistill.data import SYNTHETIC_TASKS, Problem, search_checks
-from selfdistill.data.synthetic import (
+from selfdistill.data.search import (
     SEARCH_CHECKS,
     SEARCH_IN_DISTRIBUTION,
     SEARCH_OUT_OF_DISTRIBUTION,
-    ChainInstruction,
     SearchPuzzle,
     sample_search_puzzle,
 )
+from selfdistill.data.synthetic import ChainInstruction
 from selfdistill.evaluation.metrics import EPISTEMIC_MARKERS, epistemic_markers
 from selfdistill.models import build_tiny_tokenizer
 from selfdistill.prompts import PromptBuilder

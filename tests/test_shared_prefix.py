@@ -257,7 +257,7 @@ def test_one_update_is_the_same_with_and_without_the_shared_prefix(tmp_path, sec
 
 
 def test_trainer_falls_back_for_the_student_under_gradient_checkpointing(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="selfdistill.trainer"):
+    with caplog.at_level(logging.WARNING, logger="selfdistill.training_setup"):
         trainer = _trainer(tmp_path, True, model={"gradient_checkpointing": True}, objective={"method": "opsd"})
     assert trainer.pack_student is pack and trainer.pack_teacher is pack_shared
     assert "the student forward packs every row's prompt in full: gradient checkpointing" in caplog.text

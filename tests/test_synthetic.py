@@ -12,12 +12,11 @@ from collections import Counter
 import pytest
 
 from selfdistill.data.benchmarks import Problem
+from selfdistill.data.generated import SYNTHETIC_TASKS, make_splits
 from selfdistill.data.synthetic import (
-    SYNTHETIC_TASKS,
     ChainInstruction,
     OperationChain,
     arithmetic_word_problems,
-    make_splits,
     number_sums,
     operation_chains,
     sample_operation_chain,

@@ -220,6 +220,7 @@ def test_embedding_and_output_gradients_go_into_dense_grads_in_place(tmp_path, t
     """Full fine-tuning: the embedding's gradient is sparse (rows looked up) and the output layer's is added by
     the fused path, both into dense .grad tensors; the gradients equal those of plain dense autograd."""
     from selfdistill.trainer import StepLog
+    from selfdistill.training_setup import prepare_model
 
     config = tiny_config(tmp_path, objective={"method": "opsd"})
     trainers = []
@@ -231,13 +232,13 @@ def test_embedding_and_output_gradients_go_into_dense_grads_in_place(tmp_path, t
             untied = type(trainer.model)(untied_config)
             untied.load_state_dict(trainer.model.state_dict(), strict=False)
             untied.lm_head.weight.data.copy_(trainer.model.get_input_embeddings().weight.data)
-            trainer.model = trainer._prepare_model(untied)
+            trainer.model = prepare_model(untied, trainer.config.model)
             trainer.teacher.copy = copy.deepcopy(trainer.model).eval().requires_grad_(False)
             trainer.params = [p for p in trainer.model.parameters() if p.requires_grad]
         trainer.model.get_input_embeddings().sparse = sparse
         trainers.append(trainer)
     sparse_run, dense_run = trainers
-    assert sparse_run.model.get_input_embeddings().sparse  # what _prepare_model sets for full fine-tuning
+    assert sparse_run.model.get_input_embeddings().sparse  # what prepare_model sets for full fine-tuning
     group = sparse_run._rollouts(sparse_run._step_problems())
     grads = []
     for trainer in trainers:

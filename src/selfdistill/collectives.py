@@ -1,7 +1,9 @@
-"""Every sum across processes the trainer makes: on the accelerator's device, gradients in bounded buckets."""
+"""Every sum across processes the trainer makes: on the accelerator's device, gradients in bounded buckets, the
+logged means over every process."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +34,20 @@ class Collectives:
         on_device = tensor.to(self.device)  # the same tensor when it is already there
         self.all_reduce(on_device)
         return on_device.to(tensor.device)
+
+    def weighted_means(self, values: dict[str, float], weights: dict[str, float]) -> dict[str, float]:
+        """`values[name] / weights[name]` with both summed over the processes (e.g. a step's diagnostics averaged
+        over every process's tokens, not rank 0's only); 0 where the summed weight is 0. Every process must pass
+        the same names (checked: else the sums would pair different quantities)."""
+        names = sorted(values)
+        key = zlib.crc32("\x00".join(names).encode())
+        agreed = self.sum(torch.tensor([float(len(names)), float(key)], dtype=torch.float64))  # [2]
+        if agreed.tolist() != [float(len(names) * self.world), float(key * self.world)]:
+            raise RuntimeError(f"the processes logged different diagnostics (this one: {names})")
+        local = torch.tensor([values[n] for n in names] + [weights[n] for n in names], dtype=torch.float64)  # [2K]
+        total = self.sum(local).tolist()
+        summed_values, summed_weights = total[: len(names)], total[len(names) :]
+        return {n: v / w if w else 0.0 for n, v, w in zip(names, summed_values, summed_weights, strict=True)}
 
     def sum_gradients(self, params: list[Tensor]) -> None:
         """Sum every parameter's `.grad` over the processes, in place (a missing one counts as zeros)."""

@@ -67,7 +67,7 @@ class ModelConfig:
 class DataConfig:
     dataset: str = "synthetic:operation_chains"
     """Training problems: a benchmark name (`gsm8k`, `math500`, ...), `synthetic:<task>` (a generated
-    task from `selfdistill.data.synthetic`), or a path to a .jsonl / .parquet file."""
+    task of `selfdistill.data.SYNTHETIC_TASKS`), or a path to a .jsonl / .parquet file."""
     split: str = "train"
     """Benchmark split (gsm8k has `train` and `test`; the others only `test`)."""
     root: str | None = None

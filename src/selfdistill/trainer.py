@@ -21,8 +21,8 @@ parameters, gradients and AdamW state: AdamW stepping bfloat16 weights directly 
 By default every update is exactly on-policy (one update per rollout batch), so the surrogate's ratio is 1
 and no separate pass for old log-probs is needed. With `optim.ppo_epochs × optim.mini_batches > 1` (TRL's
 `num_iterations`, verl's `ppo_epochs` / `ppo_mini_batch_size`) the rollouts are scored once
-(`_score_rollouts`: behaviour log-probs and the teacher's hidden states, before the first update), then
-steps 3-4 and the optimizer step run once per mini-batch per epoch (`_minibatches`, `_optimizer_update`),
+(`scoring.score_rollouts`: behaviour log-probs and the teacher's hidden states, before the first update), then
+steps 3-4 and the optimizer step run once per mini-batch per epoch (`scoring.minibatches`, `_optimizer_update`),
 each normalized by its own mini-batch's global counts; the LR schedule and the EMA teacher advance once per
 rollout step.
 """
@@ -30,13 +30,10 @@ rollout step.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import logging
 import math
 import random
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,15 +45,12 @@ from torch import Tensor
 from selfdistill.checkpoint import TrainingState, find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from selfdistill.collectives import Collectives
 from selfdistill.config import ConfigError, TrainConfig, config_from_dict
-from selfdistill.data import BENCHMARKS, SYNTHETIC_TASKS, Problem, load_benchmark, load_problems
+from selfdistill.data import Problem
 from selfdistill.forward import (
     base_model,
     check_output_layer,
     output_weight,
-    pack,
-    pack_shared,
     response_hidden_states,
-    shared_prefix_blocker,
 )
 from selfdistill.grading import Grader
 from selfdistill.models import load_model
@@ -64,97 +58,25 @@ from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, group_advantages,
 from selfdistill.prompts import PromptBuilder
 from selfdistill.provenance import record_environment
 from selfdistill.rollout import make_backend
+from selfdistill.schedule import epoch_order, load_training_problems, make_optimizer, seed_for
+from selfdistill.scoring import (
+    RolloutGroup,
+    ScoredRollouts,
+    micro_batches,
+    minibatches,
+    score_rollouts,
+)
 from selfdistill.teacher import Teacher
 from selfdistill.tokenstats import FusedBuffers, TokenStats, hidden_objective
+from selfdistill.training_setup import (
+    check_process_split,
+    check_prompts,
+    choose_packing,
+    prepare_model,
+    refuse_sharding,
+)
 
 RewardFn = Callable[[list[str], list[Problem]], list[float]]
-log = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------------------------
-# data
-
-
-def load_training_problems(config: TrainConfig) -> list[Problem]:
-    """The problems named by `data.dataset`: `synthetic:<task>`, a benchmark name, or a file."""
-    data = config.data
-    if data.dataset.startswith("synthetic:"):
-        task = data.dataset.split(":", 1)[1]
-        if task not in SYNTHETIC_TASKS:
-            raise ConfigError(f"data.dataset: unknown synthetic task {task!r}; choose one of {sorted(SYNTHETIC_TASKS)}")
-        return SYNTHETIC_TASKS[task](data.num_problems, seed=config.optim.seed, **data.task_options)
-    if data.dataset in BENCHMARKS:
-        problems = load_benchmark(data.dataset, root=data.root, split=data.split)
-    else:
-        path = Path(data.dataset)
-        if not path.exists():
-            raise ConfigError(f"data.dataset: {data.dataset!r} is no synthetic task, benchmark or existing file")
-        problems = load_problems(path)
-    return problems[: data.num_problems] if data.num_problems else problems
-
-
-def _seed_for(*parts: int) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def epoch_order(num_problems: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
-    order = list(range(num_problems))
-    if shuffle:
-        random.Random(_seed_for(seed, epoch)).shuffle(order)
-    return order
-
-
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay toward `min_ratio`, reached after the last step."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ----------------------------------------------------------------------------------------------
-# a step's rollouts
-
-
-@dataclass
-class RolloutGroup:
-    """This process's rollouts for one step, prompt-major (G rows per prompt)."""
-
-    problems: list[Problem]  # [P_local]
-    prompt_of_row: list[int]  # [B] index into problems
-    responses: list[list[int]]  # [B] response token ids, cut after EOS
-    texts: list[str]  # [B]
-    truncated: list[bool]  # [B]
-    rewards: Tensor  # [B]
-
-
-@dataclass
-class ScoredRollouts:
-    """What a step's several updates share, computed once before the first (`Trainer._score_rollouts`).
-
-    Kept per row, unpadded, so each update re-pads its micro-batch to its own width.
-    """
-
-    logp: list[Tensor] | None  # [B] each [|y_i|] float32: the behaviour log-probs; None: the objective needs none
-    teacher_hidden: list[Tensor] | None  # [B] each [|y_i|,d]: the teacher's final hidden states; None: no teacher
-    teacher_weight: Tensor | None  # [V,d] the teacher's output weight (a copy for a live teacher)
-
-    def behaviour_logp(self, rows: list[int], width: int) -> Tensor | None:
-        """`[b,width]` log-probs of `rows`, zero past each response."""
-        if self.logp is None:
-            return None
-        out = self.logp[rows[0]].new_zeros(len(rows), width)  # [b,T]
-        for i, r in enumerate(rows):
-            out[i, : len(self.logp[r])] = self.logp[r]
-        return out
-
-    def teacher_states(self, rows: list[int], width: int) -> Tensor:
-        """`[b,width,d]` teacher hidden states of `rows`, zero past each response."""
-        first = self.teacher_hidden[rows[0]]
-        out = first.new_zeros(len(rows), width, first.shape[-1])  # [b,T,d]
-        for i, r in enumerate(rows):
-            out[i, : len(self.teacher_hidden[r])] = self.teacher_hidden[r]
-        return out
 
 
 @dataclass
@@ -193,15 +115,9 @@ class Trainer:
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.device = self.accelerator.device
-        self._refuse_sharding()
+        refuse_sharding(self.accelerator.distributed_type)
         self.collectives = Collectives(self.device, self.world, bucket_bytes=int(config.optim.grad_bucket_mb * 2**20))
-        if config.rollout.prompts_per_step % self.world:
-            raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must be divisible by "
-                              f"the number of processes ({self.world})")
-        rows_per_process = config.rollout.prompts_per_step // self.world * config.rollout.group_size
-        if config.optim.mini_batches > rows_per_process:
-            raise ConfigError(f"optim.mini_batches={config.optim.mini_batches} exceeds the {rows_per_process} rollouts "
-                              f"each of the {self.world} processes has per step")
+        check_process_split(config, self.world)
         torch.manual_seed(config.optim.seed)
         random.seed(config.optim.seed)
 
@@ -217,14 +133,14 @@ class Trainer:
             self.tokenizer, template=config.data.template, max_prompt_tokens=config.data.max_prompt_tokens,
             enable_thinking=config.data.enable_thinking, system_prompt=config.data.system_prompt,
         )
-        self._check_prompts(self.prompts, self.problems, needs_teacher=self.objective.needs_teacher)
-        self.model = self._prepare_model(self.model).to(self.device)
+        check_prompts(self.prompts, self.problems, needs_teacher=self.objective.needs_teacher)
+        self.model = prepare_model(self.model, config.model).to(self.device)
         with self._compute():
             check_output_layer(base_model(self.model))
         self.teacher = Teacher(config.objective.teacher, self.model, ema_decay=config.objective.ema_decay) \
             if self.objective.needs_teacher else None
-        self.pack_student, self.pack_teacher = self._packing(self.model, shared_prefix=config.optim.shared_prefix,
-                                                             has_teacher=self.teacher is not None)
+        self.pack_student, self.pack_teacher = choose_packing(self.model, shared_prefix=config.optim.shared_prefix,
+                                                              has_teacher=self.teacher is not None)
         self.backend = make_backend(config.rollout.backend, self.model, self.tokenizer,
                                     batch_size=config.rollout.generation_batch_size or None)
         self.pad_id = self.backend.pad_id
@@ -232,20 +148,20 @@ class Trainer:
         wrong = sorted({str(p.dtype) for p in self.params} - {"torch.float32"})
         if wrong:  # the master weights AdamW steps must be float32 (bfloat16 rounds small updates away)
             raise ConfigError(f"model.dtype: trained parameters must be float32, found {wrong}")
-        optim = config.optim
-        # The fused kernel: one pass per parameter and no update-sized temporaries (the for-loop AdamW that is
-        # torch's default on CPUs allocates a parameter-sized tensor per update).
-        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=optim.adam_betas,
-                                           weight_decay=optim.weight_decay, fused=True)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, warmup_steps=optim.warmup_steps, total_steps=optim.steps,
-                                min_ratio=optim.min_lr_ratio),
-        )
+        self.optimizer, self.scheduler = make_optimizer(self.params, config.optim)
         self.grader = Grader(workers=2)
         self.fused_buffers = FusedBuffers()  # the output layer's logits buffers, reused every micro-batch
         self.step = 0
         self.cursor = 0
+        self._open_run(run_dir, resume)
+
+    # -- set-up
+
+    def _open_run(self, run_dir: str | Path | None, resume: str | Path | None) -> None:
+        """The checkpoint `resume` names, loaded (weights, optimizer, schedule, teacher, step and cursor); the run
+        folder (`run_dir`, else `logging.output_dir`, else the resumed checkpoint's run, else a new one) with
+        config.json, environment.json and the logs cut back to the resumed step; the TensorBoard writer."""
+        config = self.config
         self.run_dir = Path(run_dir or config.logging.output_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
         if resume is not None:
             checkpoint = find_checkpoint(resume)
@@ -269,76 +185,9 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    # -- set-up
-
-    def _refuse_sharding(self) -> None:
-        """FSDP and DeepSpeed are not wired into this trainer (it holds a full replica per process and syncs
-        gradients itself): refuse them rather than run a replica under a sharding launcher."""
-        from accelerate.utils import DistributedType
-
-        kind = self.accelerator.distributed_type
-        if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-            raise ConfigError(f"accelerate launch: {kind.value} is not supported by selfdistill's own trainer (data "
-                              "parallel replicas only); for sharded training use the TRL route, "
-                              "selfdistill.integrations.trl, which runs under TRL's FSDP / DeepSpeed support")
-
     def _compute(self) -> contextlib.AbstractContextManager:
         """The compute dtype of forward passes: bfloat16 autocast when `model.dtype` is bfloat16."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
-
-    def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        cfg = self.config.model
-        if cfg.lora_rank > 0:
-            from peft import LoraConfig, get_peft_model
-
-            names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-            targets = [t for t in cfg.lora_targets if t in names]
-            if not targets:
-                raise ConfigError(f"model.lora_targets: none of {cfg.lora_targets} is a module of this model")
-            head = model.get_output_embeddings()
-            head_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
-            if head_names & set(targets):
-                raise ConfigError(f"model.lora_targets: {sorted(head_names & set(targets))} is the output layer; the "
-                                  "fused token statistics use its base weight, so an adapter there would never "
-                                  "learn. Leave it out (or train it fully with lora_rank 0)")
-            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=targets, bias="none", task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora)
-        embedding = model.get_input_embeddings()
-        if isinstance(embedding, torch.nn.Embedding) and embedding.weight.requires_grad:
-            # A sparse gradient (the rows looked up), added by autograd into the dense .grad that `_update` makes
-            # first: no dense [V,d] embedding gradient is formed per backward pass.
-            embedding.sparse = True
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if cfg.lora_rank > 0:
-                model.enable_input_require_grads()
-        model.train()
-        return model
-
-    @staticmethod
-    def _packing(model: torch.nn.Module, *, shared_prefix: bool, has_teacher: bool) -> tuple[Callable, Callable]:
-        """How micro-batches are packed for the student and for the teacher: `pack_shared` (each distinct
-        prompt runs once) where `shared_prefix` (`optim.shared_prefix`) is on and `model` (the prepared one)
-        allows it, else `pack`. Decided here only; a shared prefix the model does not allow is logged with the
-        reason (for the teacher only when there is one)."""
-        if not shared_prefix:
-            return pack, pack
-        packing = []
-        for role, backward in (("student", True), ("teacher", False)):
-            blocker = shared_prefix_blocker(model, backward=backward)
-            if blocker is not None and (role == "student" or has_teacher):
-                log.warning("optim.shared_prefix: the %s forward packs every row's prompt in full: %s", role, blocker)
-            packing.append(pack if blocker else pack_shared)
-        return packing[0], packing[1]
-
-    @staticmethod
-    def _check_prompts(prompts: PromptBuilder, problems: list[Problem], *, needs_teacher: bool) -> None:
-        """Fail before the first rollout if any prompt is over the limit or lacks its context."""
-        for problem in problems:
-            prompts.student_ids(problem)
-            if needs_teacher and prompts.template.context != "sibling":
-                prompts.teacher_ids(problem)
 
     def _truncate_log(self, path: Path) -> None:
         """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
@@ -367,7 +216,7 @@ class Trainer:
             out = self.backend.generate([self.prompts.student_ids(problem) for _, problem in picked],
                                         num_samples=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                                         max_new_tokens=cfg.max_new_tokens,
-                                        seed=[_seed_for(self.config.optim.seed, k) for k, _ in picked])
+                                        seed=[seed_for(self.config.optim.seed, k) for k, _ in picked])
         responses = [out.response_ids[row, : out.lengths[row]].tolist() for row in range(len(out))]
         texts, truncated = list(out.texts), [bool(t) for t in out.truncated]
         prompt_of_row = out.prompt_index.tolist()
@@ -389,19 +238,10 @@ class Trainer:
             return self.prompts.student_ids(problem)
         return self.prompts.teacher_ids(problem, sibling=group.texts[siblings[0]])
 
-    def _reduced_means(self, step_log: StepLog) -> dict[str, float]:
-        """The step's diagnostics averaged over every process's tokens (not rank 0's only)."""
-        names = sorted(step_log.values)
-        # The names must agree across processes, or the sums below would pair different quantities.
-        key = zlib.crc32("\x00".join(names).encode())
-        agreed = self.collectives.sum(torch.tensor([float(len(names)), float(key)], dtype=torch.float64))  # [2]
-        if agreed.tolist() != [float(len(names) * self.world), float(key * self.world)]:
-            raise RuntimeError(f"the processes logged different diagnostics (this one: {names})")
-        local = torch.tensor([step_log.values[n] for n in names] + [step_log.weights[n] for n in names],
-                             dtype=torch.float64)  # [2K]
-        total = self.collectives.sum(local).tolist()
-        values, weights = total[: len(names)], total[len(names) :]
-        return {n: v / w if w else 0.0 for n, v, w in zip(names, values, weights, strict=True)}
+    def _pack_student_rows(self, group: RolloutGroup, rows: list[int]):
+        """`student_prompt ⊕ response` of `rows`, packed (`pack_student`) on the device."""
+        return self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]]) for r in rows],
+                                 [group.responses[r] for r in rows], pad_id=self.pad_id).to(self.device)
 
     def _student_hidden(self, student) -> Tensor:
         """The student's response hidden states `[b,T,d]` in the compute dtype."""
@@ -437,7 +277,7 @@ class Trainer:
         weight = output_weight(self.model)
         # The two [V,d] matrices get their gradients into .grad in place, without a second [V,d] tensor per
         # micro-batch: the output layer's from the fused path (weight_grad_out), the embedding's as a sparse
-        # gradient of the rows looked up (see _prepare_model), added into the dense .grad made here.
+        # gradient of the rows looked up (see `prepare_model`), added into the dense .grad made here.
         for matrix in {id(w): w for w in (weight, self.model.get_input_embeddings().weight)}.values():
             if matrix.requires_grad and matrix.grad is None:
                 matrix.grad = torch.zeros_like(matrix)
@@ -446,10 +286,8 @@ class Trainer:
         # bfloat16 compute of the output layer too: a bfloat16 copy of the (float32) weight for the fused path
         # (in float32 `.to` returns the weight itself); its gradient still goes, in float32, into weight.grad.
         compute_weight = weight.to(self.compute_dtype)  # [V,d]
-        for rows in self._micro_batches(update_rows):
-            responses = [group.responses[r] for r in rows]
-            student = self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]])
-                                         for r in rows], responses, pad_id=self.pad_id).to(self.device)
+        for rows in micro_batches(update_rows, cfg.optim.micro_batch_size):
+            student = self._pack_student_rows(group, rows)
             mask = student.response_mask  # [b,T]
             tokens = student.response_ids  # [b,T]
             weights = token_weights(mask, mode=aggregation, global_tokens=global_tokens,
@@ -508,7 +346,7 @@ class Trainer:
             scored = self._score_rollouts(group)
             t_scoring = time.perf_counter() - t0 - t_rollout
             results = [self._optimizer_update(group, step_log, rows, scored)
-                       for _ in range(optim.ppo_epochs) for rows in self._minibatches(group)]
+                       for _ in range(optim.ppo_epochs) for rows in self._update_batches(group)]
         losses, grad_norms, skips = zip(*results, strict=True)
         loss, grad_norm, skipped = sum(losses) / len(losses), sum(grad_norms) / len(grad_norms), sum(skips)
         if skipped < len(results):  # once per rollout step, as verl; TRL's schedule counts optimizer steps
@@ -533,7 +371,7 @@ class Trainer:
             "skipped": int(skipped),
             "updates": len(results),
             "processes": self.world,
-            **self._reduced_means(step_log),
+            **self.collectives.weighted_means(step_log.values, step_log.weights),  # over every process's tokens
             "seconds_rollout": t_rollout,
             "seconds_scoring": t_scoring,
             "seconds": time.perf_counter() - t0,
@@ -544,64 +382,32 @@ class Trainer:
 
     # -- several updates per rollout step (optim.ppo_epochs × optim.mini_batches)
 
-    def _micro_batches(self, rows: list[int]) -> list[list[int]]:
-        """`rows` in consecutive chunks of `optim.micro_batch_size`: one forward/backward pass each."""
-        size = self.config.optim.micro_batch_size
-        return [rows[i : i + size] for i in range(0, len(rows), size)]
-
-    def _minibatches(self, group: RolloutGroup) -> list[list[int]]:
-        """This process's rows in `optim.mini_batches` consecutive parts, the same parts every epoch.
-
-        Whole prompt groups when the process has at least as many prompts as parts (part sizes then differ by
-        at most one prompt); else the rows themselves split as evenly as possible, and a prompt's group spans
-        parts (its advantages are still those of the whole step). Every process has the same number of rows,
-        so the parts line up across processes and each update's counts are reduced over matching parts.
-        """
-        parts = self.config.optim.mini_batches
-        G = self.config.rollout.group_size
-        B = len(group.responses)
-        units, unit = (B // G, G) if parts <= B // G else (B, 1)  # whole groups, else single rows
-        base, extra = divmod(units, parts)
-        out, start = [], 0
-        for k in range(parts):
-            stop = start + base + (k < extra)
-            out.append(list(range(start * unit, stop * unit)))
-            start = stop
-        return out
+    def _update_batches(self, group: RolloutGroup) -> list[list[int]]:
+        """This process's rows in `optim.mini_batches` parts, one optimizer update each (`minibatches`)."""
+        return minibatches(len(group.responses), self.config.rollout.group_size, self.config.optim.mini_batches)
 
     @torch.no_grad()
     def _score_rollouts(self, group: RolloutGroup) -> ScoredRollouts:
-        """Before a step's first update: the behaviour policy's log-prob of every response token (one student
-        pass without gradient; skipped for objectives without a ratio, `Objective.uses_old_logp`) and the
-        teacher's hidden states, kept for all the step's updates so that neither moves while the weights do.
-        A live teacher's output weight is copied (the updates change it in place); a frozen or EMA teacher's
-        does not change within a step (the EMA teacher follows once per rollout step). Run over the same
-        micro-batches as the updates, so the first update's ratio is exactly 1."""
+        """`score_rollouts` with this run's student, teacher and packing, over the same micro-batches as the
+        updates (so the first update's ratio is exactly 1)."""
         cfg = self.config
-        B = len(group.responses)
-        weight = output_weight(self.model).detach().to(self.compute_dtype)  # [V,d]
-        logp: list[Tensor | None] | None = [None] * B if self.objective.uses_old_logp else None
-        hidden: list[Tensor | None] | None = None if self.teacher is None else [None] * B
-        teacher_weight = None
-        for rows in (micro for part in self._minibatches(group) for micro in self._micro_batches(part)):
-            responses = [group.responses[r] for r in rows]
-            if logp is not None:
-                student = self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]])
-                                             for r in rows], responses, pad_id=self.pad_id).to(self.device)
-                student_hidden = self._student_hidden(student)  # [b,T,d]
-                _, stats = hidden_objective(student_hidden, weight, student.response_ids,
-                                            lambda stats, block: stats.logp.new_zeros(()),
-                                            temperature=cfg.rollout.temperature,
-                                            chunk_tokens=cfg.optim.chunk_tokens or None, buffers=self.fused_buffers)
-                for i, r in enumerate(rows):
-                    logp[r] = stats.logp[i, : len(responses[i])].clone()  # [|y_r|]
-            if self.teacher is not None:
-                teacher_hidden, teacher_weight = self._teacher_states(group, rows)  # [b,T,d], [V,d]
-                for i, r in enumerate(rows):
-                    hidden[r] = teacher_hidden[i, : len(responses[i])].clone()  # [|y_r|,d]
-        if teacher_weight is not None and self.teacher.mode == "live" and output_weight(self.model).requires_grad:
-            teacher_weight = teacher_weight.clone()  # [V,d] as it is before the first update
-        return ScoredRollouts(logp, hidden, teacher_weight)
+
+        def student(rows: list[int]) -> tuple[Tensor, Tensor]:
+            packed = self._pack_student_rows(group, rows)
+            return self._student_hidden(packed), packed.response_ids  # [b,T,d], [b,T]
+
+        batches = [micro for part in self._update_batches(group)
+                   for micro in micro_batches(part, cfg.optim.micro_batch_size)]
+        return score_rollouts(
+            group, batches,
+            student=student if self.objective.uses_old_logp else None,
+            weight=output_weight(self.model).detach().to(self.compute_dtype),  # [V,d]
+            teacher=None if self.teacher is None else lambda rows: self._teacher_states(group, rows),
+            copy_teacher_weight=self.teacher is not None and self.teacher.mode == "live"
+            and output_weight(self.model).requires_grad,
+            temperature=cfg.rollout.temperature, chunk_tokens=cfg.optim.chunk_tokens or None,
+            buffers=self.fused_buffers,
+        )
 
     def _optimizer_update(self, group: RolloutGroup, step_log: StepLog, update_rows: list[int] | None = None,
                           scored: ScoredRollouts | None = None) -> tuple[float, float, bool]:

@@ -9,14 +9,9 @@ from selfdistill.data.benchmarks import (
     load_problems,
     resolve_data_root,
 )
-from selfdistill.data.synthetic import (
-    SYNTHETIC_TASKS,
-    arithmetic_word_problems,
-    make_splits,
-    number_sums,
-    operation_chains,
-    search_checks,
-)
+from selfdistill.data.generated import SYNTHETIC_TASKS, make_splits
+from selfdistill.data.search import search_checks
+from selfdistill.data.synthetic import arithmetic_word_problems, number_sums, operation_chains
 
 __all__ = [
     "BENCHMARKS",

@@ -1,55 +1,54 @@
 """Procedurally generated math problems with worked solutions, reproducible from a seed.
 
-Two task families, each a function returning a list of `Problem`:
+Three task families here, each a function returning a list of `Problem`:
 
 - `arithmetic_word_problems`: one- and two-step word problems in plain English ("Tom has 7
   apples. He buys 5 more. ...") pitched at a 135M-parameter instruct model.
+- `number_sums`: sums of a few numbers ("What is 12 + 7 + 5?"), for the smallest pretrained models.
 - `operation_chains`: a start value and a chain of 3-6 operations in a compact format, the study
   task for a tiny model trained from scratch. Its worked solutions have forced tokens (each step's
   arithmetic, the format) and genuine choices: a commutative block such as "Add 3, 5 and 9." may
   be summed in any order, and the worked solution picks one order at random.
-- `search_checks`: find which of a few listed candidates x satisfies a short operation chain
-  modulo 10 ("Start with x. Multiply by 3. Add 4. The result is 7."). The worked solution is a
-  search: try a candidate, check it line by line, and on a failed check say "wait" and try another.
-  The order of the candidates is the free choice; every check line is verifiable arithmetic.
+
+The fourth, `search_checks` (which listed candidate satisfies a chain of operations, solved by a
+search with checks), is in `selfdistill.data.search`, built on the chains' instructions and steps;
+`selfdistill.data.generated` names all four (`SYNTHETIC_TASKS`) and cuts one task's stream into
+splits (`make_splits`).
 
 Every generator draws from its own `random.Random(seed)` (never the global state), returns
-problems with distinct texts, and numbers them `f"{task}-{seed}-{i}"`. `make_splits` cuts one
-such stream into a held-out prefix and a training remainder, so the two never share a problem text.
+problems with distinct texts (`distinct_problems`), and numbers them `f"{task}-{seed}-{i}"`.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from selfdistill.data.benchmarks import Problem
-from selfdistill.evaluation.metrics import EPISTEMIC_MARKERS
 
 ARITHMETIC_WORD_PROBLEMS = "arithmetic_word_problems"
 NUMBER_SUMS = "number_sums"
 OPERATION_CHAINS = "operation_chains"
-SEARCH_CHECKS = "search_checks"
 
 # Draws that may be spent per requested problem before a generator gives up finding distinct texts.
 _DRAWS_PER_PROBLEM = 20
 _EXTRA_DRAWS = 200
 
 
-def _check_count(n: int, name: str = "n") -> None:
+def check_count(n: int, name: str = "n") -> None:
+    """Raise ValueError unless `n` (a number of problems, called `name`) is a non-negative int."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
 
 
-def _distinct_problems(task: str, n: int, seed: int, draw: Callable[[], tuple[str, str, str]]) -> list[Problem]:
+def distinct_problems(task: str, n: int, seed: int, draw: Callable[[], tuple[str, str, str]]) -> list[Problem]:
     """Call `draw() -> (problem, solution, answer)` until `n` distinct problem texts are found.
 
     Repeated texts are skipped (the draw still advances the seeded stream, so the result is a pure
     function of the seed). Raises ValueError when the task's options allow too few distinct problems.
     """
-    _check_count(n)
+    check_count(n)
     problems: list[Problem] = []
     seen_texts: set[str] = set()
     max_draws = _DRAWS_PER_PROBLEM * n + _EXTRA_DRAWS
@@ -179,7 +178,7 @@ def arithmetic_word_problems(n: int, *, seed: int, steps: Iterable[int] = (1, 2)
     if isinstance(max_value, bool) or not isinstance(max_value, int) or max_value < 2:
         raise ValueError(f"max_value must be an integer of at least 2, got {max_value!r}")
     rng = random.Random(seed)
-    return _distinct_problems(
+    return distinct_problems(
         ARITHMETIC_WORD_PROBLEMS,
         n,
         seed,
@@ -214,7 +213,7 @@ def number_sums(n: int, *, seed: int, terms: Iterable[int] = (2, 3), max_value: 
     if isinstance(max_value, bool) or not isinstance(max_value, int) or max_value < 1:
         raise ValueError(f"max_value must be a positive integer, got {max_value!r}")
     rng = random.Random(seed)
-    return _distinct_problems(NUMBER_SUMS, n, seed, lambda: _number_sum(rng, rng.choice(allowed_terms), max_value))
+    return distinct_problems(NUMBER_SUMS, n, seed, lambda: _number_sum(rng, rng.choice(allowed_terms), max_value))
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +228,7 @@ _MAX_BLOCK_SIZE = 3
 _BLOCK_DRAW_TRIES = 20
 
 
-def _apply(value: int, operator: str, operand: int, modulus: int | None) -> int:
+def apply_operation(value: int, operator: str, operand: int, modulus: int | None) -> int:
     """`value operator operand`, reduced modulo `modulus` unless it is None."""
     if operator == "+":
         result = value + operand
@@ -321,7 +320,7 @@ class OperationChain:
 
     def apply(self, value: int, operator: str, operand: int) -> int:
         """`value operator operand`, reduced modulo the modulus when there is one."""
-        return _apply(value, operator, operand, self.modulus)
+        return apply_operation(value, operator, operand, self.modulus)
 
     @property
     def result(self) -> int:
@@ -443,7 +442,7 @@ def sample_operation_chain(
         instructions.append(instruction)
         remaining -= len(instruction.operands)
         for operand in instruction.operands:
-            value = _apply(value, instruction.operator, operand, modulus)
+            value = apply_operation(value, instruction.operator, operand, modulus)
     return OperationChain(start, tuple(instructions), modulus)
 
 
@@ -487,244 +486,4 @@ def operation_chains(
         )
         return chain.problem_text(), OperationChain.solution_text(chain.worked_steps(rng)), str(chain.result)
 
-    return _distinct_problems(OPERATION_CHAINS, n, seed, draw)
-
-
-# --------------------------------------------------------------------------------------------
-# Search with checks
-
-SEARCH_MODULUS = 10
-SEARCH_IN_DISTRIBUTION: dict[str, Any] = {"candidates": (2, 4), "length": (1, 2)}
-"""Options of `search_checks` for training and the in-distribution held-out set."""
-SEARCH_OUT_OF_DISTRIBUTION: dict[str, Any] = {"candidates": (5, 7), "length": (3, 4)}
-"""Options of `search_checks` for the out-of-distribution set: more candidates to search through and
-longer check lines than any in-distribution problem."""
-SEARCH_MARKERS = ("wait",)
-"""The epistemic marker that opens the line after a failed check (by default one word, so it is
-forced; several words make the marker a second, inconsequential, choice)."""
-_SEARCH_DRAW_TRIES = 50
-
-
-@dataclass(frozen=True)
-class SearchPuzzle:
-    """"Which of these candidates is x?", where x sent through a chain of operations gives `target`.
-
-    candidates: distinct values in 0..modulus-1, listed in increasing order. operations: single-operand
-    instructions ("Multiply by 3.", "Add 4."), applied to x in turn, modulo `modulus`. Exactly one
-    candidate reaches `target` (other values outside the list may; they are not asked about).
-    """
-
-    candidates: tuple[int, ...]
-    operations: tuple[ChainInstruction, ...]
-    target: int
-    modulus: int = SEARCH_MODULUS
-
-    def __post_init__(self) -> None:
-        if self.modulus < 2:
-            raise ValueError(f"modulus must be at least 2, got {self.modulus}")
-        if len(self.candidates) < 2 or len(set(self.candidates)) != len(self.candidates):
-            raise ValueError(f"candidates must be at least two distinct values, got {self.candidates}")
-        if list(self.candidates) != sorted(self.candidates):
-            raise ValueError(f"candidates must be listed in increasing order, got {self.candidates}")
-        if not all(0 <= c < self.modulus for c in self.candidates):
-            raise ValueError(f"candidates must lie in 0..{self.modulus - 1}, got {self.candidates}")
-        if not self.operations or any(instruction.is_block for instruction in self.operations):
-            raise ValueError("a search puzzle needs at least one operation, each with a single operand")
-        if not 0 <= self.target < self.modulus:
-            raise ValueError(f"target must lie in 0..{self.modulus - 1}, got {self.target}")
-        solutions = [c for c in self.candidates if self.value(c) == self.target]
-        if len(solutions) != 1:
-            raise ValueError(f"exactly one candidate must reach {self.target}; these do: {solutions}")
-
-    def check_steps(self, x: int) -> list[ChainStep]:
-        """The arithmetic of checking candidate `x`: one `left op right = result` step per operation."""
-        steps = []
-        value = x
-        for instruction in self.operations:
-            operand = instruction.operands[0]
-            result = _apply(value, instruction.operator, operand, self.modulus)
-            steps.append(ChainStep(value, instruction.operator, operand, result, free_choice=False))
-            value = result
-        return steps
-
-    def value(self, x: int) -> int:
-        """Where `x` ends after the operations."""
-        return self.check_steps(x)[-1].result
-
-    def passes(self, x: int) -> bool:
-        return self.value(x) == self.target
-
-    @property
-    def answer(self) -> int:
-        """The one candidate that passes."""
-        return next(c for c in self.candidates if self.passes(c))
-
-    @property
-    def length(self) -> int:
-        """Operations per check (arithmetic steps on each check line)."""
-        return len(self.operations)
-
-    def problem_text(self) -> str:
-        """E.g. "Work modulo 10. Start with x. Multiply by 3. Add 4. The result is 7. Which of 2, 5, 8
-        and 9 is x?"."""
-        numbers = [str(c) for c in self.candidates]
-        listed = f"{', '.join(numbers[:-1])} and {numbers[-1]}"
-        parts = [f"Work modulo {self.modulus}.", "Start with x."]
-        parts.extend(instruction.text() for instruction in self.operations)
-        parts.append(f"The result is {self.target}.")
-        parts.append(f"Which of {listed} is x?")
-        return " ".join(parts)
-
-    def check_line(self, x: int, marker: str | None = None) -> str:
-        """One verified check: "try 5: 5*3=5, 5+4=9 no", or after a failed check "wait, try 8: ... yes"."""
-        arithmetic = ", ".join(step.line() for step in self.check_steps(x))
-        verdict = "yes" if self.passes(x) else "no"
-        opening = f"{marker}, " if marker is not None else ""
-        return f"{opening}try {x}: {arithmetic} {verdict}"
-
-    def trace(self, order: Sequence[int], markers: Sequence[str]) -> str:
-        """The search trace that tries `order` (listed, distinct, ending at the answer, which alone
-        passes): one check line each, the i-th failed check followed by `markers[i]`, then the boxed
-        answer."""
-        if not order or order[-1] != self.answer:
-            raise ValueError(f"the order must end at the answer {self.answer}, got {list(order)}")
-        if len(set(order)) != len(order) or not set(order) <= set(self.candidates):
-            raise ValueError(f"the order must try distinct listed candidates, got {list(order)}")
-        if len(markers) != len(order) - 1:
-            raise ValueError(f"{len(order) - 1} failed checks need as many markers, got {len(markers)}")
-        lines = [self.check_line(x, None if i == 0 else markers[i - 1]) for i, x in enumerate(order)]
-        return "\n".join([*lines, f"\\boxed{{{self.answer}}}"])
-
-    def direct_solution(self) -> str:
-        """The worked solution that skips the search: the answer's check line and the boxed answer."""
-        return self.trace([self.answer], [])
-
-
-def _search_operation(rng: random.Random, modulus: int) -> ChainInstruction:
-    operator = rng.choice("+-*")
-    low = 2 if operator == "*" else 1
-    return ChainInstruction(operator, (rng.randint(low, modulus - 1),))
-
-
-def sample_search_puzzle(
-    rng: random.Random, *, candidates: int, length: int, modulus: int = SEARCH_MODULUS
-) -> SearchPuzzle:
-    """Draw a puzzle with `candidates` listed values and `length` operations from `rng`.
-
-    Operations are "+" or "-" by 1..m-1 or "*" by 2..m-1 (m the modulus), drawn uniformly. The answer
-    is drawn uniformly from 0..m-1 and the other candidates from the values that do not reach the
-    same target; operations that leave too few such values (e.g. "Multiply by 5." modulo 10 sends
-    every value to 0 or 5) are drawn again.
-    """
-    if not 2 <= candidates <= modulus:
-        raise ValueError(f"candidates must lie in 2..{modulus} (the modulus), got {candidates}")
-    if length < 1:
-        raise ValueError(f"length must be at least 1, got {length}")
-    for _ in range(_SEARCH_DRAW_TRIES):
-        operations = tuple(_search_operation(rng, modulus) for _ in range(length))
-        images = []
-        for x in range(modulus):
-            for instruction in operations:
-                x = _apply(x, instruction.operator, instruction.operands[0], modulus)
-            images.append(x)
-        answer = rng.randrange(modulus)
-        decoys = [y for y in range(modulus) if images[y] != images[answer]]
-        if len(decoys) >= candidates - 1:
-            listed = tuple(sorted([answer, *rng.sample(decoys, candidates - 1)]))
-            return SearchPuzzle(listed, operations, images[answer], modulus)
-    raise ValueError(f"no puzzle with {candidates} candidates found in {_SEARCH_DRAW_TRIES} draws")
-
-
-def _int_range(value: int | tuple[int, int], name: str, minimum: int) -> tuple[int, int]:
-    low, high = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
-    if not minimum <= low <= high:
-        raise ValueError(f"{name} must be an int >= {minimum} or a range (min, max) with {minimum} <= min <= max, "
-                         f"got {value!r}")
-    return low, high
-
-
-def search_checks(
-    n: int,
-    *,
-    seed: int,
-    candidates: int | tuple[int, int] = SEARCH_IN_DISTRIBUTION["candidates"],
-    length: int | tuple[int, int] = SEARCH_IN_DISTRIBUTION["length"],
-    modulus: int = SEARCH_MODULUS,
-    markers: Sequence[str] = SEARCH_MARKERS,
-) -> list[Problem]:
-    """`n` distinct search problems whose worked solutions try candidates until one checks out.
-
-    Problem: "Work modulo 10. Start with x. Add 5. Multiply by 9. The result is 9. Which of 4, 6 and
-    8 is x?"; solution (the student-format search trace; candidates tried in an order drawn at random):
-    "try 8: 8+5=3, 3*9=7 no\\nwait, try 4: 4+5=9, 9*9=1 no\\nwait, try 6: 6+5=1, 1*9=9 yes\\n\\boxed{6}";
-    answer "6". The number of failed checks is uniform in 0..k-1 for k candidates, and each failed
-    check is followed by a marker. `SearchPuzzle.direct_solution()` is the search-free solution
-    ("try 6: 6+5=1, 1*9=9 yes\\n\\boxed{6}"), the teacher's rich context (see
-    `selfdistill.study.search_task.teacher_view`). `SEARCH_IN_DISTRIBUTION` and
-    `SEARCH_OUT_OF_DISTRIBUTION` are the two configurations of the study.
-
-    candidates: how many values are listed (the breadth of the search), an int or an inclusive range.
-    length: operations per check (steps on each check line), an int or an inclusive range.
-    modulus: all arithmetic is modulo it; 10 keeps every value one digit (one token of the tiny
-        tokenizer). markers: the words that open the line after a failed check, drawn at random when
-        several; each must be one of SPEC's epistemic markers (`EPISTEMIC_MARKERS`).
-    """
-    low_k, high_k = _int_range(candidates, "candidates", 2)
-    low_len, high_len = _int_range(length, "length", 1)
-    if isinstance(modulus, bool) or not isinstance(modulus, int) or not 3 <= modulus <= 100:
-        raise ValueError(f"modulus must be an integer in 3..100, got {modulus!r}")
-    if high_k > modulus:
-        raise ValueError(f"at most {modulus} candidates fit modulo {modulus}, got {candidates!r}")
-    markers = tuple(markers)
-    if not markers or any(marker not in EPISTEMIC_MARKERS for marker in markers):
-        raise ValueError(f"markers must be a non-empty choice from {EPISTEMIC_MARKERS}, got {markers!r}")
-    rng = random.Random(seed)
-
-    def draw() -> tuple[str, str, str]:
-        puzzle = sample_search_puzzle(
-            rng, candidates=rng.randint(low_k, high_k), length=rng.randint(low_len, high_len), modulus=modulus
-        )
-        order = list(puzzle.candidates)
-        rng.shuffle(order)
-        order = order[: order.index(puzzle.answer) + 1]
-        failure_markers = [rng.choice(markers) for _ in order[:-1]]
-        return puzzle.problem_text(), puzzle.trace(order, failure_markers), str(puzzle.answer)
-
-    return _distinct_problems(SEARCH_CHECKS, n, seed, draw)
-
-
-# --------------------------------------------------------------------------------------------
-# Splits
-
-SYNTHETIC_TASKS: dict[str, Callable[..., list[Problem]]] = {
-    ARITHMETIC_WORD_PROBLEMS: arithmetic_word_problems,
-    NUMBER_SUMS: number_sums,
-    OPERATION_CHAINS: operation_chains,
-    SEARCH_CHECKS: search_checks,
-}
-
-
-def make_splits(
-    task: str | Callable[..., list[Problem]], n_train: int, n_eval: int, seed: int, **task_options: Any
-) -> tuple[list[Problem], list[Problem]]:
-    """(train, eval) problems of one task, never sharing a problem text.
-
-    Both come from one seeded stream of distinct problems: eval is its first `n_eval` problems and
-    train the next `n_train`, so the eval set does not change when `n_train` does, and ids are
-    unique across the two. task: a name in `SYNTHETIC_TASKS` or a generator with the signature
-    `(n, *, seed, **options)`; task_options are passed to it (e.g. `length=(3, 4)`).
-    """
-    _check_count(n_train, "n_train")
-    _check_count(n_eval, "n_eval")
-    if isinstance(task, str):
-        if task not in SYNTHETIC_TASKS:
-            raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(SYNTHETIC_TASKS)}")
-        generate = SYNTHETIC_TASKS[task]
-    else:
-        generate = task
-    stream = generate(n_eval + n_train, seed=seed, **task_options)
-    held_out, train = stream[:n_eval], stream[n_eval:]
-    shared = {problem.problem for problem in held_out} & {problem.problem for problem in train}
-    if shared:  # only a custom generator that repeats texts can reach this
-        raise ValueError(f"the generator repeated {len(shared)} problem texts; splits would overlap")
-    return train, held_out
+    return distinct_problems(OPERATION_CHAINS, n, seed, draw)

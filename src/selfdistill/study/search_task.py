@@ -32,17 +32,17 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from selfdistill.data import Problem
-from selfdistill.data.synthetic import (
+from selfdistill.data.generated import make_splits
+from selfdistill.data.search import (
     SEARCH_CHECKS,
     SEARCH_IN_DISTRIBUTION,
     SEARCH_MARKERS,
     SEARCH_MODULUS,
     SEARCH_OUT_OF_DISTRIBUTION,
-    ChainInstruction,
     SearchPuzzle,
-    make_splits,
     search_checks,
 )
+from selfdistill.data.synthetic import ChainInstruction
 from selfdistill.evaluation.metrics import EPISTEMIC_MARKERS
 
 _OPERATOR_OF_WORD = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
