@@ -1,7 +1,7 @@
 """Build the study's warm start (one thread, an empty cache) and ship it into the package's assets.
 
-    SELFDISTILL_CACHE=$(mktemp -d) python bench/ship_warm_start.py           # train (about 15 min) and ship
-    python bench/ship_warm_start.py --from ~/.cache/selfdistill/study-warmstart-<key>   # ship a built folder
+    SELFDISTILL_CACHE=$(mktemp -d) python bench/ship_warm_start.py --task search   # train (10-15 min) and ship
+    python bench/ship_warm_start.py --task chains --from ~/.cache/selfdistill/study-warmstart-<key>   # ship a built one
 
 Writes src/selfdistill/study/assets/study-warmstart-<key>/ and its SHA-256 digests into
 src/selfdistill/study/assets/warm_starts.json, then prints the digest of model.safetensors. Commit both;
@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfdistill.study.settings import WarmStartSettings
-from selfdistill.study.task import StudyTask
+from selfdistill.study.settings import TASKS, StudySettings
 from selfdistill.study.warmstart import (
     file_digests,
     read_warm_start_record,
@@ -26,9 +25,11 @@ from selfdistill.study.warmstart import (
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--from", dest="source", help="a built warm-start folder of the default settings")
+    parser.add_argument("--task", choices=sorted(TASKS), default="search", help="the study task (default search)")
+    parser.add_argument("--from", dest="source", help="a built warm-start folder of the task's default settings")
     args = parser.parse_args()
-    task, settings = StudyTask(), WarmStartSettings()
+    study = StudySettings.for_task(args.task)
+    task, settings = study.task, study.warm_start
     key = warm_start_key(task, settings)
     if args.source:
         folder = Path(args.source)

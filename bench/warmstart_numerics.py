@@ -66,7 +66,7 @@ def main() -> int:
                              seed=settings.seed)
     init = tensor_digest(model)
     task = StudyTask()
-    _, _, sft = task.splits()
+    sft = task.splits().sft_train
     first_batch = hashlib.sha256(json.dumps([p.problem for p in sft[:64]]).encode()).hexdigest()[:16]
     started = time.perf_counter()
     losses = train_warm_start(model, tokenizer, task, sft, settings, stop_after=args.steps)

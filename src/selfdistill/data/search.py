@@ -24,7 +24,7 @@ SEARCH_CHECKS = "search_checks"
 SEARCH_MODULUS = 10
 SEARCH_IN_DISTRIBUTION: dict[str, Any] = {"candidates": (2, 4), "length": (1, 2)}
 """Options of `search_checks` for training and the in-distribution held-out set."""
-SEARCH_OUT_OF_DISTRIBUTION: dict[str, Any] = {"candidates": (5, 7), "length": (3, 4)}
+SEARCH_OUT_OF_DISTRIBUTION: dict[str, Any] = {"candidates": (5, 6), "length": (3, 3)}
 """Options of `search_checks` for the out-of-distribution set: more candidates to search through and
 longer check lines than any in-distribution problem."""
 SEARCH_MARKERS = ("wait",)

@@ -6,8 +6,8 @@ import argparse
 
 
 def _study(args: argparse.Namespace) -> int:
-    from selfdistill.study.runner import run_study
-    from selfdistill.study.settings import METHODS, StudySettings
+    from selfdistill.study.runner import StudyPremiseError, run_study
+    from selfdistill.study.settings import METHODS, SWEEP_METHODS, StudySettings
 
     overrides = {}
     if args.methods:
@@ -17,39 +17,53 @@ def _study(args: argparse.Namespace) -> int:
             print(f"error: unknown methods {unknown}; choose from {', '.join(METHODS)}")
             return 2
         overrides["methods"] = tuple(methods)
+    if args.sweep:
+        base = overrides.get("methods") or StudySettings.for_task(args.task, quick=args.quick).methods
+        overrides["methods"] = tuple(dict.fromkeys([*base, "dasd", *SWEEP_METHODS]))
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
     if args.steps is not None:
         overrides["steps"] = args.steps
     if args.lr is not None:
         overrides["lr"] = args.lr
-    settings = StudySettings.quick(**overrides) if args.quick else StudySettings(**overrides)
-    out = args.out or ("runs/study-quick" if args.quick else "runs/study")
-    run_study(settings, out, workers=args.workers, progress=not args.no_progress,
-              rebuild_warm_start=args.rebuild_warm_start)
+    settings = StudySettings.for_task(args.task, quick=args.quick, **overrides)
+    out = args.out or f"runs/study-{args.task}" + ("-quick" if args.quick else "")
+    try:
+        run_study(settings, out, workers=args.workers, progress=not args.no_progress,
+                  rebuild_warm_start=args.rebuild_warm_start)
+    except StudyPremiseError as error:
+        print(f"error: {error}")
+        return 3
     return 0
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    from selfdistill.study.settings import METHODS  # light: no torch
+    from selfdistill.study.settings import DEFAULT_METHODS, METHODS, SWEEP_METHODS, TASKS  # light: no torch
 
     study = commands.add_parser(
         "study",
         help="the method study: GRPO, OPSD, DASD, EGRSD, ... from one warm start, several seeds, with a report",
-        description="Train every method from the same cached warm start of a tiny model on operation chains, "
-                    "evaluate held-out Avg@k / pass@k and entropy, and write report.md with tables and plots. "
-                    "Finished runs in --out are reused.",
+        description="Train every method from the same warm start of a tiny model (shipped with the package) on a "
+                    "synthetic task, after checking that its teacher prompt beats its student prompt; evaluate "
+                    "held-out (and out-of-distribution) Avg@k / pass@k, E(y), StepAcc and entropy, and write report.md "
+                    "with tables and plots. Finished runs in --out are reused. Exit status 3: the premise failed.",
     )
+    study.add_argument("--task", choices=sorted(TASKS), default="search",
+                       help="search: search with verified checks, with an out-of-distribution split (default); "
+                            "chains: operation chains (the first study)")
     study.add_argument("--quick", action="store_true",
-                       help="3 methods, 1 seed, 6 steps, 16 held-out problems, a short warm start: checks the pipeline "
-                            "end to end in about 3 minutes; its numbers mean little")
+                       help="3 methods, 1 seed, 6 steps, 16 problems per held-out set: checks the pipeline end to end "
+                            "in about 3 minutes; its numbers mean little")
+    study.add_argument("--sweep", action="store_true",
+                       help="add DASD's open choices (" + ", ".join(SWEEP_METHODS) + ") to the methods")
     study.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick: 1)")
     study.add_argument("--methods", nargs="+",
                        help="methods to run, space- or comma-separated, from: " + ", ".join(METHODS)
-                            + " (default: all but dasd_bottom; --quick: grpo opsd dasd)")
+                            + " (default, search: " + " ".join(DEFAULT_METHODS["search"]) + "; chains: "
+                            + " ".join(DEFAULT_METHODS["chains"]) + "; --quick: grpo opsd dasd)")
     study.add_argument("--steps", type=int, help="optimizer steps per run (default 30; --quick: 6)")
     study.add_argument("--lr", type=float, help="learning rate of every run (default 1e-4)")
-    study.add_argument("--out", help="study folder (default runs/study, or runs/study-quick)")
+    study.add_argument("--out", help="study folder (default runs/study-<task>, or runs/study-<task>-quick)")
     study.add_argument("--rebuild-warm-start", action="store_true",
                        help="train the warm start (on one thread, into the cache: about 15 min) instead of using the "
                             "one shipped with the package; the study then runs from the rebuilt weights")

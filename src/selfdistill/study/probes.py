@@ -1,5 +1,5 @@
-"""Measurements of one model on the held-out problems: sampled accuracy (Avg@k, pass@k) under the
-student or the teacher prompt, and teacher-forced entropy on free-choice versus forced tokens.
+"""Measurements of one model on held-out problems: sampled accuracy (Avg@k, pass@k) under the
+student or a teacher prompt, and teacher-forced entropy by token kind (free choice / fork vs forced).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from selfdistill.evaluation.store import SampleRecord
 from selfdistill.forward import pack
 from selfdistill.grading import Grader
 from selfdistill.prompts import PromptBuilder
-from selfdistill.study.task import solution_token_labels
 
 
 class TeacherPromptAsStudent:
@@ -57,54 +56,57 @@ def sample_accuracy(
 
 
 @dataclass
-class ChoiceEntropy:
-    """Mean token entropy (nats) on the worked solutions, split by token kind."""
+class TokenEntropy:
+    """Mean token entropy (nats) along the worked solutions, by token kind (the task's `token_kinds`:
+    "free" / "forced" on operation chains, "fork" / "marker" / "forced" on search with checks)."""
 
-    free: float  # operands picked at an early step of a commutative block
-    forced: float  # every other response token, EOS included
-    free_tokens: int
-    forced_tokens: int
+    entropy: dict[str, float | None]
+    tokens: dict[str, int]
 
 
 @torch.no_grad()
-def choice_entropy(
+def token_entropy(
     model: torch.nn.Module,
     tokenizer: Any,
+    task: Any,
     problems: Sequence[Problem],
     builder: PromptBuilder,
     *,
     role: str = "student",
     batch_size: int = 32,
-) -> ChoiceEntropy:
+) -> TokenEntropy:
     """Entropy of the model's next-token distribution along each worked solution (teacher forcing).
 
-    role "student": the prompt is the problem alone; "teacher": the problem with the worked solution.
+    role "student": the prompt is the problem alone; "teacher": `builder`'s teacher prompt of
+    `task.teacher_problem(problem)` (what the privileged teacher sees), while the response is the
+    problem's own worked solution in either role. EOS counts as a forced token.
     """
     if role not in ("student", "teacher"):
         raise ValueError(f"role must be student or teacher, got {role!r}")
     was_training = model.training
     model.eval()
-    sums = {True: 0.0, False: 0.0}
-    counts = {True: 0, False: 0}
+    sums = {kind: 0.0 for kind in task.token_kind_names}
+    counts = {kind: 0 for kind in task.token_kind_names}
     try:
         for start in range(0, len(problems), batch_size):
             chunk = problems[start : start + batch_size]
-            prompts = [builder.student_ids(p) if role == "student" else builder.teacher_ids(p) for p in chunk]
-            responses, labels = [], []
+            prompts = [builder.student_ids(p) if role == "student" else builder.teacher_ids(task.teacher_problem(p))
+                       for p in chunk]
+            responses, kinds = [], []
             for problem in chunk:
-                ids, free = solution_token_labels(tokenizer, problem)
+                ids, token_kinds = task.token_kinds(tokenizer, problem)
                 responses.append(ids + [tokenizer.eos_token_id])
-                labels.append(free + [False])
+                kinds.append([*token_kinds, "forced"])
             batch = pack(prompts, responses, pad_id=tokenizer.pad_token_id)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids).logits  # [B, L, V]
             log_probs = batch.response_logits(logits).float().log_softmax(dim=-1)  # [B, T, V]
             entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # [B, T]
-            for row, row_labels in enumerate(labels):
-                for t, free in enumerate(row_labels):
-                    sums[free] += float(entropy[row, t])
-                    counts[free] += 1
+            for row, row_kinds in enumerate(kinds):
+                for t, kind in enumerate(row_kinds):
+                    sums[kind] += float(entropy[row, t])
+                    counts[kind] += 1
     finally:
         model.train(was_training)
-    return ChoiceEntropy(free=sums[True] / max(counts[True], 1), forced=sums[False] / max(counts[False], 1),
-                         free_tokens=counts[True], forced_tokens=counts[False])
+    return TokenEntropy(entropy={kind: sums[kind] / counts[kind] if counts[kind] else None for kind in sums},
+                        tokens=counts)

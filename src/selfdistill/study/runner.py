@@ -3,10 +3,14 @@
     out/
       study.json                settings, the warm start's record, wall time
       problems/rl_train.jsonl   the problems every run trains on
-      base/eval.json            the warm start itself: student and teacher prompts
+      base/eval.json            the warm start itself: student and teacher prompts (the premise check)
       runs/<method>-seed<k>/    one trainer run folder each (config.json, metrics.jsonl, samples.jsonl,
                                 checkpoint-<steps>/) plus eval.json
       report.md, *.png          written by `selfdistill.study.report`
+
+Before any run, the warm start's premise is checked (`check_premise`): the teacher prompt of every
+teacher view the methods use must beat the student prompt on the held-out problems by
+`premise_margin` Avg@k, or the study stops and says so.
 
 Every run gets the same rollout budget (steps x prompts x group size), the same optimizer settings
 and the same frozen teacher (the warm start); a seed changes the data order and the rollout samples,
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.provenance import record_environment, summary_line
-from selfdistill.study.settings import METHODS, StudySettings
+from selfdistill.study.settings import StudySettings, method_parts
 
 EVAL_FILE = "eval.json"
 STUDY_FILE = "study.json"
@@ -58,18 +62,47 @@ def run_name(method: str, seed: int) -> str:
 def run_config(job: RunJob) -> dict[str, Any]:
     """The trainer config (as nested dicts) of a training job."""
     settings = job.settings
-    objective = dict(METHODS[job.method])
+    objective, optim, view = method_parts(job.method)
+    template = settings.task.teacher_views(settings.warm_start.template)[view]
     return {
         "model": {"path": job.warm_start_dir},
-        "data": {"dataset": job.train_file, "num_problems": 0, "template": settings.warm_start.template,
-                 "max_prompt_tokens": 512},
+        "data": {"dataset": job.train_file, "num_problems": 0, "template": template, "max_prompt_tokens": 512},
         "rollout": {"prompts_per_step": settings.prompts_per_step, "group_size": settings.group_size,
                     "temperature": settings.temperature, "max_new_tokens": settings.max_new_tokens},
         "objective": {**objective, "teacher": "frozen"},
         "optim": {"steps": settings.steps, "lr": settings.lr, "min_lr_ratio": 1.0, "seed": job.seed,
-                  "micro_batch_size": settings.prompts_per_step * settings.group_size},
+                  "micro_batch_size": settings.prompts_per_step * settings.group_size, **optim},
         "logging": {"progress": False, "tensorboard": False, "sample_every": 5, "samples_per_step": 4},
     }
+
+
+class StudyPremiseError(RuntimeError):
+    """The warm start's teacher prompt does not beat its student prompt by the stated margin."""
+
+
+def premise_lines(base: dict[str, Any], settings: StudySettings) -> tuple[list[str], bool]:
+    """(one line per teacher view the methods use: "<view> teacher Avg@n A vs student B (needs a margin
+    of M): holds / FAILS", whether every view holds)."""
+    student = float(base["student"]["summary"]["avg@n"])
+    lines, holds_all = [], True
+    for view in settings.views:
+        teacher = float(base[f"teacher_{view}"]["summary"]["avg@n"])
+        holds = teacher >= student + settings.premise_margin
+        holds_all &= holds
+        lines.append(f"{view} teacher Avg@{settings.eval_samples} {teacher:.3f} vs student {student:.3f} "
+                     f"(needs a margin of {settings.premise_margin:g}): {'holds' if holds else 'FAILS'}")
+    return lines, holds_all
+
+
+def check_premise(base: dict[str, Any], settings: StudySettings) -> list[str]:
+    """`premise_lines`, raising StudyPremiseError (with those lines) when a view fails."""
+    lines, holds = premise_lines(base, settings)
+    if not holds:
+        raise StudyPremiseError(
+            "the warm start's premise fails: " + "; ".join(lines) + ". Every self-distillation result from this "
+            "base would be moot, so the study stops. Rebuild the warm start (--rebuild-warm-start) or change its "
+            "settings.")
+    return lines
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -104,30 +137,70 @@ def _init_worker(threads: int) -> None:
     hf_logging.disable_progress_bar()
 
 
-def _held_out_summary(model: Any, tokenizer: Any, job: RunJob, role: str, grader: Any) -> dict[str, Any]:
-    """The `summarize` macro row of n samples per held-out problem, from the student or teacher prompt."""
+def _sampled(model: Any, tokenizer: Any, job: RunJob, grader: Any, *, view: str | None = None,
+             split: str = "held_out", n: int | None = None) -> dict[str, Any]:
+    """The `summarize` macro row of n samples per problem of a held-out split, from the student prompt
+    (view None) or a teacher view's prompt, plus the task's per-line measurements (StepAcc, ...);
+    n samples per problem (default `eval_samples`)."""
     from selfdistill.prompts import PromptBuilder
     from selfdistill.study.probes import sample_accuracy
 
     settings = job.settings
-    builder = PromptBuilder(tokenizer, template=settings.warm_start.template, max_prompt_tokens=512)
-    summary, _ = sample_accuracy(model, tokenizer, settings.task.splits()[0], builder, n=settings.eval_samples,
-                                 max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                 seed=EVAL_SEED, role=role, grader=grader)
-    return summary
+    held_out, ood = settings.held_out()
+    problems = held_out if split == "held_out" else ood
+    template = settings.warm_start.template if view is None else settings.task.teacher_views(
+        settings.warm_start.template)[view]
+    builder = PromptBuilder(tokenizer, template=template, max_prompt_tokens=512)
+    prompted = problems if view is None else [settings.task.teacher_problem(p) for p in problems]
+    summary, records = sample_accuracy(
+        model, tokenizer, prompted, builder, n=n or settings.eval_samples,
+        max_new_tokens=settings.max_new_tokens if split == "held_out" else settings.ood_max_new_tokens,
+        temperature=settings.temperature, seed=EVAL_SEED, role="student" if view is None else "teacher",
+        grader=grader)
+    return {**summary, **settings.task.trace_metrics(problems, records)}
 
 
-def _measure(model: Any, tokenizer: Any, job: RunJob, roles: tuple[str, ...], grader: Any) -> dict[str, Any]:
-    """Held-out sampled accuracy and teacher-forced choice entropy of `model`, for each prompt role."""
+def _entropy(model: Any, tokenizer: Any, job: RunJob, view: str | None) -> dict[str, Any]:
     from selfdistill.prompts import PromptBuilder
-    from selfdistill.study.probes import choice_entropy
+    from selfdistill.study.probes import token_entropy
 
     settings = job.settings
-    held_out = settings.task.splits()[0]
-    builder = PromptBuilder(tokenizer, template=settings.warm_start.template, max_prompt_tokens=512)
-    return {role: {"summary": _held_out_summary(model, tokenizer, job, role, grader),
-                   "choice_entropy": asdict(choice_entropy(model, tokenizer, held_out, builder, role=role))}
-            for role in roles}
+    template = settings.warm_start.template if view is None else settings.task.teacher_views(
+        settings.warm_start.template)[view]
+    builder = PromptBuilder(tokenizer, template=template, max_prompt_tokens=512)
+    return asdict(token_entropy(model, tokenizer, settings.task, settings.held_out()[0], builder,
+                                role="student" if view is None else "teacher"))
+
+
+def _measure(model: Any, tokenizer: Any, job: RunJob, grader: Any, *, teachers: bool) -> dict[str, Any]:
+    """The student's held-out (and out-of-distribution) samples and token entropy; with `teachers`, the
+    same in distribution under every teacher view's prompt (keys "teacher_<view>")."""
+    has_ood = bool(job.settings.held_out()[1])
+    result = {"student": {"summary": _sampled(model, tokenizer, job, grader),
+                          "token_entropy": _entropy(model, tokenizer, job, None)}}
+    if has_ood:
+        result["student"]["ood"] = _sampled(model, tokenizer, job, grader, split="ood")
+    if teachers:
+        for view in job.settings.task.teacher_views(job.settings.warm_start.template):
+            result[f"teacher_{view}"] = {"summary": _sampled(model, tokenizer, job, grader, view=view),
+                                         "token_entropy": _entropy(model, tokenizer, job, view)}
+    return result
+
+
+CURVE_METRICS = ("avg@n", "epistemic_per_response", "mean_length", "step_acc")
+
+
+def _curve_point(model: Any, tokenizer: Any, job: RunJob, grader: Any, step: int) -> dict[str, Any]:
+    """Held-out numbers during training, from `curve_samples` samples per problem: Avg@n, pass@n, E(y) per
+    response, length and StepAcc (where the task has it), in distribution and (prefixed "ood_") out of it."""
+    n = job.settings.curve_samples
+    summary = _sampled(model, tokenizer, job, grader, n=n)
+    point = {"step": step, "n": n, f"pass@{n}": summary[f"pass@{n}"],
+             **{name: summary[name] for name in CURVE_METRICS if name in summary}}
+    if job.settings.held_out()[1]:
+        ood = _sampled(model, tokenizer, job, grader, split="ood", n=n)
+        point.update({f"ood_{name}": ood[name] for name in CURVE_METRICS if name in ood})
+    return point
 
 
 def execute_job(job: RunJob) -> dict[str, Any]:
@@ -149,33 +222,30 @@ def _train_and_measure(job: RunJob, folder: Path, grader: Any) -> dict[str, Any]
     started = time.perf_counter()
     if job.method is None:
         model, tokenizer = load_model(job.warm_start_dir)
-        roles: tuple[str, ...] = ("student", "teacher")
         result["train_seconds"] = 0.0
     else:
         from selfdistill.config import config_from_dict
         from selfdistill.trainer import Trainer
 
         trainer = Trainer(config_from_dict(run_config(job)), run_dir=folder)
-        curve: list[dict[str, Any]] = []  # held-out accuracy during training
+        curve: list[dict[str, Any]] = []  # held-out numbers during training
         every, eval_seconds = job.settings.eval_every, 0.0
 
         def measure_during_training(metrics: dict[str, Any]) -> None:
             nonlocal eval_seconds
             if every and metrics["step"] % every == 0 and metrics["step"] < job.settings.steps:
                 t0 = time.perf_counter()
-                summary = _held_out_summary(trainer.model, trainer.tokenizer, job, "student", grader)
-                n = job.settings.eval_samples
-                curve.append({"step": metrics["step"], "avg@n": summary["avg@n"], f"pass@{n}": summary[f"pass@{n}"]})
+                curve.append(_curve_point(trainer.model, trainer.tokenizer, job, grader, metrics["step"]))
                 eval_seconds += time.perf_counter() - t0
 
         trainer.run(callback=measure_during_training)
         model, tokenizer = trainer.model, trainer.tokenizer
-        roles = ("student",)
         result["held_out_curve"] = curve
+        result["steps"] = trainer.step
         result["train_seconds"] = round(time.perf_counter() - started - eval_seconds, 1)
         result["curve_eval_seconds"] = round(eval_seconds, 1)
     eval_started = time.perf_counter()
-    result.update(_measure(model, tokenizer, job, roles, grader))
+    result.update(_measure(model, tokenizer, job, grader, teachers=job.method is None))
     result["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
     return result
 
@@ -252,7 +322,8 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
     warm_digest = file_digests(warm_folder).get("model.safetensors")
     console.print(f"warm start ({warm_source}): {warm_folder}  model.safetensors sha256 {warm_digest}")
 
-    _, rl_problems, _ = settings.task.splits()
+    # The RL problems as the teacher sees them (on the search task: the search-free worked solution).
+    rl_problems = [settings.task.teacher_problem(p) for p in settings.task.splits().rl_train]
     train_file = out / "problems" / "rl_train.jsonl"
     _write_train_file(rl_problems, train_file)
     jobs = plan_jobs(settings, out, warm_folder, train_file)
@@ -260,34 +331,52 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
     console.print(f"study: {len(jobs) - 1} runs + base evaluation; {len(jobs) - len(todo)} already done, "
                   f"{len(todo)} to do with {workers} worker process(es) -> {out}")
 
-    if todo:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with Progress(*columns, console=console, disable=not progress) as bar, ProcessPoolExecutor(
-            max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
-        ) as pool:
-            overall = bar.add_task("study", total=len(jobs), completed=len(jobs) - len(todo), status="")
-            pending: dict[Future, RunJob] = {pool.submit(execute_job, job): job for job in todo}
-            rows: dict[str, Any] = {}
-            while pending:
-                done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                for future in done:
-                    job = pending.pop(future)
-                    future.result()  # a failed run stops the study with its error
-                    bar.advance(overall)
-                    if job.name in rows:
-                        bar.remove_task(rows.pop(job.name))
-                for job in pending.values():
-                    _show_job(bar, rows, job)
+    study_record = {"settings": settings.to_json(), "warm_start": warm_record, "warm_start_dir": str(warm_folder),
+                    "warm_start_source": warm_source, "warm_start_sha256": warm_digest, "workers": workers}
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with Progress(*columns, console=console, disable=not progress) as bar, ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+    ) as pool:
+        overall = bar.add_task("study", total=len(jobs), completed=len(jobs) - len(todo), status="")
+        base_job, run_jobs = jobs[0], [job for job in todo if job.method is not None]
+        base = read_finished(Path(base_job.folder), base_job.key)
+        if base is None:  # the premise is checked on the base before any run starts
+            _run_jobs(pool, [base_job], bar, overall)
+            base = read_finished(Path(base_job.folder), base_job.key)
+        study_record["premise"], study_record["premise_holds"] = premise_lines(base, settings)
+        try:
+            check_premise(base, settings)
+        except StudyPremiseError as error:
+            wall = round(time.perf_counter() - started, 1)
+            write_json_atomic(out / STUDY_FILE, {**study_record, "wall_seconds": wall})
+            (out / "report.md").write_text(f"# Method study ({settings.task.name} task): stopped\n\n{error}\n")
+            raise
+        for line in study_record["premise"]:
+            console.print(f"premise: {line}")
+        _run_jobs(pool, run_jobs, bar, overall)
     wall_seconds = time.perf_counter() - started
-    write_json_atomic(out / STUDY_FILE, {"settings": settings.to_json(), "warm_start": warm_record,
-                                         "warm_start_dir": str(warm_folder), "warm_start_source": warm_source,
-                                         "warm_start_sha256": warm_digest, "workers": workers,
-                                         "wall_seconds": round(wall_seconds, 1)})
+    write_json_atomic(out / STUDY_FILE, {**study_record, "wall_seconds": round(wall_seconds, 1)})
     report = build_report(out)
     with report.open("a", encoding="utf-8") as file:
         file.write(f"\nEnvironment: {environment}\n")
     console.print(f"report: {report}  (wall time {wall_seconds / 60:.1f} min)\nenvironment: {environment}")
     return report
+
+
+def _run_jobs(pool: ProcessPoolExecutor, jobs: list[RunJob], bar: Any, overall: Any) -> None:
+    """Run `jobs` in the pool, showing a progress row per started job; a failed job raises its error."""
+    pending: dict[Future, RunJob] = {pool.submit(execute_job, job): job for job in jobs}
+    rows: dict[str, Any] = {}
+    while pending:
+        done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+        for future in done:
+            job = pending.pop(future)
+            future.result()  # a failed run stops the study with its error
+            bar.advance(overall)
+            if job.name in rows:
+                bar.remove_task(rows.pop(job.name))
+        for job in pending.values():
+            _show_job(bar, rows, job)
 
 
 def _show_job(bar: Any, rows: dict[str, Any], job: RunJob) -> None:

@@ -26,10 +26,12 @@ and markers. `solution_token_kinds` / `completion_token_kinds` label tokens "for
 
 from __future__ import annotations
 
+import random
 import re
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from selfdistill.data import Problem
 from selfdistill.data.generated import make_splits
@@ -40,10 +42,12 @@ from selfdistill.data.search import (
     SEARCH_MODULUS,
     SEARCH_OUT_OF_DISTRIBUTION,
     SearchPuzzle,
+    sample_search_puzzle,
     search_checks,
 )
-from selfdistill.data.synthetic import ChainInstruction
+from selfdistill.data.synthetic import ChainInstruction, ChainStep
 from selfdistill.evaluation.metrics import EPISTEMIC_MARKERS
+from selfdistill.study.task import StudySplits
 
 _OPERATOR_OF_WORD = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
 _PROBLEM_RE = re.compile(
@@ -324,11 +328,29 @@ def teacher_view(problem: Problem, condition: str) -> tuple[Problem, str]:
 # Splits
 
 
+def guided_trace(puzzle: SearchPuzzle, rng: random.Random, guidance: float, markers: Sequence[str]) -> str:
+    """A search trace written by someone who knows the answer: at each fork the answer is tried with
+    probability `guidance`, otherwise an untried candidate drawn uniformly (possibly the answer)."""
+    untried = list(puzzle.candidates)
+    order: list[int] = []
+    while not order or order[-1] != puzzle.answer:
+        pick = puzzle.answer if rng.random() < guidance else rng.choice(untried)
+        untried.remove(pick)
+        order.append(pick)
+    return puzzle.trace(order, [rng.choice(markers) for _ in order[:-1]])
+
+
 @dataclass(frozen=True)
 class SearchStudyTask:
     """The problems of a study on `search_checks`: one in-distribution stream cut into held-out, RL and
     warm-start parts (as `StudyTask`), and an out-of-distribution held-out set with more candidates
-    and longer check lines than any in-distribution problem (ids `search_checks_ood-<seed>-<i>`)."""
+    and longer check lines than any in-distribution problem (ids `search_checks_ood-<seed>-<i>`).
+
+    The warm start's teacher-prompted examples (`sft_example`) show the rich view (the search-free
+    solution) or the weak view (the answer only), `weak_share` of them the weak one, and their target
+    is a `guided_trace` that tries the answer first with probability `teacher_guidance`: the model
+    learns to use what the context says at the forks, as a pretrained LLM shown a solution does.
+    """
 
     candidates: tuple[int, int] = SEARCH_IN_DISTRIBUTION["candidates"]
     length: tuple[int, int] = SEARCH_IN_DISTRIBUTION["length"]
@@ -341,6 +363,15 @@ class SearchStudyTask:
     n_ood: int = 64
     n_rl: int = 512
     n_sft: int = 4000
+    teacher_guidance: float = 0.8
+    weak_share: float = 0.5
+
+    name: ClassVar[str] = "search"
+    max_new_tokens: ClassVar[int] = 128
+    """Rollout and in-distribution evaluation length limit (worked solutions: 44 tokens on average, at most 105)."""
+    ood_max_new_tokens: ClassVar[int] = 224
+    """Out-of-distribution evaluation length limit (worked solutions: about 100 tokens, at most 199)."""
+    token_kind_names: ClassVar[tuple[str, ...]] = TOKEN_KINDS
 
     def __post_init__(self) -> None:
         for name in ("candidates", "length", "ood_candidates", "ood_length", "markers"):
@@ -353,6 +384,9 @@ class SearchStudyTask:
                 f"and have check lines at least as long: got candidates {self.candidates} vs "
                 f"{self.ood_candidates}, length {self.length} vs {self.ood_length}"
             )
+        if not 0.0 <= self.teacher_guidance <= 1.0 or not 0.0 <= self.weak_share <= 1.0:
+            raise ValueError(f"teacher_guidance and weak_share must lie in [0, 1], got {self.teacher_guidance} "
+                             f"and {self.weak_share}")
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of `search_checks` in distribution."""
@@ -362,13 +396,59 @@ class SearchStudyTask:
         return {**self.options(), "candidates": self.ood_candidates, "length": self.ood_length}
 
     def to_json(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        values = {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        return {"kind": self.name, **values}
 
-    def splits(self) -> tuple[list[Problem], list[Problem], list[Problem], list[Problem]]:
-        """(held_out, ood, rl_train, sft_train)."""
+    def splits(self) -> StudySplits:
         train, held_out = make_splits(SEARCH_CHECKS, self.n_rl + self.n_sft, self.n_eval, self.seed, **self.options())
         ood = [
             replace(problem, id=problem.id.replace(SEARCH_CHECKS, f"{SEARCH_CHECKS}_ood", 1))
             for problem in search_checks(self.n_ood, seed=self.seed, **self.ood_options())
         ]
-        return held_out, ood, train[: self.n_rl], train[self.n_rl :]
+        return StudySplits(held_out, ood, train[: self.n_rl], train[self.n_rl :])
+
+    # The interface the study's warm start, runs and probes use (as `StudyTask`'s).
+
+    def teacher_views(self, template: str) -> dict[str, str]:
+        """Teacher condition -> prompt template: "rich" (the search-free solution, in the study's template)
+        and "weak" (the answer only)."""
+        return {"rich": template, "weak": TEACHER_CONDITIONS["weak"]}
+
+    def teacher_problem(self, problem: Problem) -> Problem:
+        """The problem with the search-free worked solution: what both teacher views read from."""
+        return teacher_view(problem, "rich")[0]
+
+    def sft_example(self, problem: Problem, as_teacher: bool, rng: random.Random) -> tuple[str | None, Problem, str]:
+        """(teacher view or None for the student prompt, the problem to render, the target text): a student
+        example targets the problem's search trace, a teacher example a `guided_trace`."""
+        if not as_teacher:
+            return None, problem, problem.solution
+        view = "weak" if rng.random() < self.weak_share else "rich"
+        puzzle = parse_search_puzzle(problem.problem)
+        return view, self.teacher_problem(problem), guided_trace(puzzle, rng, self.teacher_guidance, self.markers)
+
+    def drill_step(self, rng: random.Random) -> ChainStep:
+        """One arithmetic drill operation as a check line has them: any value, one drawn operation."""
+        puzzle = sample_search_puzzle(rng, candidates=2, length=1, modulus=self.modulus)
+        (step,) = puzzle.check_steps(rng.randrange(self.modulus))
+        return step
+
+    def token_kinds(self, tokenizer: Any, problem: Problem) -> tuple[list[int], list[str]]:
+        return solution_token_kinds(tokenizer, problem)
+
+    def trace_metrics(self, problems: Sequence[Problem], records: Sequence[Any]) -> dict[str, Any]:
+        """StepAcc (pooled over the lines of every completion), failed checks, recoveries and check lines
+        per response, of sampled completions (records with `problem_id` and `completion`)."""
+        by_id = {problem.id: problem for problem in problems}
+        analyses = [analyse_completion(by_id[record.problem_id], record.completion) for record in records]
+        if not analyses:
+            return {}
+        step_acc = pooled_step_acc(analyses)
+        return {
+            "step_acc": step_acc,
+            "checks_per_response": statistics.fmean(a.checks for a in analyses),
+            "failed_checks_per_response": statistics.fmean(a.failed_checks for a in analyses),
+            "recoveries_per_response": statistics.fmean(a.recoveries for a in analyses),
+            "first_try_right": statistics.fmean(
+                bool(a.lines) and a.lines[0].candidate == int(a.gold) for a in analyses),
+        }

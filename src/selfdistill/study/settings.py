@@ -10,12 +10,19 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from selfdistill.study.search_task import SearchStudyTask
 from selfdistill.study.task import StudyTask
 
-# Name in the study -> objective config (objective.method and its knobs).
+TASKS: dict[str, type] = {"search": SearchStudyTask, "chains": StudyTask}
+"""Study task name -> task class: "search" (search with verified checks, the default since issue #15)
+and "chains" (operation chains, the first task)."""
+
+# Name in the study -> objective config (objective.method and its knobs), plus two reserved keys read
+# by the runner: "teacher_view" (the teacher condition, default "rich") and "optim" (optimizer overrides).
 METHODS: dict[str, dict[str, Any]] = {
     "grpo": {"method": "grpo"},
     "opsd": {"method": "opsd"},
+    "opsd_weak": {"method": "opsd", "teacher_view": "weak"},  # OPSD with the answer-only teacher (search task)
     "opsd_clip": {"method": "opsd_clip"},
     "rlsd": {"method": "rlsd"},
     "egrsd": {"method": "egrsd"},
@@ -30,6 +37,12 @@ METHODS: dict[str, dict[str, Any]] = {
     # DASD's open choices (issue #15): the push as AntiSD's bounded JSD-ascent signal; no floor on δ's scale.
     "dasd_jsd_push": {"method": "dasd", "push_signal": "jsd"},
     "dasd_no_floor": {"method": "dasd", "scale_floor": 0.0},
+    "dasd_beta0.03": {"method": "dasd", "beta": 0.03},
+    "dasd_beta0.1": {"method": "dasd", "beta": 0.1},
+    "dasd_beta0.3": {"method": "dasd", "beta": 0.3},
+    # Several clipped updates on the same rollouts (PPO epochs): the clip acts on the sampled-token push.
+    "dasd_ppo2": {"method": "dasd", "optim": {"ppo_epochs": 2}},
+    "dasd_ppo4": {"method": "dasd", "optim": {"ppo_epochs": 4}},
     # The self-distillation family (docs/objectives.md); available, not in the default set.
     "rlrt": {"method": "rlrt"},
     "vopd": {"method": "vopd"},
@@ -39,9 +52,25 @@ METHODS: dict[str, dict[str, Any]] = {
     "reopold": {"method": "reopold"},
     "pw_opsd": {"method": "pw_opsd"},
 }
-DEFAULT_METHODS = ("grpo", "opsd", "opsd_clip", "rlsd", "egrsd", "cl_egrsd", "dasd", "conform", "novelty",
-                   "dasd_divergence")
+RESERVED_KEYS = ("teacher_view", "optim")
+DEFAULT_METHODS = {
+    "search": ("grpo", "opsd", "opsd_weak", "rlsd", "egrsd", "cl_egrsd", "dasd", "conform", "novelty",
+               "dasd_divergence"),
+    "chains": ("grpo", "opsd", "opsd_clip", "rlsd", "egrsd", "cl_egrsd", "dasd", "conform", "novelty",
+               "dasd_divergence"),
+}
+SWEEP_METHODS = ("dasd_beta0.03", "dasd_beta0.1", "dasd_beta0.3", "dasd_bottom", "dasd_ppo2", "dasd_ppo4",
+                 "dasd_jsd_push")
+"""DASD's open choices (issue #15), each one change from `dasd` (β = 1, quantile top, 1 PPO epoch, raw push)."""
 QUICK_METHODS = ("grpo", "opsd", "dasd")
+
+
+def method_parts(name: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(objective config, optimizer overrides, teacher view) of a study method."""
+    entry = dict(METHODS[name])
+    optim = entry.pop("optim", {})
+    view = entry.pop("teacher_view", "rich")
+    return entry, optim, view
 
 
 @dataclass(frozen=True)
@@ -101,7 +130,8 @@ class WarmStartSettings:
 class StudySettings:
     """Everything that decides the study's numbers (workers and the output folder do not)."""
 
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] | None = None
+    """Methods to run (None: the task's `DEFAULT_METHODS`)."""
     seeds: int = 3
     """Runs per method, with optim.seed = 0 .. seeds-1."""
     steps: int = 30
@@ -110,42 +140,79 @@ class StudySettings:
     group_size: int = 8
     lr: float = 1e-4
     """Constant AdamW learning rate of every run (full fine-tuning of the tiny model). At 1e-3 every method,
-    GRPO included, lost held-out accuracy within 30 steps; at 3e-4 GRPO did and DASD collapsed."""
-    max_new_tokens: int = 48
-    """Rollout and evaluation length limit; the longest worked solution is 35 tokens."""
+    GRPO included, lost held-out accuracy within 30 steps on operation chains; at 3e-4 GRPO did and DASD
+    collapsed."""
+    max_new_tokens: int | None = None
+    """Rollout and in-distribution evaluation length limit (None: the task's)."""
+    ood_max_new_tokens: int | None = None
+    """Out-of-distribution evaluation length limit (None: the task's; unused by a task without that split)."""
     temperature: float = 1.0
     """Rollout and evaluation sampling temperature."""
     eval_samples: int = 16
     """Samples per held-out problem (pass@k and Avg@k for k = 1 .. eval_samples)."""
+    eval_limit: int = 0
+    """Evaluate only the first this many problems of each held-out set (0: all). Unlike the task's sizes it
+    leaves the problems, and so the warm start, unchanged (`--quick` uses it)."""
     eval_every: int = 10
     """Also measure the student's held-out Avg@k every this many steps during training (0: only at the end)."""
-    task: StudyTask = field(default_factory=StudyTask)
+    curve_samples: int = 4
+    """Samples per problem of those measurements during training (Avg@k has the same expectation for every k,
+    so the curve and the final Avg@`eval_samples` share an axis; fewer samples keep the curve cheap)."""
+    premise_margin: float = 0.1
+    """The teacher prompt must beat the student prompt on the held-out problems by at least this much Avg@k
+    on the warm start (for every teacher view the methods use), or the study stops: self-distillation from a
+    teacher no better than the student would be moot."""
+    task: StudyTask | SearchStudyTask = field(default_factory=SearchStudyTask)
     warm_start: WarmStartSettings = field(default_factory=WarmStartSettings)
 
     def __post_init__(self) -> None:
+        if self.methods is None:
+            object.__setattr__(self, "methods", DEFAULT_METHODS[self.task.name])
         object.__setattr__(self, "methods", tuple(self.methods))
+        if self.max_new_tokens is None:
+            object.__setattr__(self, "max_new_tokens", self.task.max_new_tokens)
+        if self.ood_max_new_tokens is None:
+            object.__setattr__(self, "ood_max_new_tokens", getattr(self.task, "ood_max_new_tokens", 0))
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown study methods {unknown}; choose from {', '.join(METHODS)}")
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must be a non-empty list without repeats, got {self.methods}")
-        if self.seeds < 1 or self.steps < 1 or self.eval_samples < 1:
-            raise ValueError("seeds, steps and eval_samples must be >= 1")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        views = self.task.teacher_views(self.warm_start.template)
+        bad_views = [m for m in self.methods if method_parts(m)[2] not in views]
+        if bad_views:
+            raise ValueError(f"methods {bad_views} need a teacher view the {self.task.name} task does not have "
+                             f"(it has {sorted(views)})")
+        if self.seeds < 1 or self.steps < 1 or self.eval_samples < 1 or self.curve_samples < 1:
+            raise ValueError("seeds, steps, eval_samples and curve_samples must be >= 1")
+        if self.eval_every < 0 or self.eval_limit < 0:
+            raise ValueError(f"eval_every and eval_limit must be >= 0, got {self.eval_every}, {self.eval_limit}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     @classmethod
-    def quick(cls, **overrides: Any) -> StudySettings:
-        """The end-to-end check: 3 methods, 1 seed, a shorter warm start, fewer steps and problems."""
-        values: dict[str, Any] = {
-            "methods": QUICK_METHODS,
-            "seeds": 1,
-            "steps": 6,
-            "eval_every": 3,
-            "task": StudyTask(n_eval=16),
-            "warm_start": WarmStartSettings(steps=150, drill_steps=100, batch_size=16, drill_facts=128),
-        }
+    def for_task(cls, name: str, *, quick: bool = False, **overrides: Any) -> StudySettings:
+        """The settings of the study on task `name` ("search" or "chains"); `quick` is the end-to-end
+        check: 3 methods, 1 seed, 6 steps, 16 problems of each held-out set, the same (shipped) warm start."""
+        if name not in TASKS:
+            raise ValueError(f"unknown study task {name!r}; choose from {', '.join(TASKS)}")
+        values: dict[str, Any] = {"task": TASKS[name]()}
+        if quick:
+            values.update(methods=QUICK_METHODS, seeds=1, steps=6, eval_every=3, eval_limit=16)
         return cls(**{**values, **overrides})
+
+    @property
+    def views(self) -> dict[str, str]:
+        """Teacher view -> prompt template, of the views the methods use."""
+        views = self.task.teacher_views(self.warm_start.template)
+        used = {method_parts(m)[2] for m in self.methods}
+        return {view: template for view, template in views.items() if view in used}
+
+    def held_out(self) -> tuple[list[Any], list[Any]]:
+        """(in-distribution held-out problems, out-of-distribution ones), cut to `eval_limit`."""
+        splits = self.task.splits()
+        limit = self.eval_limit or None
+        return splits.held_out[:limit], splits.ood[:limit]
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -156,11 +223,13 @@ class StudySettings:
     def run_key(self, method: str, seed: int) -> str:
         """Hash of what decides one run's result: reused only when it matches."""
         values = self.to_json()
-        del values["methods"], values["seeds"]
+        del values["methods"], values["seeds"], values["premise_margin"]
         payload = {"settings": values, "method": method, "objective": METHODS[method], "seed": seed}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def base_key(self) -> str:
         values = self.to_json()
-        payload = {k: values[k] for k in ("task", "warm_start", "max_new_tokens", "temperature", "eval_samples")}
+        payload = {k: values[k] for k in ("task", "warm_start", "max_new_tokens", "ood_max_new_tokens",
+                                          "temperature", "eval_samples", "eval_limit")}
+        payload["views"] = sorted(self.task.teacher_views(self.warm_start.template))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -11,18 +11,36 @@ exploration (or its collapse) shows up.
 
 from __future__ import annotations
 
+import random
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 from selfdistill.data import Problem, make_splits
-from selfdistill.data.synthetic import OPERATION_CHAINS, ChainInstruction, ChainStep, OperationChain
+from selfdistill.data.synthetic import (
+    OPERATION_CHAINS,
+    ChainInstruction,
+    ChainStep,
+    OperationChain,
+    sample_operation_chain,
+)
 
 _OPERATOR_OF_WORD = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
 _MODULUS_RE = re.compile(r"^Work modulo (\d+)\. ")
 _START_RE = re.compile(r"Start with (\d+)\. ")
 _INSTRUCTION_RE = re.compile(r"(Add|Subtract|Multiply by) (\d+(?:, \d+)*(?: and \d+)?)\. ")
 _STEP_LINE_RE = re.compile(r"^(\d+)([+*-])(\d+)=(\d+)$")
+
+
+class StudySplits(NamedTuple):
+    """A study task's problems: held-out (in distribution), out-of-distribution held-out (empty when the
+    task has none), RL training and warm-start (supervised) training; no two share a problem text."""
+
+    held_out: list[Problem]
+    ood: list[Problem]
+    rl_train: list[Problem]
+    sft_train: list[Problem]
 
 
 @dataclass(frozen=True)
@@ -63,11 +81,45 @@ class StudyTask:
         values["length"] = list(self.length)
         return values
 
-    def splits(self) -> tuple[list[Problem], list[Problem], list[Problem]]:
-        """(held_out, rl_train, sft_train)."""
+    name: ClassVar[str] = "chains"
+    max_new_tokens: ClassVar[int] = 48
+    """Rollout and evaluation length limit of the study on this task (the longest worked solution: 35 tokens)."""
+    token_kind_names: ClassVar[tuple[str, ...]] = ("free", "forced")
+
+    def splits(self) -> StudySplits:
         train, held_out = make_splits(OPERATION_CHAINS, self.n_rl + self.n_sft, self.n_eval, self.seed,
                                       **self.options())
-        return held_out, train[: self.n_rl], train[self.n_rl :]
+        return StudySplits(held_out, [], train[: self.n_rl], train[self.n_rl :])
+
+    # The interface the study's warm start, runs and probes use (`SearchStudyTask` has the same).
+
+    def teacher_views(self, template: str) -> dict[str, str]:
+        """Teacher condition -> prompt template: one, the worked solution in the study's template."""
+        return {"rich": template}
+
+    def teacher_problem(self, problem: Problem) -> Problem:
+        """The problem as the privileged teacher sees it: unchanged (its worked solution is the context)."""
+        return problem
+
+    def sft_example(self, problem: Problem, as_teacher: bool, rng: random.Random) -> tuple[str | None, Problem, str]:
+        """(teacher view or None for the student prompt, the problem to render, the target text) of one
+        warm-start example: the worked solution, under either prompt (draws nothing from `rng`)."""
+        return ("rich" if as_teacher else None), problem, problem.solution
+
+    def drill_step(self, rng: random.Random) -> ChainStep:
+        """One arithmetic drill operation, drawn as the task draws a one-step chain."""
+        chain = sample_operation_chain(rng, length=1, modulus=self.modulus, block_probability=0.0)
+        (step,) = chain.worked_steps(rng)
+        return step
+
+    def token_kinds(self, tokenizer: Any, problem: Problem) -> tuple[list[int], list[str]]:
+        """(token ids of the worked solution, "free" or "forced" for each)."""
+        ids, free = solution_token_labels(tokenizer, problem)
+        return ids, ["free" if is_free else "forced" for is_free in free]
+
+    def trace_metrics(self, problems: Sequence[Problem], records: Sequence[Any]) -> dict[str, Any]:
+        """Per-line measurements of sampled completions: none on this task (only the answer is graded)."""
+        return {}
 
 
 def parse_chain(problem_text: str) -> OperationChain:

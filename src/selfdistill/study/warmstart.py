@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 
 from selfdistill.data import Problem
-from selfdistill.data.synthetic import sample_operation_chain
 from selfdistill.forward import pack
 from selfdistill.models import (
     MARKER,
@@ -53,6 +52,7 @@ from selfdistill.models import (
     cache_dir,
 )
 from selfdistill.prompts import PromptBuilder
+from selfdistill.study.search_task import SearchStudyTask
 from selfdistill.study.settings import WarmStartSettings
 from selfdistill.study.task import StudyTask
 
@@ -65,7 +65,7 @@ FIRST_LOSSES = 10  # the record keeps every one of the first steps' losses (a co
 BUILD_THREADS = 1  # the warm start is trained on one thread: the sum order does not depend on the machine's cores
 
 
-def warm_start_key(task: StudyTask, settings: WarmStartSettings) -> str:
+def warm_start_key(task: StudyTask | SearchStudyTask, settings: WarmStartSettings) -> str:
     """12 hex digits of a hash over every setting that changes the warm-started weights."""
     payload = {"format": WARM_START_FORMAT, "tiny_format": TINY_FORMAT, "task": task.to_json(),
                "settings": asdict(settings)}
@@ -84,14 +84,14 @@ def sft_loss(model: torch.nn.Module, prompt_ids: list[list[int]], response_ids: 
 
 
 def drill_sequences(
-    tokenizer: Any, task: StudyTask, rng: random.Random, *, num_facts: int, max_lines: int
+    tokenizer: Any, task: StudyTask | SearchStudyTask, rng: random.Random, *, num_facts: int, max_lines: int
 ) -> tuple[list[list[int]], list[list[bool]]]:
     """Arithmetic drill sequences: (token ids, True on the result tokens) per sequence.
 
-    Each line is one operation drawn as the task draws a one-step chain (same start values, operators,
-    operands and modulus), written "a op b=c"; a sequence is a newline, then 1..max_lines lines, each
-    ended by a newline, so that every line starts after a newline as solution lines do. `num_facts`
-    lines in all.
+    Each line is one operation drawn by `task.drill_step` (as the task draws its steps: same values,
+    operators, operands and modulus), written "a op b=c"; a sequence is a newline, then 1..max_lines
+    lines, each ended by a newline, so that every line starts after a newline as solution lines do.
+    `num_facts` lines in all.
     """
     newline = tokenizer.encode("\n", add_special_tokens=False)
     sequences, result_masks = [], []
@@ -101,8 +101,7 @@ def drill_sequences(
         remaining -= lines
         ids, is_result = list(newline), [False] * len(newline)
         for _ in range(lines):
-            chain = sample_operation_chain(rng, length=1, modulus=task.modulus, block_probability=0.0)
-            (step,) = chain.worked_steps(rng)
+            step = task.drill_step(rng)
             operation = tokenizer.encode(f"{step.left}{step.operator}{step.right}=", add_special_tokens=False)
             result = tokenizer.encode(str(step.result), add_special_tokens=False)
             ids += operation + result + newline
@@ -133,7 +132,7 @@ def drill_loss(model: torch.nn.Module, sequences: list[list[int]], result_masks:
 def train_warm_start(
     model: torch.nn.Module,
     tokenizer: Any,
-    task: StudyTask,
+    task: StudyTask | SearchStudyTask,
     problems: list[Problem],
     settings: WarmStartSettings,
     *,
@@ -146,15 +145,16 @@ def train_warm_start(
     shipped warm start's first losses can be checked against the code without the full training.
 
     Every step fine-tunes on `batch_size` problems, each prompted as the student (problem only) or,
-    with probability `teacher_fraction`, as the teacher (problem and worked solution), with the worked
-    solution followed by EOS as the target. Stage 1 (`steps`) warms up to `lr` and decays with a cosine
+    with probability `teacher_fraction`, as the teacher (`task.sft_example` says which teacher view,
+    what the prompt shows and the target: on operation chains the worked solution in both), with the
+    target followed by EOS. Stage 1 (`steps`) warms up to `lr` and decays with a cosine
     to zero; stage 2 (`drill_steps`) warms up to the constant `drill_lr` and adds the loss of
     `drill_facts` drill operations to every step.
     """
     rng = random.Random(settings.seed)
-    builder = PromptBuilder(tokenizer, template=settings.template)
-    targets = {p.id: list(tokenizer.encode(p.solution, add_special_tokens=False)) + [tokenizer.eos_token_id]
-               for p in problems}
+    views = task.teacher_views(settings.template)
+    builders = {view: PromptBuilder(tokenizer, template=template) for view, template in views.items()}
+    student_builder = PromptBuilder(tokenizer, template=settings.template)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
 
     def lr_at(step: int) -> float:
@@ -172,16 +172,20 @@ def train_warm_start(
             order += rng.sample(problems, len(problems))
         batch, order = order[: settings.batch_size], order[settings.batch_size :]
         as_teacher = [rng.random() < settings.teacher_fraction for _ in batch]
-        # Student and teacher prompts differ in length by ~2x: pack each kind on its own (less padding),
-        # then weight the two mean losses by their token counts, so the result is the batch's token mean.
-        total_tokens = sum(len(targets[p.id]) for p in batch)
+        examples = [task.sft_example(p, teacher, rng) for p, teacher in zip(batch, as_teacher, strict=True)]
+        targets = [list(tokenizer.encode(target, add_special_tokens=False)) + [tokenizer.eos_token_id]
+                   for _, _, target in examples]
+        # Student and teacher prompts differ in length by ~2x: pack each prompt kind on its own (less
+        # padding), then weight the mean losses by their token counts, so the result is the batch's token mean.
+        total_tokens = sum(len(target) for target in targets)
         loss = torch.zeros(())
-        for role in (False, True):
-            part = [p for p, teacher in zip(batch, as_teacher, strict=True) if teacher == role]
+        for view in (None, *views):
+            part = [i for i, (example_view, _, _) in enumerate(examples) if example_view == view]
             if not part:
                 continue
-            prompts = [builder.teacher_ids(p) if role else builder.student_ids(p) for p in part]
-            responses = [targets[p.id] for p in part]
+            prompts = [student_builder.student_ids(examples[i][1]) if view is None
+                       else builders[view].teacher_ids(examples[i][1]) for i in part]
+            responses = [targets[i] for i in part]
             part_tokens = sum(len(r) for r in responses)
             loss = loss + sft_loss(model, prompts, responses, tokenizer.pad_token_id) * (part_tokens / total_tokens)
         return loss
@@ -237,7 +241,7 @@ def warm_start_dir(
         model = build_tiny_model(tokenizer, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
                                  num_heads=settings.num_heads, intermediate_size=settings.intermediate_size,
                                  seed=settings.seed)
-        _, _, sft_problems = task.splits()
+        sft_problems = task.splits().sft_train
         threads = torch.get_num_threads()
         torch.set_num_threads(BUILD_THREADS)
         try:
