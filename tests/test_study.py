@@ -22,7 +22,7 @@ from selfdistill.study.plots import PLOTS
 from selfdistill.study.report import build_report
 from selfdistill.study.results import RunResult, Spread, StudyResults, load_results, paired_difference, verdict
 from selfdistill.study.runner import EVAL_FILE, RunJob, execute_job, plan_jobs, read_finished, run_config
-from selfdistill.study.settings import METHODS, StudySettings, WarmStartSettings
+from selfdistill.study.settings import METHODS, TASKS, StudySettings, WarmStartSettings
 from selfdistill.study.task import StudyTask, free_choice_spans, parse_chain, solution_steps, solution_token_labels
 from selfdistill.study.warmstart import (
     FIRST_LOSSES,
@@ -195,11 +195,13 @@ def test_shipped_warm_start_is_used_when_its_digests_match_and_skipped_on_rebuil
         warm_start_dir(TINY_TASK, TINY_WARM_START, cache=tmp_path / "other", shipped=shipped)
 
 
-def test_the_package_ships_the_study_warm_start_of_the_current_code():
-    """The default study's warm start is shipped, its files match their digests, its record holds the
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+def test_the_package_ships_the_study_warm_start_of_the_current_code(task_name):
+    """Each task's default study warm start is shipped, its files match their digests, its record holds the
     current settings, and the current code reproduces its first training steps: a change to the settings,
     the task, the tiny model or the warm-start procedure fails here (then rebuild and ship it, docs/study.md)."""
-    task, settings = StudyTask(), WarmStartSettings()
+    study = StudySettings.for_task(task_name)
+    task, settings = study.task, study.warm_start
     key = warm_start_key(task, settings)
     index = read_shipped_index()
     assert key in index, f"no shipped warm start for key {key}; shipped: {sorted(index)}"
@@ -212,11 +214,12 @@ def test_the_package_ships_the_study_warm_start_of_the_current_code():
     model, tokenizer = load_model(folder)
     assert sum(p.numel() for p in model.parameters()) == record["parameters"]
     built = build_tiny_tokenizer()  # the warm start trains with this one; the study loads the saved one
-    problems = task.splits()[0][:8]
-    for role in ("student", "teacher"):
-        ids = [getattr(PromptBuilder(tok, template=settings.template), f"{role}_ids")(p) for p in problems
-               for tok in (tokenizer, built)]
-        assert ids[0::2] == ids[1::2]
+    problems = task.splits().held_out[:8]
+    for template in {settings.template, *task.teacher_views(settings.template).values()}:
+        for role in ("student", "teacher"):
+            ids = [getattr(PromptBuilder(tok, template=template), f"{role}_ids")(task.teacher_problem(p))
+                   for p in problems for tok in (tokenizer, built)]
+            assert ids[0::2] == ids[1::2]
     # the weights were trained with the built tokenizer (the saved one gains an unused <|endoftext|>)
     tokenizer = built
     # retrain the first steps from scratch: the losses agree with the shipped build's to float noise

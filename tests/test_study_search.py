@@ -160,3 +160,13 @@ def test_premise_check_needs_every_used_teacher_view_to_beat_the_student_by_the_
     assert len(check_premise(_base(0.2, rich=0.7, weak=0.0), only_rich)) == 1
     with pytest.raises(StudyPremiseError, match="FAILS"):  # the other machine's first-task warm start
         check_premise(_base(0.257, rich=0.221), StudySettings.for_task("chains"))
+
+
+def test_a_changed_knob_default_is_a_new_run(monkeypatch):
+    from selfdistill.objectives import OBJECTIVES
+
+    settings = StudySettings(methods=("dasd",))
+    before = settings.run_key("dasd", 0)
+    dasd = OBJECTIVES["dasd"]
+    monkeypatch.setattr(type(dasd), "knob_defaults", lambda self: {"beta": 0.1} if self is dasd else {})
+    assert settings.run_key("dasd", 0) != before

@@ -221,10 +221,16 @@ class StudySettings:
         return values
 
     def run_key(self, method: str, seed: int) -> str:
-        """Hash of what decides one run's result: reused only when it matches."""
+        """Hash of what decides one run's result: reused only when it matches. It covers the objective's
+        knob defaults too (read from its loss signature), so a changed library default is not reused."""
+        from selfdistill.objectives import OBJECTIVES  # torch: only where runs are planned
+
         values = self.to_json()
         del values["methods"], values["seeds"], values["premise_margin"]
-        payload = {"settings": values, "method": method, "objective": METHODS[method], "seed": seed}
+        objective = METHODS[method]
+        defaults = {k: repr(v) for k, v in OBJECTIVES[objective["method"]].knob_defaults().items()}
+        payload = {"settings": values, "method": method, "objective": objective, "knob_defaults": defaults,
+                   "seed": seed}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def base_key(self) -> str:
