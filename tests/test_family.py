@@ -299,8 +299,8 @@ def test_dasd_scale_floor_keeps_float_noise_from_becoming_an_advantage():
     H = torch.rand(2, 12, generator=g) * 2
     mask = torch.ones(2, 12)
     adv = torch.tensor([0.5, -0.5])
-    unfloored, _ = dasd_advantages(adv, s, t, H, mask, scale_floor=0.0, gate=False)
-    floored, _ = dasd_advantages(adv, s, t, H, mask, gate=False)  # the default floor, 0.1
+    unfloored, _ = dasd_advantages(adv, s, t, H, mask, scale_floor=0.0, gate=False, beta=1.0)
+    floored, _ = dasd_advantages(adv, s, t, H, mask, gate=False, beta=1.0)  # the default floor, 0.1
     assert (unfloored - adv[:, None]).abs().max() > 0.3  # the bug: noise of order 1
     assert (floored - adv[:, None]).abs().max() < 1e-4
     # where δ is real the floor does not bind: the reference tests with MAD scaling are unchanged
@@ -317,7 +317,7 @@ def test_dasd_bounded_push_signal_matches_reference_and_is_bounded():
     t = torch.where(torch.arange(T_) % 2 == 0, -25.0, -0.02)[None]  # the teacher rules out every other token
     mask = torch.ones(1, T_)
     adv0 = torch.tensor([0.0])
-    raw, _ = dasd_advantages(adv0, s, t, entropy, mask, beta=1.0, gate=False)
+    raw, _ = dasd_advantages(adv0, s, t, entropy, mask, beta=1.0, gate=False, push_signal="log_ratio")
     bounded, _ = dasd_advantages(adv0, s, t, entropy, mask, beta=1.0, gate=False, push_signal="jsd", push_beta=0.5)
     gap = (t - s).double()
     scale = max((gap - gap.mean()).abs().mean().item(), 0.1)

@@ -282,7 +282,8 @@ def reference_dasd(adv, s, t, H, mask, rho, beta, quantile="top", gate=True, eps
 @pytest.mark.parametrize("quantile,gate", [("top", True), ("bottom", True), ("top", False)])
 def test_dasd_matches_reference(quantile, gate):
     s, t, s_ent, _, adv, mask = make_batch(13)
-    got, diag = dasd_advantages(adv, s, t, s_ent, mask, rho=0.2, beta=0.7, quantile=quantile, gate=gate)
+    got, diag = dasd_advantages(adv, s, t, s_ent, mask, rho=0.2, beta=0.7, quantile=quantile, gate=gate,
+                                push_signal="log_ratio")  # the reference is the raw form
     ref = reference_dasd(adv, s, t, s_ent, mask, 0.2, 0.7, quantile, gate)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     assert 0 <= diag["dasd/push_fraction"] <= 1 and 0 <= diag["dasd/pull_fraction"] <= 1
@@ -293,8 +294,9 @@ def test_dasd_conform_and_novelty_are_plus_and_minus_one():
     d = t - s
     d_bar = d / ((d - (d * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)).abs().mul(mask).sum(1, keepdim=True)
                  / mask.sum(1, keepdim=True) + 1e-6)
-    conform, c_diag = dasd_advantages(adv, s, t, s_ent, mask, direction="conform", beta=1.0)
-    novelty, _ = dasd_advantages(adv, s, t, s_ent, mask, direction="novelty", beta=1.0)
+    raw = {"beta": 1.0, "push_signal": "log_ratio"}
+    conform, c_diag = dasd_advantages(adv, s, t, s_ent, mask, direction="conform", **raw)
+    novelty, _ = dasd_advantages(adv, s, t, s_ent, mask, direction="novelty", **raw)
     torch.testing.assert_close(conform, (adv[:, None] + d_bar) * mask, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(novelty, (adv[:, None] - d_bar) * mask, rtol=1e-5, atol=1e-6)
     assert c_diag["dasd/pull_fraction"] == 1.0
@@ -326,8 +328,9 @@ def _kl(p_logits, q_logits):
     return (p.exp() * (p - q)).sum().item()
 
 
-@pytest.mark.parametrize("method,knobs", [("dasd", {"direction": "conform"}), ("dasd", {"direction": "novelty"}),
-                                          ("opsd_sampled", {})])
+# β = 1: the contract is about the direction; the library's default β = 0.03 moves 33x slower.
+@pytest.mark.parametrize("method,knobs", [("dasd", {"direction": "conform", "beta": 1.0}),
+                                          ("dasd", {"direction": "novelty", "beta": 1.0}), ("opsd_sampled", {})])
 def test_sign_contract_on_a_toy_categorical(method, knobs):
     """ω ≡ +1 (and OPSD's sampled form) lower KL(p_S‖p_T) under repeated updates; ω ≡ −1 raises it."""
     torch.manual_seed(0)

@@ -281,30 +281,35 @@ def dasd_advantages(
     mask: Tensor,
     *,
     rho: float = 0.2,
-    beta: float = 1.0,
+    beta: float = 0.03,
     direction: str = "dasd",
     router: str = "student_entropy",
     normalize: str = "mad",
     gate: bool = True,
     quantile: str = "top",
     scale_floor: float = 0.1,
-    push_signal: str = "log_ratio",
+    push_signal: str = "jsd",
     push_beta: float = 0.5,
     teacher_entropy: Tensor | None = None,
     eps: float = 1e-6,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DASD [structure from a note on the paper; details reconstructed]: `Â_t = A_i + β·ω_t·δ̄_t`.
 
+    Defaults chosen by the study's sweep on the search task's in-distribution split (docs/study.md)
+    [recon]: β = 0.03 (every β ≥ 0.1 with the raw push collapsed the student; it was 1.0 before) and
+    `push_signal="jsd"` (the bounded push; it was `"log_ratio"`, which at β = 0.03 still collapsed one
+    seed of three).
+
     Adding `β·δ̄_t` to a policy-gradient advantage is the sampled estimator of descending reverse
     KL(S‖T) (pull toward the teacher); `ω_t > 0` keeps that pull on low-entropy tokens and
     `ω_t < 0` turns it into ascent (push away) on high-entropy ones. See `dasd_direction` for ω.
     `router="teacher_entropy"` routes on the teacher's entropy (pass `teacher_entropy`).
 
-    `push_signal="jsd"` [reconstruction, an option the study sweeps]: on push tokens (ω_t < 0) the raw
+    `push_signal="jsd"` [reconstruction, the default since the study's sweep]: on push tokens (ω_t < 0) the raw
     log-ratio `δ_t` is replaced by `−δ^J_t`, AntiSD's bounded JSD-ascent signal (`jsd_ascent_signal`
     with β = `push_beta`), scaled by the same per-rollout scale, so the push term
     `β·|ω_t|·δ^J_t/scale_i ≤ β·(−log(1−push_beta))/scale_floor` cannot blow up where the teacher
-    gives the token little mass. Pull tokens keep `δ̄_t`. The default `"log_ratio"` is the original form.
+    gives the token little mass. Pull tokens keep `δ̄_t`. `"log_ratio"` is the original (unbounded) form.
     """
     check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, student_entropy=student_entropy,
                      mask=mask, teacher_entropy=teacher_entropy)

@@ -189,9 +189,9 @@ def egrsd_loss(batch: ObjectiveBatch, *, lam: float = 1.0, eps_w: float = 0.2, g
     return loss, {**diag, **surrogate_diag}
 
 
-def dasd_loss(batch: ObjectiveBatch, *, rho: float = 0.2, beta: float = 1.0, direction: str = "dasd",
+def dasd_loss(batch: ObjectiveBatch, *, rho: float = 0.2, beta: float = 0.03, direction: str = "dasd",
               router: str = "student_entropy", normalize: str = "mad", gate: bool = True, quantile: str = "top",
-              scale_floor: float = 0.1, push_signal: str = "log_ratio", push_beta: float = 0.5,
+              scale_floor: float = 0.1, push_signal: str = "jsd", push_beta: float = 0.5,
               eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
     """DASD: the clipped surrogate with `dasd_advantages` (entropy-routed pull/push toward the teacher)."""
     s = batch.stats

@@ -133,13 +133,16 @@ def write_plots(results: StudyResults, folder: Path) -> list[tuple[Path, str]]:
     matplotlib.use("Agg")
     plotter = _Plotter(results, folder)
     n = results.n
+    curve_n = results.study["settings"].get("curve_samples", n)
+    # Avg@k has the same expectation for every k: the curve's Avg@curve_n and the final Avg@n share the axis
+    avg = f"Avg@k (k = {curve_n} during training, {n} at the end)" if curve_n != n else f"Avg@{n}"
     plots = [
-        (plotter.held_out("avg@n", "avg_at_k.png", f"held-out Avg@{n}"), f"held-out Avg@{n} during training"),
+        (plotter.held_out("avg@n", "avg_at_k.png", f"held-out {avg}"), f"held-out Avg@{n} during training"),
         (plotter.held_out("epistemic_per_response", "epistemic.png", "held-out E(y) per response"),
          "held-out E(y) (epistemic markers per response) during training"),
     ]
     if results.has_ood:
-        plots.append((plotter.held_out("ood_avg@n", "ood_avg_at_k.png", f"out-of-distribution Avg@{n}"),
+        plots.append((plotter.held_out("ood_avg@n", "ood_avg_at_k.png", f"out-of-distribution {avg}"),
                       f"out-of-distribution Avg@{n} during training"))
     plots += [
         (plotter.training("entropy", "entropy.png", "mean token entropy of rollouts (nats)"),

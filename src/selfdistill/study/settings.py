@@ -34,12 +34,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "dasd_divergence": {"method": "dasd_divergence"},
     # The other reading of DASD's threshold: τ = the ρ-quantile, so only the calmest ρ of tokens are pulled.
     "dasd_bottom": {"method": "dasd", "quantile": "bottom"},
-    # DASD's open choices (issue #15): the push as AntiSD's bounded JSD-ascent signal; no floor on δ's scale.
-    "dasd_jsd_push": {"method": "dasd", "push_signal": "jsd"},
+    # DASD's open choices (issue #15): the push as the raw log-ratio (AntiSD's bounded JSD-ascent signal is
+    # the default since the sweep); no floor on δ's scale.
+    "dasd_raw_push": {"method": "dasd", "push_signal": "log_ratio"},
     "dasd_no_floor": {"method": "dasd", "scale_floor": 0.0},
-    "dasd_beta0.03": {"method": "dasd", "beta": 0.03},
+    # (β = 0.03 with the bounded push is the library default since the sweep: `dasd` itself.)
     "dasd_beta0.1": {"method": "dasd", "beta": 0.1},
     "dasd_beta0.3": {"method": "dasd", "beta": 0.3},
+    "dasd_beta1": {"method": "dasd", "beta": 1.0},
     # Several clipped updates on the same rollouts (PPO epochs): the clip acts on the sampled-token push.
     "dasd_ppo2": {"method": "dasd", "optim": {"ppo_epochs": 2}},
     "dasd_ppo4": {"method": "dasd", "optim": {"ppo_epochs": 4}},
@@ -59,9 +61,10 @@ DEFAULT_METHODS = {
     "chains": ("grpo", "opsd", "opsd_clip", "rlsd", "egrsd", "cl_egrsd", "dasd", "conform", "novelty",
                "dasd_divergence"),
 }
-SWEEP_METHODS = ("dasd_beta0.03", "dasd_beta0.1", "dasd_beta0.3", "dasd_bottom", "dasd_ppo2", "dasd_ppo4",
-                 "dasd_jsd_push")
-"""DASD's open choices (issue #15), each one change from `dasd` (β = 1, quantile top, 1 PPO epoch, raw push)."""
+SWEEP_METHODS = ("dasd_beta0.1", "dasd_beta0.3", "dasd_beta1", "dasd_bottom", "dasd_ppo2", "dasd_ppo4",
+                 "dasd_raw_push")
+"""DASD's open choices (issue #15), each one change from `dasd` (β = 0.03, quantile top, 1 PPO epoch, the
+bounded JSD push)."""
 QUICK_METHODS = ("grpo", "opsd", "dasd")
 
 
