@@ -179,7 +179,9 @@ def test_study_into_a_log_file_reports_progress_and_records_its_environment(tmp_
     out, log = tmp_path / "study", tmp_path / "study.log"
     env = {**os.environ, "SELFDISTILL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
            "SELFDISTILL_PROGRESS_EVERY": "1"}
-    argv = [sys.executable, "-m", "selfdistill", "study", "--quick", "--methods", "grpo", "--out", str(out)]
+    # --rebuild-warm-start: the quick study uses the shipped warm start; this trains one, so there is progress
+    argv = [sys.executable, "-m", "selfdistill", "study", "--quick", "--methods", "grpo", "--rebuild-warm-start",
+            "--out", str(out)]
     with log.open("w") as file:
         process = subprocess.Popen(argv, env=env, cwd=REPO, stdout=file, stderr=subprocess.STDOUT)
         try:
