@@ -137,20 +137,27 @@ def _init_worker(threads: int) -> None:
     hf_logging.disable_progress_bar()
 
 
+def _prompt_builder(tokenizer: Any, settings: StudySettings, view: str | None) -> Any:
+    """The prompts of the student (view None) or of a teacher view, in that view's template."""
+    from selfdistill.prompts import PromptBuilder
+
+    template = settings.warm_start.template
+    if view is not None:
+        template = settings.task.teacher_views(template)[view]
+    return PromptBuilder(tokenizer, template=template, max_prompt_tokens=512)
+
+
 def _sampled(model: Any, tokenizer: Any, job: RunJob, grader: Any, *, view: str | None = None,
              split: str = "held_out", n: int | None = None) -> dict[str, Any]:
     """The `summarize` macro row of n samples per problem of a held-out split, from the student prompt
     (view None) or a teacher view's prompt, plus the task's per-line measurements (StepAcc, ...);
     n samples per problem (default `eval_samples`)."""
-    from selfdistill.prompts import PromptBuilder
     from selfdistill.study.probes import sample_accuracy
 
     settings = job.settings
     held_out, ood = settings.held_out()
     problems = held_out if split == "held_out" else ood
-    template = settings.warm_start.template if view is None else settings.task.teacher_views(
-        settings.warm_start.template)[view]
-    builder = PromptBuilder(tokenizer, template=template, max_prompt_tokens=512)
+    builder = _prompt_builder(tokenizer, settings, view)
     prompted = problems if view is None else [settings.task.teacher_problem(p) for p in problems]
     summary, records = sample_accuracy(
         model, tokenizer, prompted, builder, n=n or settings.eval_samples,
@@ -161,13 +168,10 @@ def _sampled(model: Any, tokenizer: Any, job: RunJob, grader: Any, *, view: str 
 
 
 def _entropy(model: Any, tokenizer: Any, job: RunJob, view: str | None) -> dict[str, Any]:
-    from selfdistill.prompts import PromptBuilder
     from selfdistill.study.probes import token_entropy
 
     settings = job.settings
-    template = settings.warm_start.template if view is None else settings.task.teacher_views(
-        settings.warm_start.template)[view]
-    builder = PromptBuilder(tokenizer, template=template, max_prompt_tokens=512)
+    builder = _prompt_builder(tokenizer, settings, view)
     return asdict(token_entropy(model, tokenizer, settings.task, settings.held_out()[0], builder,
                                 role="student" if view is None else "teacher"))
 
