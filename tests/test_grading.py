@@ -25,6 +25,11 @@ from selfdistill.grading import (
 )
 
 SLACK = 3.0  # seconds allowed beyond a timeout: killing, reading pipes, a loaded 2-core machine
+BOUNDED = 60.0
+"""Wall-clock seconds under which a call that includes starting fresh workers counts as bounded. Grading TOWER without
+the bound runs for hours, so any figure below this shows the deadline acted; the statuses show which task it ended.
+Such a call's time also holds worker start-ups (a Python process importing sympy), which a loaded machine can
+stretch several-fold, so these tests assert the behaviour, not this machine's speed."""
 
 TOWER = r"The answer is $\boxed{10^{10^{10^{10}}}}$."
 NESTED_FRACS = "\\boxed{" + "\\frac{1}{" * 50 + "2" + "}" * 50 + "}"
@@ -97,7 +102,7 @@ def test_extract_is_linear_on_huge_inputs() -> None:
     assert extract_answer(many_unclosed) is None
     assert extract_answer(one_mb) == "7"
     assert extract_answer("The answer is " + "9" * 1_000_000) == "9" * 1_000_000
-    assert time.perf_counter() - start < 5.0
+    assert time.perf_counter() - start < BOUNDED  # quadratic rescans would take hours here
 
 
 # ---- normalize_answer --------------------------------------------------------------------------------
@@ -190,6 +195,7 @@ def test_gold_may_be_a_number_or_wrapped_in_dollars(grader: Grader) -> None:
     ids=["tower", "tower9", "nested-fracs", "1MB-box", "1MB-text"],
 )
 def test_pathological_answers_are_bounded(grader: Grader, completion: str) -> None:
+    assert grader.grade(r"\boxed{1}", "1") == 1.0  # a worker is up (an earlier case may have had one replaced)
     start = time.perf_counter()
     assert grader.grade(completion, "5") == 0.0
     assert time.perf_counter() - start < grader.timeout + SLACK
@@ -199,13 +205,16 @@ def test_timeout_kills_the_worker_and_the_pool_recovers() -> None:
     # Without the answer-length filter and the fast path, only the process bound stands between
     # sympy and an hour of big-integer arithmetic.
     with Grader(workers=2, timeout=1.5, max_answer_chars=10**7, memory_limit_mb=None, fast_path=False) as g:
+        # The two replacement workers start inside the timed call: its length is not a figure to hold to the
+        # second on a loaded machine; the statuses and the timeout count are the behaviour under test.
         start = time.perf_counter()
         verdicts = g.grade_detailed([TOWER, NESTED_FRACS, r"\boxed{0.5}", r"\boxed{3}"], ["5", "5", "1/2", "3"])
         elapsed = time.perf_counter() - start
         assert [v.status for v in verdicts] == ["timeout", "timeout", "verified", "verified"]
         assert [v.score for v in verdicts] == [0.0, 0.0, 1.0, 1.0]
         assert g.stats["timeouts"] == 2
-        assert elapsed < 1.5 + SLACK
+        assert g.stats["worker_starts"] == 4
+        assert elapsed < BOUNDED
         # The replacements work, and a new call is not answered with stale results.
         assert g.grade_many([r"\boxed{2}", r"\boxed{1/3}"], ["2", r"\frac{1}{3}"]) == [1.0, 1.0]
 
@@ -234,8 +243,9 @@ def test_works_off_the_main_thread_with_a_bound() -> None:
     def work() -> None:
         try:
             with Grader(workers=2, timeout=1.5) as g:
+                g.grade_many([r"\boxed{0.5}", r"\boxed{2}"], ["1/2", "2"])  # both workers up before the clock starts
                 start = time.perf_counter()
-                results.append(g.grade_many([r"\boxed{\frac{2}{4}}", TOWER], ["0.5", "5"]))
+                results.append(g.grade_detailed([r"\boxed{\frac{2}{4}}", TOWER], ["0.5", "5"]))
                 results.append(time.perf_counter() - start)
             results.append(grade(r"\boxed{\sqrt{4}}", "2", timeout=5.0))
         except BaseException as exc:  # reported on the main thread below
@@ -245,8 +255,8 @@ def test_works_off_the_main_thread_with_a_bound() -> None:
     thread.start()
     thread.join(timeout=60)
     assert not errors, errors
-    assert results[0] == [1.0, 0.0]
-    assert results[1] < 1.5 + SLACK
+    assert [(v.status, v.score) for v in results[0]] == [("verified", 1.0), ("timeout", 0.0)]
+    assert results[1] < 1.5 + SLACK  # both workers were warm: the deadline, a kill and a pipe read
     assert results[2] == 1.0
 
 
