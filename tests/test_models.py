@@ -84,6 +84,20 @@ def test_tiny_tokenizer_special_tokens_and_size(tok):
     assert tok.decode(ids, skip_special_tokens=True) == "hello"
 
 
+def test_tiny_tokenizer_round_trips_unchanged(tmp_path):
+    # Regression: the cached folder loaded as Qwen2Tokenizer gained an unused <|endoftext|> (its default unk token).
+    _, loaded = load_model("tiny", cache=tmp_path / "cache")
+    built = build_tiny_tokenizer()
+    assert len(loaded) == len(built) == 833
+    assert "<|endoftext|>" not in loaded.get_vocab()
+    assert sorted(loaded.all_special_tokens) == sorted(built.all_special_tokens)
+    loaded.save_pretrained(tmp_path / "again")
+    again = AutoTokenizer.from_pretrained(tmp_path / "again")
+    assert again.get_vocab() == loaded.get_vocab() == built.get_vocab()
+    text = "<|im_start|>user\nWhat is 12 + 345?<|im_end|>\n"
+    assert again(text).input_ids == loaded(text).input_ids == built(text).input_ids
+
+
 def test_tiny_tokenizer_is_deterministic(tok):
     again = build_tiny_tokenizer()
     assert again.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()

@@ -261,6 +261,20 @@ def build_tiny_tokenizer(*, vocab_size: int = 1024, seed: int = 0) -> PreTrained
     )
 
 
+def save_tiny_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Write the tiny tokenizer into a model folder so that loading it gives back the same tokens.
+
+    Beside a qwen2 ``config.json``, ``AutoTokenizer`` loads the folder as ``Qwen2Tokenizer``, whose default
+    unknown token ``<|endoftext|>`` would be added as an 834th token. A byte-level tokenizer has no unknown
+    token, so the folder says so (``"unk_token": null``) and every save and reload keeps the 833 tokens.
+    """
+    tokenizer.save_pretrained(folder)
+    config_path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["unk_token"] = None
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------------
 # the tiny model
 
@@ -352,7 +366,7 @@ def tiny_model_dir(
             seed=seed,
         )
         model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        save_tiny_tokenizer(tokenizer, folder)
         return {"settings": settings, "parameters": sum(p.numel() for p in model.parameters())}
 
     return build_cached_folder(final, write, what=f"tiny model {settings}")
