@@ -136,6 +136,18 @@ def test_long_solution_is_kept_whole_or_refused(tokenizer):
         PromptBuilder(tokenizer, max_prompt_tokens=10).student_ids(problem)
 
 
+def test_prompt_too_long_error_takes_the_callers_words():
+    # The TRL route names a dataset row, its own limit and remedy through the same error (it used to rewrite args).
+    error = PromptTooLongError(length=312, limit=300, problem_id="row 1", role="teacher", where="row 1",
+                               limit_source="max_teacher_prompt_length", remedy="raise the limit or drop the row")
+    assert str(error) == ("teacher prompt for row 1 is 312 tokens, over the limit of 300 (max_teacher_prompt_length); "
+                          "prompts are not truncated: raise the limit or drop the row")
+    assert (error.length, error.limit, error.problem_id, error.role) == (312, 300, "row 1", "teacher")
+    default = PromptTooLongError(length=12, limit=8, problem_id="p", role="student")
+    assert str(default).endswith("over the limit of 8 (max_prompt_tokens); prompts are not truncated: "
+                                 "raise max_prompt_tokens or drop this problem")
+
+
 def test_gsm8k_teacher_prompt_has_clean_solution(tokenizer, gsm8k_problems):
     builder = PromptBuilder(tokenizer)
     for problem in gsm8k_problems:

@@ -90,7 +90,7 @@ def test_lora_frozen_teacher_is_the_base_model_without_a_copy(tmp_path):
 
 
 def test_misconfigured_runs_fail_before_the_first_rollout(tmp_path):
-    with pytest.raises(PromptTooLongError, match="over max_prompt_tokens=8"):
+    with pytest.raises(PromptTooLongError, match=r"over the limit of 8 \(max_prompt_tokens\)"):
         Trainer(tiny_config(tmp_path, data={"max_prompt_tokens": 8}))
     with pytest.raises(ConfigError, match="objective.rho"):
         tiny_config(tmp_path, objective={"method": "grpo", "rho": 0.1})

@@ -143,16 +143,24 @@ def fill(message_format: str, values: dict[str, str]) -> str:
 
 
 class PromptTooLongError(ValueError):
-    """A rendered prompt is longer than max_prompt_tokens. Prompts are never truncated."""
+    """A rendered prompt is longer than its limit. Prompts are never truncated.
 
-    def __init__(self, *, length: int, limit: int, problem_id: str, role: str) -> None:
+    `where` names the prompt (a problem id, a dataset row), `limit_source` what set the limit, and `remedy`
+    what the user can do; the message is built from them, so a caller with other settings (the TRL route)
+    says its own words through the same fields.
+    """
+
+    def __init__(self, *, length: int, limit: int, problem_id: str, role: str, where: str | None = None,
+                 limit_source: str = "max_prompt_tokens",
+                 remedy: str = "raise max_prompt_tokens or drop this problem") -> None:
         self.length = length
         self.limit = limit
         self.problem_id = problem_id
         self.role = role
+        where = where or f"problem {problem_id!r}"
         super().__init__(
-            f"{role} prompt for problem {problem_id!r} is {length} tokens, over max_prompt_tokens={limit}; "
-            "prompts are not truncated: raise max_prompt_tokens or drop this problem"
+            f"{role} prompt for {where} is {length} tokens, over the limit of {limit} ({limit_source}); "
+            f"prompts are not truncated: {remedy}"
         )
 
 
