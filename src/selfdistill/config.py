@@ -3,7 +3,7 @@
 The defaults written here are the only defaults: YAML files and `key=value` overrides only
 override them. Unknown keys and out-of-range values raise `ConfigError` naming the key.
 
-    config = load_config("configs/dasd.yaml", ["objective.beta=0.5", "optim.steps=10"])
+    config = load_config("configs/tiny/dasd.yaml", ["objective.beta=0.05", "optim.steps=10"])
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class RolloutConfig:
     max_new_tokens: int = 128
     """Response length limit; a response that reaches it is counted as truncated."""
     generation_batch_size: int = 0
-    """Rows per generate call; 0 generates each prompt's group in one call."""
+    """The most sequences (prompt x sample rows) decoded together; 0 decodes every row of the step in one batch."""
 
     def __post_init__(self) -> None:
         _require(self.backend != "vllm", "rollout.backend",

@@ -59,6 +59,9 @@ class Rollouts:
 class RolloutBackend(Protocol):
     """What the trainer needs from a generation backend."""
 
+    pad_id: int
+    """The token id that fills padded positions of responses (the tokenizer's pad token, else its first eos)."""
+
     def generate(
         self,
         prompt_ids: list[list[int]],
@@ -67,10 +70,12 @@ class RolloutBackend(Protocol):
         temperature: float,
         top_p: float,
         max_new_tokens: int,
-        seed: int | None,
+        seed: int | Sequence[int] | None,
     ) -> Rollouts:
         """Sample `num_samples` responses for each prompt (token ids, no padding). ``temperature == 0``
-        means greedy decoding; ``seed`` makes the result reproducible (None: use the global RNG)."""
+        means greedy decoding. ``seed`` makes the result reproducible: one int for the whole call, or one
+        per prompt (the trainer passes a list, so a prompt's samples never depend on the batch it is in);
+        None uses the global RNG. `check_generate_args` checks these arguments for every backend."""
         ...
 
 

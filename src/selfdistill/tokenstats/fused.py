@@ -43,9 +43,9 @@ holds for every objective here: they are per-rollout, and `aggregate` normalizes
 # [positions, V] float32 buffers (`FusedBuffers`), so a block's peak memory is its student logits plus that
 # workspace. Each sub-chunk also makes about five passes over the [V, d] weight (the teacher's logits twice,
 # the two gradient matmuls), so taller sub-chunks pay off when d is large: 128 rather than 64 at d = 896
-# (bench/tokenstats.py: 1.02x instead of 1.23x the naive time). With a small d those passes are cheap and
-# the workspace is sized down to d / 4 positions (at least 16): at d = 64 and V = 151,936 that is 16 positions,
-# 46 MiB instead of 371 MiB at 128, at the same speed (bench/step_vs_trl.py, docs/performance.md). With a small
+# (measured by bench/tokenstats.py; the figures are in docs/performance.md). With a small d those passes are
+# cheap and the workspace is sized down to d / 4 positions (at least 16): at d = 64 and V = 151,936 that is
+# 16 positions, an eighth of the workspace of 128, at the same speed (bench/step_vs_trl.py). With a small
 # vocabulary the workspace is small whatever the positions, and each sub-chunk's fixed cost (some thirty tensor
 # operations) dominates: there sub-chunks take as many positions as fit in AUTO_BLOCK_BYTES of workspace.
 SUBCHUNK_TOKENS = 128
