@@ -22,6 +22,8 @@ from selfdistill.grading import last_boxed
 from selfdistill.paths import data_cache_dir
 
 DATA_ROOT_ENV = "SELFDISTILL_DATA_ROOT"
+MANIFEST = "selfdistill-data.json"
+"""The file `selfdistill data fetch` writes into a data folder it filled (what was fetched, with checksums)."""
 
 # Field names tried, in order, when load_problems is given no mapping.
 PROBLEM_FIELDS = ("problem", "question", "prompt")
@@ -333,8 +335,6 @@ def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:
     from_env = os.environ.get(DATA_ROOT_ENV)
     if from_env:
         return Path(from_env).expanduser()
-    from selfdistill.data.fetch import MANIFEST  # the fetch module imports this one: import here
-
     fetched = data_cache_dir()
     if (fetched / MANIFEST).is_file():
         return fetched

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfdistill.data.benchmarks import BENCHMARKS, DATA_ROOT_ENV, DataFormatError, load_benchmark
+from selfdistill.data.benchmarks import BENCHMARKS, DATA_ROOT_ENV, MANIFEST, DataFormatError, load_benchmark
 from selfdistill.paths import data_cache_dir
 
-MANIFEST = "selfdistill-data.json"
 MANIFEST_FORMAT = 1
 
 

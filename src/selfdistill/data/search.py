@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from selfdistill.data.benchmarks import Problem
+from selfdistill.data.markers import EPISTEMIC_MARKERS
 from selfdistill.data.synthetic import ChainInstruction, ChainStep, apply_operation, distinct_problems
-from selfdistill.evaluation.metrics import EPISTEMIC_MARKERS
 
 SEARCH_CHECKS = "search_checks"
 SEARCH_MODULUS = 10

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from selfdistill.data.markers import EPISTEMIC_MARKERS
+
 __all__ = [
     "EPISTEMIC_MARKERS",
     "avg_at_k",
@@ -305,20 +307,6 @@ def repetition_rate(tokens_or_text: str | Sequence[int], n: int = 4) -> float:
     distinct = len({tuple(units[i : i + n]) for i in range(total)})
     return 1.0 - distinct / total
 
-
-EPISTEMIC_MARKERS: tuple[str, ...] = (
-    "wait",
-    "hmm",
-    "perhaps",
-    "maybe",
-    "actually",
-    "alternatively",
-    "seems",
-    "might",
-    "likely",
-    "check",
-)
-"""Words that signal a model doubting or revisiting its reasoning (the SDPO/DASD list)."""
 
 # Whole words, any case. "hmm" also matches its drawn-out spellings ("Hmmm"), which models write
 # often; everything else must match exactly ("checked", "mighty" and "seemsthat" do not count).

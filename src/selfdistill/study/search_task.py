@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 from selfdistill.data import Problem
 from selfdistill.data.generated import make_splits
+from selfdistill.data.markers import EPISTEMIC_MARKERS
 from selfdistill.data.search import (
     SEARCH_CHECKS,
     SEARCH_IN_DISTRIBUTION,
@@ -46,7 +47,6 @@ from selfdistill.data.search import (
     search_checks,
 )
 from selfdistill.data.synthetic import ChainInstruction, ChainStep
-from selfdistill.evaluation.metrics import EPISTEMIC_MARKERS
 from selfdistill.study.task import StudySplits
 
 _OPERATOR_OF_WORD = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
