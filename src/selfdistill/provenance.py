@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from selfdistill.atomic import write_json_atomic
+
 ENVIRONMENT_FILE = "environment.json"
 # The libraries whose versions change results; the first five are printed in the summary line.
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "trl", "huggingface_hub", "math-verify", "numpy",
@@ -122,9 +124,7 @@ def record_environment(folder: str | os.PathLike[str]) -> dict[str, Any]:
         if isinstance(earlier, dict):
             record["previous"] = [*earlier.pop("previous", []), earlier]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomic(path, record)
     return record
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selfdistill.atomic import write_json_atomic
 from selfdistill.data import BENCHMARKS, Problem
 
 log = logging.getLogger(__name__)
@@ -167,13 +168,6 @@ def append_records(path: Path, records: Sequence[SampleRecord]) -> None:
         os.fsync(file.fileno())
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to a temporary file beside `path` and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def prepare_run_folder(out: Path, settings: EvalSettings) -> None:
     """Create `out` and write settings.json, or, when the folder already holds a run, check that its
     settings are `settings` (raises SettingsMismatchError naming what differs)."""
@@ -184,7 +178,7 @@ def prepare_run_folder(out: Path, settings: EvalSettings) -> None:
     elif samples_path.exists():
         raise SettingsMismatchError(f"{out} has {SAMPLES_FILE} but no {SETTINGS_FILE}; use an empty --out folder")
     else:
-        write_json_atomic(settings_path, settings.to_json())
+        write_json_atomic(settings_path, settings.to_json(), indent=2)
 
 
 def done_records(samples_path: Path, problems: Sequence[Problem], n: int) -> list[SampleRecord]:
@@ -207,7 +201,7 @@ def merge_records(
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """Write summary.json (atomically: a reader never sees half of it)."""
-    write_json_atomic(out / SUMMARY_FILE, summary)
+    write_json_atomic(out / SUMMARY_FILE, summary, indent=2)
 
 
 __all__ = [
@@ -225,6 +219,5 @@ __all__ = [
     "prepare_run_folder",
     "record_from_json",
     "record_to_json",
-    "write_json_atomic",
     "write_summary",
 ]

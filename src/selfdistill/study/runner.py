@@ -33,6 +33,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from selfdistill.atomic import write_json_atomic, write_text_atomic
 from selfdistill.provenance import record_environment, summary_line
 from selfdistill.study.settings import StudySettings, method_parts
 
@@ -103,13 +104,6 @@ def check_premise(base: dict[str, Any], settings: StudySettings) -> list[str]:
             "base would be moot, so the study stops. Rebuild the warm start (--rebuild-warm-start) or change its "
             "settings.")
     return lines
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON beside `path` and rename it into place (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def read_finished(folder: Path, key: str) -> dict[str, Any] | None:
@@ -272,9 +266,7 @@ def _write_train_file(problems: list[Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"id": p.id, "problem": p.problem, "answer": p.answer, "solution": p.solution, "source": p.source}
             for p in problems]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def plan_jobs(settings: StudySettings, out: Path, warm_folder: Path, train_file: Path) -> list[RunJob]:
