@@ -10,8 +10,11 @@ import torch
 from selfdistill.config import ConfigError, config_from_dict
 from selfdistill.objectives import (
     OBJECTIVES,
+    AntisdKnobs,
+    DasdKnobs,
     KnobError,
     ObjectiveBatch,
+    RlrtKnobs,
     aggregate,
     antisd_advantages,
     dasd_advantages,
@@ -50,7 +53,7 @@ def rows(mask):
 
 def test_rlrt_matches_reference_and_keeps_plain_grpo_on_failures():
     stats, adv, mask = make_stats(1)
-    got, diag = rlrt_advantages(adv, stats.logp, stats.teacher_logp, mask, lam=0.6, eps_w=0.2)
+    got, diag = rlrt_advantages(adv, stats.logp, stats.teacher_logp, mask, RlrtKnobs(lam=0.6, eps_w=0.2))
     ref = torch.zeros(B, T, dtype=torch.float64)
     for i, valid in enumerate(rows(mask)):
         for t in valid:
@@ -110,8 +113,8 @@ def test_jsd_ascent_signal_matches_reference_and_its_bound():
 def test_antisd_matches_reference_with_the_gate():
     stats, adv, mask = make_stats(4)
     stats.teacher_entropy[1] = 0.01  # this rollout's teacher collapsed: its term is off
-    got, diag = antisd_advantages(adv, stats.logp, stats.teacher_logp, stats.teacher_entropy, mask, lam=0.7,
-                                  beta=0.3, h_min=0.2)
+    got, diag = antisd_advantages(adv, stats.logp, stats.teacher_logp, stats.teacher_entropy, mask,
+                                  AntisdKnobs(lam=0.7, beta=0.3, h_min=0.2))
     ref = torch.zeros(B, T, dtype=torch.float64)
     for i, valid in enumerate(rows(mask)):
         mean_h = sum(float(stats.teacher_entropy[i, t]) for t in valid) / len(valid)
@@ -122,8 +125,8 @@ def test_antisd_matches_reference_with_the_gate():
             ref[i, t] = float(adv[i]) + 0.7 * gate * signal
     torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
     assert diag["antisd/gate_on_fraction"] == 0.75
-    floored, _ = antisd_advantages(adv, stats.logp, stats.teacher_logp, stats.teacher_entropy, mask, lam=1.0,
-                                   h_min=0.0, floor=0.1)
+    floored, _ = antisd_advantages(adv, stats.logp, stats.teacher_logp, stats.teacher_entropy, mask,
+                                   AntisdKnobs(lam=1.0, h_min=0.0, floor=0.1))
     assert ((floored - adv[:, None]) * mask >= -0.1 - 1e-6).all()
 
 
@@ -299,13 +302,13 @@ def test_dasd_scale_floor_keeps_float_noise_from_becoming_an_advantage():
     H = torch.rand(2, 12, generator=g) * 2
     mask = torch.ones(2, 12)
     adv = torch.tensor([0.5, -0.5])
-    unfloored, _ = dasd_advantages(adv, s, t, H, mask, scale_floor=0.0, gate=False, beta=1.0)
-    floored, _ = dasd_advantages(adv, s, t, H, mask, gate=False, beta=1.0)  # the default floor, 0.1
+    unfloored, _ = dasd_advantages(adv, s, t, H, mask, DasdKnobs(scale_floor=0.0, gate=False, beta=1.0))
+    floored, _ = dasd_advantages(adv, s, t, H, mask, DasdKnobs(gate=False, beta=1.0))  # the default floor, 0.1
     assert (unfloored - adv[:, None]).abs().max() > 0.3  # the bug: noise of order 1
     assert (floored - adv[:, None]).abs().max() < 1e-4
     # where δ is real the floor does not bind: the reference tests with MAD scaling are unchanged
     t2 = -torch.rand(2, 12, generator=g) * 3
-    a, _ = dasd_advantages(adv, s, t2, H, mask, scale_floor=0.0)
+    a, _ = dasd_advantages(adv, s, t2, H, mask, DasdKnobs(scale_floor=0.0))
     b, _ = dasd_advantages(adv, s, t2, H, mask)
     torch.testing.assert_close(a, b)
 
@@ -317,11 +320,12 @@ def test_dasd_bounded_push_signal_matches_reference_and_is_bounded():
     t = torch.where(torch.arange(T_) % 2 == 0, -25.0, -0.02)[None]  # the teacher rules out every other token
     mask = torch.ones(1, T_)
     adv0 = torch.tensor([0.0])
-    raw, _ = dasd_advantages(adv0, s, t, entropy, mask, beta=1.0, gate=False, push_signal="log_ratio")
-    bounded, _ = dasd_advantages(adv0, s, t, entropy, mask, beta=1.0, gate=False, push_signal="jsd", push_beta=0.5)
+    raw, _ = dasd_advantages(adv0, s, t, entropy, mask, DasdKnobs(beta=1.0, gate=False, push_signal="log_ratio"))
+    bounded, _ = dasd_advantages(adv0, s, t, entropy, mask,
+                                 DasdKnobs(beta=1.0, gate=False, push_signal="jsd", push_beta=0.5))
     gap = (t - s).double()
     scale = max((gap - gap.mean()).abs().mean().item(), 0.1)
-    omega, _, _ = dasd_direction(entropy, t - s, mask, gate=False)
+    omega, _, _, _ = dasd_direction(entropy, t - s, mask, DasdKnobs(gate=False))
     ascent = s.double() - torch.log(0.5 * t.double().exp() + 0.5 * s.double().exp())
     ref = torch.where(omega < 0, omega.double() * (-ascent) / (scale + 1e-6), omega.double() * gap / (scale + 1e-6))
     torch.testing.assert_close(bounded.double(), ref, rtol=1e-5, atol=1e-6)

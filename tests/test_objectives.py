@@ -7,7 +7,10 @@ import torch
 
 from selfdistill.objectives import (
     OBJECTIVES,
+    DasdKnobs,
+    EgrsdKnobs,
     ObjectiveBatch,
+    RlsdKnobs,
     aggregate,
     dasd_advantages,
     divergence,
@@ -194,7 +197,7 @@ def test_divergence_gradient_reaches_student_only_and_pulls_toward_teacher():
 
 def test_rlsd_matches_reference():
     s, t, _, _, adv, mask = make_batch(9)
-    got, _ = rlsd_advantages(adv, s, t, mask, lam=0.5, eps_w=0.2)
+    got, _ = rlsd_advantages(adv, s, t, mask, RlsdKnobs(lam=0.5, eps_w=0.2))
     delta = t.double() - s.double()
     w = torch.exp(torch.sign(adv.double())[:, None] * delta).clamp(0.8, 1.2)
     ref = adv.double()[:, None] * (0.5 + 0.5 * w) * mask
@@ -214,8 +217,8 @@ def reference_lookahead(H, mask, k):
 @pytest.mark.parametrize("lookahead", [None, 1, 3])
 def test_egrsd_matches_reference(lookahead):
     s, t, _, t_ent, adv, mask = make_batch(10)
-    got, diag = egrsd_advantages(adv, s, t, t_ent, mask, lam=0.7, eps_w=0.2, g_min=0.2, tau_h=0.8,
-                                 lookahead=lookahead)
+    got, diag = egrsd_advantages(adv, s, t, t_ent, mask,
+                                 EgrsdKnobs(lam=0.7, eps_w=0.2, g_min=0.2, tau_h=0.8, lookahead=lookahead))
     H = t_ent.double()
     if lookahead:
         H = torch.minimum(H, reference_lookahead(t_ent, mask, lookahead))
@@ -234,8 +237,8 @@ def test_egrsd_weights_never_fall_below_the_floor():
     adv = torch.tensor([1.0])
     zeros = torch.zeros(1, T_)
     for lookahead in (None, 4):
-        got, _ = egrsd_advantages(adv, zeros, zeros, t_ent, torch.ones(1, T_), lam=1.0, g_min=0.2,
-                                  lookahead=lookahead)
+        got, _ = egrsd_advantages(adv, zeros, zeros, t_ent, torch.ones(1, T_),
+                                  EgrsdKnobs(lam=1.0, g_min=0.2, lookahead=lookahead))
         assert (got >= 0.2 - 1e-7).all()  # w = 1 at δ = 0, so Â = gate
 
 
@@ -245,8 +248,8 @@ def test_cl_egrsd_transient_spike_keeps_more_weight_than_sustained():
     mask = torch.ones(1, 8)
     zeros = torch.zeros(1, 8)
     adv = torch.tensor([1.0])
-    a_transient, _ = egrsd_advantages(adv, zeros, zeros, transient, mask, lookahead=4)
-    a_sustained, _ = egrsd_advantages(adv, zeros, zeros, sustained, mask, lookahead=4)
+    a_transient, _ = egrsd_advantages(adv, zeros, zeros, transient, mask, EgrsdKnobs(lookahead=4))
+    a_sustained, _ = egrsd_advantages(adv, zeros, zeros, sustained, mask, EgrsdKnobs(lookahead=4))
     assert a_transient[0, 1] > 2 * a_sustained[0, 1]
     plain, _ = egrsd_advantages(adv, zeros, zeros, transient, mask)
     assert a_transient[0, 1] > plain[0, 1]  # without lookahead the spike is damped
@@ -282,8 +285,8 @@ def reference_dasd(adv, s, t, H, mask, rho, beta, quantile="top", gate=True, eps
 @pytest.mark.parametrize("quantile,gate", [("top", True), ("bottom", True), ("top", False)])
 def test_dasd_matches_reference(quantile, gate):
     s, t, s_ent, _, adv, mask = make_batch(13)
-    got, diag = dasd_advantages(adv, s, t, s_ent, mask, rho=0.2, beta=0.7, quantile=quantile, gate=gate,
-                                push_signal="log_ratio")  # the reference is the raw form
+    knobs = DasdKnobs(rho=0.2, beta=0.7, quantile=quantile, gate=gate, push_signal="log_ratio")  # the raw form
+    got, diag = dasd_advantages(adv, s, t, s_ent, mask, knobs)
     ref = reference_dasd(adv, s, t, s_ent, mask, 0.2, 0.7, quantile, gate)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     assert 0 <= diag["dasd/push_fraction"] <= 1 and 0 <= diag["dasd/pull_fraction"] <= 1
@@ -295,8 +298,8 @@ def test_dasd_conform_and_novelty_are_plus_and_minus_one():
     d_bar = d / ((d - (d * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)).abs().mul(mask).sum(1, keepdim=True)
                  / mask.sum(1, keepdim=True) + 1e-6)
     raw = {"beta": 1.0, "push_signal": "log_ratio"}
-    conform, c_diag = dasd_advantages(adv, s, t, s_ent, mask, direction="conform", **raw)
-    novelty, _ = dasd_advantages(adv, s, t, s_ent, mask, direction="novelty", **raw)
+    conform, c_diag = dasd_advantages(adv, s, t, s_ent, mask, DasdKnobs(direction="conform", **raw))
+    novelty, _ = dasd_advantages(adv, s, t, s_ent, mask, DasdKnobs(direction="novelty", **raw))
     torch.testing.assert_close(conform, (adv[:, None] + d_bar) * mask, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(novelty, (adv[:, None] - d_bar) * mask, rtol=1e-5, atol=1e-6)
     assert c_diag["dasd/pull_fraction"] == 1.0
@@ -307,7 +310,7 @@ def test_dasd_pulls_lowest_entropy_and_pushes_highest_tokens():
     entropy = torch.linspace(0.05, 3.0, T_)[None]  # [1,T]
     gap = torch.where(torch.arange(T_) % 2 == 0, 2.0, -2.0)[None]  # teacher disagrees in both directions
     s = torch.zeros(1, T_)
-    adv, diag = dasd_advantages(torch.tensor([0.0]), s, gap, entropy, torch.ones(1, T_), rho=0.2, beta=1.0)
+    adv, diag = dasd_advantages(torch.tensor([0.0]), s, gap, entropy, torch.ones(1, T_), DasdKnobs(rho=0.2, beta=1.0))
     omega_sign = torch.sign(adv / gap)  # Â = ω·δ̄ with δ̄ of δ's sign
     assert (omega_sign[0, :5] > 0).all()  # calmest tokens: pulled toward the teacher
     assert (omega_sign[0, -3:] < 0).all()  # most uncertain: pushed away
@@ -387,4 +390,4 @@ def test_objective_shape_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"group_adv must be \[B\]=4"):
         dasd_advantages(adv[:3], s, t, s_ent, mask)
     with pytest.raises(ValueError, match="direction"):
-        dasd_advantages(adv, s, t, s_ent, mask, direction="sideways")
+        DasdKnobs(direction="sideways")

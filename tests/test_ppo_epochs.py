@@ -35,8 +35,8 @@ def _record_objective(trainer: Trainer) -> list[dict]:
     calls, update = [], {"index": -1}
     loss, update_rows = trainer.objective.loss, trainer._update
 
-    def recording_loss(batch, **knobs):
-        out = loss(batch, **knobs)
+    def recording_loss(batch, *knobs_object, **knobs):  # a knobs dataclass (built-ins) or keyword knobs
+        out = loss(batch, *knobs_object, **knobs)
         valid = batch.mask.bool()
         shift = None if batch.old_logp is None else (batch.stats.logp.detach() - batch.old_logp)[valid]
         teacher = None if batch.stats.teacher_logp is None else batch.stats.teacher_logp[valid]

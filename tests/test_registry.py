@@ -1,6 +1,8 @@
 """The open registry: a method added from outside the package, its knobs learned from its signature,
 and trained through `selfdistill train`."""
 
+import dataclasses
+import inspect
 import json
 import os
 import subprocess
@@ -12,7 +14,17 @@ import pytest
 import torch
 
 from selfdistill.config import ConfigError, config_from_dict, load_config, parse_overrides
-from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, register_objective
+from selfdistill.objectives import (
+    OBJECTIVES,
+    DasdKnobs,
+    KnobError,
+    ObjectiveBatch,
+    check_knob,
+    dasd_advantages,
+    dasd_direction,
+    probe_batch,
+    register_objective,
+)
 from selfdistill.tokenstats import DivergenceSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +56,52 @@ def test_register_objective_as_decorator_learns_knobs_and_presets(registry):
         config_from_dict({"objective": {"method": "scaled_distill", "wieght": 1.0}})
     with pytest.raises(ConfigError, match=r"objective\.weight: set twice"):
         config_from_dict({"objective": {"method": "scaled_distill", "weight": 1.0, "knobs": {"weight": 2.0}}})
+
+
+def test_register_objective_with_a_knobs_dataclass(registry):
+    @dataclasses.dataclass(frozen=True)
+    class ScaleKnobs:
+        weight: float = 1.0
+        clip: int | None = None
+
+        def __post_init__(self) -> None:
+            check_knob(self.weight > 0, "weight", f"must be positive, got {self.weight}")
+
+    @register_objective("scaled_by_dataclass", divergence=DivergenceSpec(beta=0.0), knobs=ScaleKnobs,
+                        presets={"clip": 3})
+    def scaled(batch: ObjectiveBatch, knobs: ScaleKnobs) -> tuple[torch.Tensor, dict]:
+        return knobs.weight * batch.stats.divergence * batch.mask, {}
+
+    objective = registry["scaled_by_dataclass"]
+    assert objective.knob_defaults() == {"weight": 1.0, "clip": 3}
+    assert objective.knob_types() == {"weight": float, "clip": int | None}
+    batch = probe_batch()
+    loss, _ = objective(batch, weight=2.0)
+    torch.testing.assert_close(loss, 2.0 * batch.stats.divergence)
+    assert config_from_dict({"objective": {"method": "scaled_by_dataclass", "weight": 2}}).objective.knobs == {
+        "weight": 2.0}
+    with pytest.raises(ConfigError, match=r"objective\.knobs\.weight \(objective\.weight\): weight must be positive"):
+        config_from_dict({"objective": {"method": "scaled_by_dataclass", "weight": -1.0}})
+    with pytest.raises(KnobError, match="wieght is not a knob of 'scaled_by_dataclass'; its knobs: weight, clip"):
+        objective.check_knobs({"wieght": 1.0})
+    with pytest.raises(ValueError, match=r"two positional arguments \(the batch, the knobs\)"):
+        register_objective("one_arg", lambda batch: (batch.mask, {}), knobs=ScaleKnobs)
+    with pytest.raises(ValueError, match="knobs must be a dataclass type"):
+        register_objective("not_a_dataclass", lambda batch, knobs: (batch.mask, {}), knobs=dict)
+
+
+def test_a_built_in_methods_knobs_live_in_one_dataclass():
+    # Regression (#25): DASD's twelve knobs were written out three times (its loss, its advantages, the router).
+    assert OBJECTIVES["dasd"].knobs_type is DasdKnobs
+    assert OBJECTIVES["dasd"].knob_defaults() == {f.name: f.default for f in dataclasses.fields(DasdKnobs)}
+    for function in (dasd_advantages, dasd_direction):
+        keyword = {n for n, p in inspect.signature(function).parameters.items() if p.kind is p.KEYWORD_ONLY}
+        assert not keyword & set(OBJECTIVES["dasd"].knob_defaults()), function.__name__
+
+
+@pytest.mark.parametrize(("method", "role"), [("grpo", "all"), ("rlsd", "all"), ("dasd", "part"), ("opsd", "none")])
+def test_advantage_role_found_by_running_the_loss(method, role):
+    assert OBJECTIVES[method].advantage_role({}) == role
 
 
 def test_register_objective_rejects_what_the_trainer_could_not_call(registry):

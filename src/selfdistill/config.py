@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from selfdistill.objectives import AGGREGATIONS, OBJECTIVES, KnobError
@@ -141,21 +140,6 @@ def import_plugins(modules: list[str], key: str = "objective.plugins") -> None:
             raise ConfigError(f"{key}: cannot import {module!r}: {error}") from None
 
 
-def _probe_batch(advantage: float = 1.0):
-    """A small batch with every statistic, to run a method on its knobs when the config is loaded; its group
-    advantages are `±advantage`."""
-    from selfdistill.objectives import ObjectiveBatch
-    from selfdistill.tokenstats import TokenStats
-
-    g = torch.Generator().manual_seed(0)
-    B, T = 4, 5
-    stats = TokenStats(logp=-torch.rand(B, T, generator=g) * 2, entropy=torch.rand(B, T, generator=g),
-                       teacher_logp=-torch.rand(B, T, generator=g) * 2, teacher_entropy=torch.rand(B, T, generator=g),
-                       divergence=torch.rand(B, T, generator=g))
-    return ObjectiveBatch(stats=stats, mask=torch.ones(B, T),
-                          group_adv=torch.tensor([1.0, -1.0, 0.5, -0.5]) * advantage)
-
-
 @dataclass
 class ObjectiveConfig:
     method: str = "dasd"
@@ -173,8 +157,8 @@ class ObjectiveConfig:
     aggregation: str | None = None
     """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm; None: the method's own."""
     knobs: dict[str, Any] = field(default_factory=dict)
-    """The method's knobs, e.g. `{beta: 0.5, rho: 0.1}`: the keyword-only parameters of its loss function,
-    checked against their annotations and run once on a probe batch when the config is loaded. Unset
+    """The method's knobs, e.g. `{beta: 0.5, rho: 0.1}` (docs/objectives.md lists each method's), checked against
+    their annotations here and by the method itself (`Objective.check_knobs`) when the config is loaded. Unset
     knobs keep the method's defaults. A knob may also be written flat, `objective.beta: 0.5` (or the
     override `objective.beta=0.5`), which is the same as `objective.knobs.beta`."""
     divergence_beta: float | None = None
@@ -213,17 +197,17 @@ class ObjectiveConfig:
         self.knobs = self._checked_knobs(dict(self.knobs))
 
     def _checked_knobs(self, knobs: dict[str, Any]) -> dict[str, Any]:
-        """Each knob against the loss signature (name and annotation), then all of them on a probe batch."""
+        """Each knob's name and the type of its value (as read from YAML), then the method's own checks."""
         objective = OBJECTIVES[self.method]
         accepted = objective.knob_defaults()
-        hints = typing.get_type_hints(objective.loss)
+        hints = objective.knob_types()
         checked = {}
         for name, value in knobs.items():
             _require(name in accepted, _knob_key(name),
                      f"method {self.method!r} takes no knob {name!r}; its knobs: {', '.join(accepted) or 'none'}")
             checked[name] = _check_type(_knob_key(name), value, hints[name]) if name in hints else value
         try:
-            objective(_probe_batch(), **checked)
+            objective.check_knobs(checked)
         except KnobError as error:
             raise ConfigError(f"{_knob_key(error.knob)}: {error}") from None
         except (ValueError, TypeError) as error:
@@ -342,7 +326,7 @@ class TrainConfig:
                  f"(rollout.prompts_per_step={self.rollout.prompts_per_step} x "
                  f"rollout.group_size={self.rollout.group_size})")
         if self.rollout.group_size == 1:
-            role = group_advantage_role(self.objective)
+            role = OBJECTIVES[self.objective.method].advantage_role(self.objective.knobs)
             _require(role != "all", "rollout.group_size",
                      f"1 makes every group advantage 0 (a group of one rollout has nothing to compare with), and "
                      f"method {self.objective.method!r} learns only through the group advantage: every update "
@@ -353,25 +337,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def group_advantage_role(objective: ObjectiveConfig) -> str:
-    """How the method uses the group advantage, found by probing its loss on random statistics:
-    `all` (with every advantage 0 its loss has no gradient: grpo, rlsd, egrsd, ...), `part` (it has a
-    gradient without advantages, and another with them: dasd), or `none` (advantages unused: opsd)."""
-    method = OBJECTIVES[objective.method]
-    gradients = []
-    for advantage in (0.0, 1.0):
-        batch = _probe_batch(advantage)
-        stats = batch.stats
-        leaves = [x.requires_grad_(True) for x in (stats.logp, stats.entropy, stats.divergence)]
-        loss, _ = method(batch, **objective.knobs)
-        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
-        gradients.append(sum(float(g.abs().sum()) for g in grads if g is not None))
-    without, with_advantage = gradients
-    if without == 0.0:
-        return "all"
-    return "none" if without == with_advantage else "part"
 
 
 # ----------------------------------------------------------------------------------------------

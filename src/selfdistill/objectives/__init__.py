@@ -1,12 +1,14 @@
 """Objectives as pure functions over token statistics, selected by name through `OBJECTIVES`.
 
-`register_objective` adds a method (ours in `registry` and `family`, a user's from their own package).
+`register_objective` adds a method (ours in `losses` and `family`, a user's from their own package); a built-in
+method's knobs are a frozen dataclass in `knobs`, read by its loss and its advantage function.
 A per-token loss is reduced in its aggregation mode by `token_weights` (per-token weights from the counts
 of the whole update; the trainer sums `loss · weights` over micro-batches) or, in one call on one batch,
 by `aggregate`, which is `(loss · token_weights(...)).sum()`.
 """
 
 from selfdistill.objectives.advantages import (
+    DasdDirection,
     antisd_advantages,
     dasd_advantages,
     dasd_direction,
@@ -20,6 +22,16 @@ from selfdistill.objectives.advantages import (
 )
 from selfdistill.objectives.distill import divergence, sampled_token_distill_loss
 from selfdistill.objectives.family import position_weights  # importing it registers the family
+from selfdistill.objectives.knobs import (
+    AntisdKnobs,
+    ClipKnobs,
+    DasdDivergenceKnobs,
+    DasdKnobs,
+    EgrsdKnobs,
+    RlrtKnobs,
+    RlsdKnobs,
+)
+from selfdistill.objectives.losses import dasd_divergence_loss, dasd_loss, surrogate  # importing it registers them
 from selfdistill.objectives.policy import (
     AGGREGATIONS,
     KnobError,
@@ -34,17 +46,25 @@ from selfdistill.objectives.registry import (
     OBJECTIVES,
     Objective,
     ObjectiveBatch,
-    dasd_divergence_loss,
     loss_knobs,
+    probe_batch,
     register_objective,
 )
 
 __all__ = [
     "AGGREGATIONS",
     "OBJECTIVES",
+    "AntisdKnobs",
+    "ClipKnobs",
+    "DasdDirection",
+    "DasdDivergenceKnobs",
+    "DasdKnobs",
+    "EgrsdKnobs",
     "KnobError",
     "Objective",
     "ObjectiveBatch",
+    "RlrtKnobs",
+    "RlsdKnobs",
     "aggregate",
     "antisd_advantages",
     "check_knob",
@@ -52,6 +72,7 @@ __all__ = [
     "dasd_advantages",
     "dasd_direction",
     "dasd_divergence_loss",
+    "dasd_loss",
     "divergence",
     "egrsd_advantages",
     "gap_scale",
@@ -62,9 +83,11 @@ __all__ = [
     "masked_quantile",
     "policy_loss",
     "position_weights",
+    "probe_batch",
     "register_objective",
     "rlrt_advantages",
     "rlsd_advantages",
     "sampled_token_distill_loss",
+    "surrogate",
     "token_weights",
 ]

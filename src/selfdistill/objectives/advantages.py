@@ -1,25 +1,30 @@
 """Token-level advantages shaped by the privileged self-teacher: RLSD, RLRT, EGRSD, CL-EGRSD, DASD, AntiSD.
 
-Each takes the group advantage `A_i` `[B]` and per-token statistics `[B,T]`, and returns
-`(advantages [B,T], diagnostics)`. Every input statistic is treated as a constant (detached): the
-gradient flows only through the policy surrogate these advantages are plugged into.
+Each takes the group advantage `A_i` `[B]`, per-token statistics `[B,T]` and the method's knobs (a frozen
+dataclass of `objectives.knobs`, checked when built), and returns `(advantages [B,T], diagnostics)`. Every
+input statistic is treated as a constant (detached): the gradient flows only through the policy surrogate
+these advantages are plugged into.
 Notation: `s_t = log p_S(y_t)`, `τ_t = log p_T(y_t)`, `δ_t = τ_t − s_t`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from selfdistill.objectives.policy import check_clip_range, check_knob, check_same_shape
-
-DIRECTIONS = ("dasd", "conform", "novelty")
-ROUTERS = ("student_entropy", "teacher_entropy")
-NORMALIZATIONS = ("mad", "std", "none")
-QUANTILE_ENDS = ("top", "bottom")
-PUSH_SIGNALS = ("log_ratio", "jsd")
+from selfdistill.objectives.knobs import (
+    NORMALIZATIONS,
+    AntisdKnobs,
+    DasdDivergenceKnobs,
+    DasdKnobs,
+    EgrsdKnobs,
+    RlrtKnobs,
+    RlsdKnobs,
+)
+from selfdistill.objectives.policy import check_knob, check_same_shape
 
 
 def _check_group_adv(group_adv: Tensor, mask: Tensor) -> None:
@@ -70,9 +75,7 @@ def rlsd_advantages(
     student_logp: Tensor,
     teacher_logp: Tensor,
     mask: Tensor,
-    *,
-    lam: float = 0.5,
-    eps_w: float = 0.2,
+    knobs: RlsdKnobs = RlsdKnobs(),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """RLSD: the verifier sets the direction, the teacher the magnitude per token.
 
@@ -80,8 +83,7 @@ def rlsd_advantages(
     """
     check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, mask=mask)
     _check_group_adv(group_adv, mask)
-    check_clip_range(eps_w=eps_w)
-    check_knob(0.0 <= lam <= 1.0, "lam", f"must lie in [0, 1], got {lam}")
+    lam, eps_w = knobs.lam, knobs.eps_w
     gap = (teacher_logp - student_logp).detach()  # [B,T]
     weight = _likelihood_ratio_weight(group_adv.detach(), gap, eps_w)  # [B,T]
     adv = group_adv.detach()[:, None] * ((1.0 - lam) + lam * weight) * mask  # [B,T]
@@ -98,9 +100,7 @@ def rlrt_advantages(
     student_logp: Tensor,
     teacher_logp: Tensor,
     mask: Tensor,
-    *,
-    lam: float = 1.0,
-    eps_w: float = 0.2,
+    knobs: RlrtKnobs = RlrtKnobs(),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """RLRT ("rebellious student"): RLSD's weight with the ratio reversed, on successful rollouts only.
 
@@ -112,8 +112,7 @@ def rlrt_advantages(
     """
     check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, mask=mask)
     _check_group_adv(group_adv, mask)
-    check_clip_range(eps_w=eps_w)
-    check_knob(0.0 <= lam <= 1.0, "lam", f"must lie in [0, 1], got {lam}")
+    lam, eps_w = knobs.lam, knobs.eps_w
     reverse_gap = (student_logp - teacher_logp).detach()  # [B,T] log p_S − log p_T
     adv_i = group_adv.detach()  # [B]
     weight = _likelihood_ratio_weight(adv_i, reverse_gap, eps_w)  # [B,T]
@@ -153,12 +152,7 @@ def egrsd_advantages(
     teacher_logp: Tensor,
     teacher_entropy: Tensor,
     mask: Tensor,
-    *,
-    lam: float = 1.0,
-    eps_w: float = 0.2,
-    g_min: float = 0.2,
-    tau_h: float = 1.0,
-    lookahead: int | None = None,
+    knobs: EgrsdKnobs = EgrsdKnobs(),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """EGRSD [reconstruction]: RLSD's weight times a teacher-entropy confidence gate.
 
@@ -170,11 +164,7 @@ def egrsd_advantages(
     check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, teacher_entropy=teacher_entropy,
                      mask=mask)
     _check_group_adv(group_adv, mask)
-    check_clip_range(eps_w=eps_w)
-    check_knob(0.0 <= lam <= 1.0, "lam", f"must lie in [0, 1], got {lam}")
-    check_knob(0.0 < g_min <= 1.0, "g_min", f"must lie in (0, 1], got {g_min}")
-    check_knob(tau_h > 0, "tau_h", f"must be positive, got {tau_h}")
-    check_knob(lookahead is None or lookahead >= 1, "lookahead", f"must be >= 1, got {lookahead}")
+    lam, eps_w, g_min, tau_h, lookahead = knobs.lam, knobs.eps_w, knobs.g_min, knobs.tau_h, knobs.lookahead
     gap = (teacher_logp - student_logp).detach()  # [B,T]
     weight = _likelihood_ratio_weight(group_adv.detach(), gap, eps_w)  # [B,T]
     entropy = teacher_entropy.detach()
@@ -190,7 +180,7 @@ def egrsd_advantages(
     return adv, diagnostics
 
 
-def gap_scale(gap: Tensor, mask: Tensor, *, normalize: str = "mad", scale_floor: float = 0.1) -> Tensor:
+def gap_scale(gap: Tensor, mask: Tensor, *, normalize: str, scale_floor: float) -> Tensor:
     """The per-rollout scale `[B,1]` that DASD divides δ by: `max(MAD_i(δ), scale_floor)` (or the std;
     1 for `normalize="none"`).
 
@@ -220,20 +210,25 @@ def jsd_ascent_signal(student_logp: Tensor, teacher_logp: Tensor, *, beta: float
     return s - mix
 
 
+class DasdDirection(NamedTuple):
+    """What DASD's router gives: the direction `omega` `[B,T]` (> 0 pull, < 0 push), the normalized gap
+    `gap_bar` `[B,T]`, the per-rollout `scale` `[B,1]` it was divided by, and diagnostics."""
+
+    omega: Tensor
+    gap_bar: Tensor
+    scale: Tensor
+    diagnostics: dict[str, Tensor]
+
+
 def dasd_direction(
     router_entropy: Tensor,
     gap: Tensor,
     mask: Tensor,
+    knobs: DasdKnobs | DasdDivergenceKnobs = DasdKnobs(),
     *,
-    rho: float = 0.2,
-    direction: str = "dasd",
-    normalize: str = "mad",
-    gate: bool = True,
-    quantile: str = "top",
-    scale_floor: float = 0.1,
     eps: float = 1e-6,
-) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """DASD's router: `(ω [B,T], δ̄ [B,T], diagnostics)` from an entropy and the gap `δ = τ − s`.
+) -> DasdDirection:
+    """DASD's router (`DasdDirection`: ω, δ̄, the scale, diagnostics) from an entropy and the gap `δ = τ − s`.
 
     `δ̄_t = δ_t / (scale_i(δ) + eps)` per rollout (`normalize`: mean absolute deviation, std, or none;
     scale only, the sign is kept; the scale is at least `scale_floor`, see `gap_scale`). `τ_i` is the
@@ -243,13 +238,10 @@ def dasd_direction(
     reliability gate, dropped with `gate=False`). `direction="conform"` sets ω ≡ +1 (pull every
     token toward the teacher), `"novelty"` ω ≡ −1 (push every token away).
     """
-    check_knob(direction in DIRECTIONS, "direction", f"must be one of {DIRECTIONS}, got {direction!r}")
-    check_knob(quantile in QUANTILE_ENDS, "quantile",
-               f"must be one of {QUANTILE_ENDS}, got {quantile!r}")
-    check_knob(0.0 <= rho <= 1.0, "rho", f"must lie in [0, 1], got {rho}")
+    rho, direction, normalize, quantile = knobs.rho, knobs.direction, knobs.normalize, knobs.quantile
     entropy = router_entropy.detach()
     gap = gap.detach()
-    scale = gap_scale(gap, mask, normalize=normalize, scale_floor=scale_floor)  # [B,1]
+    scale = gap_scale(gap, mask, normalize=normalize, scale_floor=knobs.scale_floor)  # [B,1]
     gap_bar = gap if normalize == "none" else gap / (scale + eps)  # [B,T]
     diagnostics: dict[str, Tensor] = {}
     if direction == "dasd":
@@ -257,7 +249,7 @@ def dasd_direction(
         tau = masked_quantile(entropy, mask, q)  # [B,1]
         sigma = masked_mean_abs_dev(entropy, mask)  # [B,1]
         omega = torch.tanh((tau - entropy) / (sigma + eps))  # [B,T] >0 calm, <0 uncertain
-        if gate:
+        if knobs.gate:
             omega = omega * torch.sigmoid(gap_bar.abs() - 1.0)
         diagnostics["dasd/tau_mean"] = tau.mean()
     else:
@@ -270,7 +262,7 @@ def dasd_direction(
         "dasd/omega_mean": omega.sum() / n,
         "dasd/gap_bar_abs_mean": (gap_bar.abs() * mask).sum() / n,
     })
-    return omega, gap_bar, diagnostics
+    return DasdDirection(omega, gap_bar, scale, diagnostics)
 
 
 def dasd_advantages(
@@ -279,26 +271,17 @@ def dasd_advantages(
     teacher_logp: Tensor,
     student_entropy: Tensor,
     mask: Tensor,
+    knobs: DasdKnobs = DasdKnobs(),
     *,
-    rho: float = 0.2,
-    beta: float = 0.03,
-    direction: str = "dasd",
-    router: str = "student_entropy",
-    normalize: str = "mad",
-    gate: bool = True,
-    quantile: str = "top",
-    scale_floor: float = 0.1,
-    push_signal: str = "jsd",
-    push_beta: float = 0.5,
     teacher_entropy: Tensor | None = None,
     eps: float = 1e-6,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DASD [structure from a note on the paper; details reconstructed]: `Â_t = A_i + β·ω_t·δ̄_t`.
 
-    Defaults chosen by the study's sweep on the search task's in-distribution split (docs/study.md)
-    [recon]: β = 0.03 (every β ≥ 0.1 with the raw push collapsed the student; it was 1.0 before) and
-    `push_signal="jsd"` (the bounded push; it was `"log_ratio"`, which at β = 0.03 still collapsed one
-    seed of three).
+    The defaults (`DasdKnobs`) were chosen by the study's sweep on the search task's in-distribution split
+    (docs/study.md) [recon]: β = 0.03 (every β ≥ 0.1 with the raw push collapsed the student; it was 1.0
+    before) and `push_signal="jsd"` (the bounded push; it was `"log_ratio"`, which at β = 0.03 still
+    collapsed one seed of three).
 
     Adding `β·δ̄_t` to a policy-gradient advantage is the sampled estimator of descending reverse
     KL(S‖T) (pull toward the teacher); `ω_t > 0` keeps that pull on low-entropy tokens and
@@ -314,26 +297,24 @@ def dasd_advantages(
     check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, student_entropy=student_entropy,
                      mask=mask, teacher_entropy=teacher_entropy)
     _check_group_adv(group_adv, mask)
-    check_knob(router in ROUTERS, "router", f"must be one of {ROUTERS}, got {router!r}")
-    check_knob(push_signal in PUSH_SIGNALS, "push_signal",
-               f"must be one of {PUSH_SIGNALS}, got {push_signal!r}")
-    check_knob(0.0 < push_beta < 1.0, "push_beta", f"must lie in (0, 1), got {push_beta}")
-    if router == "teacher_entropy" and teacher_entropy is None:
-        raise ValueError("router='teacher_entropy' needs teacher_entropy")
-    routing = student_entropy if router == "student_entropy" else teacher_entropy
-    omega, gap_bar, diagnostics = dasd_direction(
-        routing, teacher_logp - student_logp, mask, rho=rho, direction=direction, normalize=normalize,
-        gate=gate, quantile=quantile, scale_floor=scale_floor, eps=eps,
-    )
+    routing = router_entropy(knobs.router, student_entropy, teacher_entropy)
+    omega, gap_bar, scale, diagnostics = dasd_direction(routing, teacher_logp - student_logp, mask, knobs, eps=eps)
     signal = gap_bar  # [B,T]
-    if push_signal == "jsd":
-        gap = (teacher_logp - student_logp).detach()  # [B,T]
-        scale = gap_scale(gap, mask, normalize=normalize, scale_floor=scale_floor)  # [B,1]
-        ascent = jsd_ascent_signal(student_logp, teacher_logp, beta=push_beta)  # [B,T] ≤ −log(1−β_J)
-        push_bar = -ascent if normalize == "none" else -ascent / (scale + eps)  # [B,T]
+    if knobs.push_signal == "jsd":
+        ascent = jsd_ascent_signal(student_logp, teacher_logp, beta=knobs.push_beta)  # [B,T] ≤ −log(1−β_J)
+        push_bar = -ascent if knobs.normalize == "none" else -ascent / (scale + eps)  # [B,T]
         signal = torch.where(omega < 0, push_bar, gap_bar)  # [B,T]
-    adv = (group_adv.detach()[:, None] + beta * omega * signal) * mask  # [B,T]
+    adv = (group_adv.detach()[:, None] + knobs.beta * omega * signal) * mask  # [B,T]
     return adv, diagnostics
+
+
+def router_entropy(router: str, student_entropy: Tensor, teacher_entropy: Tensor | None) -> Tensor:
+    """The entropy DASD routes on: the student's, or the teacher's (`router="teacher_entropy"`, which needs it)."""
+    if router == "student_entropy":
+        return student_entropy
+    if teacher_entropy is None:
+        raise ValueError("router='teacher_entropy' needs teacher_entropy")
+    return teacher_entropy
 
 
 def antisd_advantages(
@@ -342,11 +323,7 @@ def antisd_advantages(
     teacher_logp: Tensor,
     teacher_entropy: Tensor,
     mask: Tensor,
-    *,
-    lam: float = 0.5,
-    beta: float = 0.5,
-    h_min: float = 0.1,
-    floor: float | None = None,
+    knobs: AntisdKnobs = AntisdKnobs(),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """AntiSD [abstract + derived signal; gate threshold, λ and the gate's scope reconstructed]:
     `Â_t = A_i + λ·g_i·δ^J_t` with the JSD-ascent signal `δ^J_t = s_t − log(β·p_T(y_t) + (1−β)·p_S(y_t))`.
@@ -360,14 +337,11 @@ def antisd_advantages(
     check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, teacher_entropy=teacher_entropy,
                      mask=mask)
     _check_group_adv(group_adv, mask)
-    check_knob(lam >= 0, "lam", f"must be >= 0, got {lam}")
-    check_knob(h_min >= 0, "h_min", f"must be >= 0, got {h_min}")
-    check_knob(floor is None or floor > 0, "floor", f"must be positive (or None), got {floor}")
-    signal = jsd_ascent_signal(student_logp, teacher_logp, beta=beta)  # [B,T]
-    if floor is not None:
-        signal = signal.clamp(min=-floor)
-    gate = (masked_mean(teacher_entropy.detach(), mask) >= h_min).to(signal.dtype)  # [B,1]
-    adv = (group_adv.detach()[:, None] + lam * gate * signal) * mask  # [B,T]
+    signal = jsd_ascent_signal(student_logp, teacher_logp, beta=knobs.beta)  # [B,T]
+    if knobs.floor is not None:
+        signal = signal.clamp(min=-knobs.floor)
+    gate = (masked_mean(teacher_entropy.detach(), mask) >= knobs.h_min).to(signal.dtype)  # [B,1]
+    adv = (group_adv.detach()[:, None] + knobs.lam * gate * signal) * mask  # [B,T]
     n = mask.sum().clamp(min=1.0)
     has_tokens = (mask.sum(1) > 0).to(signal.dtype)  # [B]
     diagnostics = {

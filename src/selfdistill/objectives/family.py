@@ -16,20 +16,19 @@ import torch
 from torch import Tensor
 
 from selfdistill.objectives.advantages import antisd_advantages, masked_quantile, rlrt_advantages
+from selfdistill.objectives.knobs import AntisdKnobs, ClipKnobs, RlrtKnobs
+from selfdistill.objectives.losses import surrogate
 from selfdistill.objectives.policy import check_knob, check_same_shape
-from selfdistill.objectives.registry import ObjectiveBatch, _surrogate, register_objective
+from selfdistill.objectives.registry import Diagnostics, ObjectiveBatch, register_objective
 from selfdistill.tokenstats import DivergenceSpec
-
-Diagnostics = dict[str, Tensor]
 
 
 def _token_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-@register_objective("rlrt")
-def rlrt_loss(batch: ObjectiveBatch, *, lam: float = 1.0, eps_w: float = 0.2, eps_low: float = 0.2,
-              eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
+@register_objective("rlrt", knobs=RlrtKnobs)
+def rlrt_loss(batch: ObjectiveBatch, knobs: RlrtKnobs) -> tuple[Tensor, Diagnostics]:
     """RLRT, "rebellious student" (Kim et al. 2605.10781) [paper via secondary notes; λ, ε_w recon]:
     GRPO, where on successful rollouts (`A_i > 0`) the advantage is scaled by the clipped reverse ratio,
     `Â_t = A_i·((1−λ) + λ·clip(exp(s_t − τ_t), 1−ε_w, 1+ε_w))`, RLSD's weight with the sign flipped;
@@ -37,8 +36,8 @@ def rlrt_loss(batch: ObjectiveBatch, *, lam: float = 1.0, eps_w: float = 0.2, ep
     teacher on its own successes. Plot `rlrt/weight_mean`, `rlrt/weight_clip_fraction`.
     """
     s = batch.stats
-    adv, diag = rlrt_advantages(batch.group_adv, s.logp, s.teacher_logp, batch.mask, lam=lam, eps_w=eps_w)
-    loss, surrogate_diag = _surrogate(batch, adv, eps_low, eps_high)
+    adv, diag = rlrt_advantages(batch.group_adv, s.logp, s.teacher_logp, batch.mask, knobs)
+    loss, surrogate_diag = surrogate(batch, adv, knobs)
     return loss, {**diag, **surrogate_diag}
 
 
@@ -55,7 +54,7 @@ def vopd_loss(batch: ObjectiveBatch, *, coef: float = 1.0, eps_low: float = 0.2,
     check_same_shape(logp=s.logp, teacher_logp=s.teacher_logp, divergence=s.divergence, mask=batch.mask)
     kl_adv = (s.teacher_logp - s.logp + s.divergence).detach() * batch.mask  # [B,T]
     adv = (batch.group_adv.detach()[:, None] + coef * kl_adv) * batch.mask  # [B,T]
-    loss, diag = _surrogate(batch, adv, eps_low, eps_high)
+    loss, diag = surrogate(batch, adv, ClipKnobs(eps_low, eps_high))
     return loss, {"vopd/kl_advantage_mean": _token_mean(kl_adv, batch.mask),
                   "vopd/kl_advantage_abs_mean": _token_mean(kl_adv.abs(), batch.mask), **diag}
 
@@ -64,9 +63,8 @@ register_objective("vopd", vopd_loss, divergence=DivergenceSpec(beta=1.0))
 register_objective("vopd_topk", vopd_loss, divergence=DivergenceSpec(beta=1.0, top_k=32, top_k_of="student"))
 
 
-@register_objective("antisd")
-def antisd_loss(batch: ObjectiveBatch, *, lam: float = 0.5, beta: float = 0.5, h_min: float = 0.1,
-                floor: float | None = None, eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
+@register_objective("antisd", knobs=AntisdKnobs)
+def antisd_loss(batch: ObjectiveBatch, knobs: AntisdKnobs) -> tuple[Tensor, Diagnostics]:
     """AntiSD (Shen et al. 2605.11609) [abstract; signal derived, gate threshold and λ recon]: the group
     advantage plus λ times the JSD-ascent signal, `Â_t = A_i + λ·g_i·(s_t − log(β p_T(y_t) + (1−β) p_S(y_t)))`,
     capped above at `−log(1−β)` by construction, gated off (`g_i = 0`) on a rollout whose mean teacher
@@ -74,9 +72,8 @@ def antisd_loss(batch: ObjectiveBatch, *, lam: float = 0.5, beta: float = 0.5, h
     `antisd/signal_mean`, `antisd/signal_min`, `antisd/gate_on_fraction`.
     """
     s = batch.stats
-    adv, diag = antisd_advantages(batch.group_adv, s.logp, s.teacher_logp, s.teacher_entropy, batch.mask, lam=lam,
-                                  beta=beta, h_min=h_min, floor=floor)
-    loss, surrogate_diag = _surrogate(batch, adv, eps_low, eps_high)
+    adv, diag = antisd_advantages(batch.group_adv, s.logp, s.teacher_logp, s.teacher_entropy, batch.mask, knobs)
+    loss, surrogate_diag = surrogate(batch, adv, knobs)
     return loss, {**diag, **surrogate_diag}
 
 
@@ -94,7 +91,7 @@ def eopd_loss(batch: ObjectiveBatch, *, h_threshold: float = 0.8, eps_low: float
                      divergence=s.divergence, mask=batch.mask)
     check_knob(h_threshold >= 0, "h_threshold", f"must be >= 0, got {h_threshold}")
     adv = (s.teacher_logp - batch.behaviour_logp).detach() * batch.mask  # [B,T]
-    opd, diag = _surrogate(batch, adv, eps_low, eps_high)
+    opd, diag = surrogate(batch, adv, ClipKnobs(eps_low, eps_high))
     high = (s.teacher_entropy.detach() > h_threshold).to(s.logp.dtype) * batch.mask  # [B,T]
     loss = opd + high * s.divergence * batch.mask  # [B,T]
     return loss, {"eopd/high_entropy_fraction": _token_mean(high, batch.mask),

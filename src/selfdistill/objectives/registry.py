@@ -6,26 +6,25 @@ overrides it): it multiplies the loss by `token_weights` of each micro-batch, co
 the whole update (all micro-batches and processes), and sums. That is `aggregate` of the whole update,
 which is itself `(loss · token_weights(...)).sum()`; tests/test_objectives.py checks the two agree
 (test_trainer_reduction_with_token_weights_is_aggregate_of_the_whole_batch). No if/elif on names.
-A package of one's own adds a method with `register_objective` (see docs/objectives.md).
+
+The built-in losses are in `losses` and `family`; a package of one's own adds a method with
+`register_objective` (see docs/objectives.md). A method's knobs are checked here, when a config is loaded
+(`Objective.check_knobs`), never at the first step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor
 
-from selfdistill.objectives.advantages import (
-    ROUTERS,
-    dasd_advantages,
-    dasd_direction,
-    egrsd_advantages,
-    rlsd_advantages,
-)
-from selfdistill.objectives.distill import sampled_token_distill_loss
-from selfdistill.objectives.policy import AGGREGATIONS, check_knob, clip_fraction, policy_loss
+from selfdistill.objectives.policy import AGGREGATIONS
 from selfdistill.tokenstats import DivergenceSpec, TokenStats
 
 Diagnostics = dict[str, Tensor]
@@ -53,10 +52,24 @@ class ObjectiveBatch:
         return self.stats.logp.detach() if self.old_logp is None else self.old_logp
 
 
+def probe_batch(advantage: float = 1.0) -> ObjectiveBatch:
+    """A small batch with every statistic (group advantages `±advantage`), to run a method on its knobs when a
+    config is loaded."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 5
+    stats = TokenStats(logp=-torch.rand(B, T, generator=g) * 2, entropy=torch.rand(B, T, generator=g),
+                       teacher_logp=-torch.rand(B, T, generator=g) * 2, teacher_entropy=torch.rand(B, T, generator=g),
+                       divergence=torch.rand(B, T, generator=g))
+    group_adv = torch.tensor([1.0, -1.0, 0.5, -0.5]) * advantage  # [B]
+    return ObjectiveBatch(stats=stats, mask=torch.ones(B, T), group_adv=group_adv)
+
+
 @dataclass(frozen=True)
 class Objective:
     """A named method: its loss function and what the trainer must prepare for it.
 
+    knobs_type: a frozen dataclass of the method's knobs (`objectives.knobs`); the loss is called as
+    `loss(batch, knobs)`. None: the knobs are the loss's keyword-only parameters, `loss(batch, **knobs)`.
     uses_old_logp: the loss reads `ObjectiveBatch.old_logp` (a clipped ratio); when it does not, the trainer
     skips the behaviour log-prob pass before several updates per rollout step.
     """
@@ -69,23 +82,66 @@ class Objective:
     std_normalize: bool = True
     presets: tuple[tuple[str, object], ...] = ()
     uses_old_logp: bool = True
+    knobs_type: type | None = None
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"{self.name}: unknown aggregation {self.aggregation!r}")
 
     def __call__(self, batch: ObjectiveBatch, **knobs) -> tuple[Tensor, Diagnostics]:
-        return self.loss(batch, **{**dict(self.presets), **knobs})
+        values = {**dict(self.presets), **knobs}
+        if self.knobs_type is None:
+            return self.loss(batch, **values)
+        return self.loss(batch, self.knobs_type(**values))
 
     def knob_defaults(self) -> dict[str, object]:
-        """Every knob of this method with its default (the loss signature's, then the presets)."""
-        return {**loss_knobs(self.loss), **dict(self.presets)}
+        """Every knob of this method with its default (the knobs' own, then the presets)."""
+        return {**_declared_knobs(self.loss, self.knobs_type), **dict(self.presets)}
+
+    def knob_types(self) -> dict[str, Any]:
+        """Each knob's annotation (resolved), for a config to check the values it reads."""
+        hints = typing.get_type_hints(self.knobs_type or self.loss)
+        return {name: hints[name] for name in self.knob_defaults() if name in hints}
+
+    def check_knobs(self, knobs: dict[str, Any]) -> None:
+        """Raise `KnobError` (naming the knob) or ValueError / TypeError unless the method runs with `knobs`: the
+        names are its knobs, the knobs dataclass accepts the values, and the loss runs on a probe batch."""
+        from selfdistill.objectives.policy import KnobError
+
+        accepted = self.knob_defaults()
+        for name in knobs:
+            if name not in accepted:
+                raise KnobError(name, f"is not a knob of {self.name!r}; its knobs: {', '.join(accepted) or 'none'}")
+        self(probe_batch(), **knobs)
+
+    def advantage_role(self, knobs: dict[str, Any]) -> str:
+        """How the method uses the group advantage, found by running its loss on a probe batch: `all` (with
+        every advantage 0 its loss has no gradient: grpo, rlsd, egrsd, ...), `part` (it has a gradient without
+        advantages, and another with them: dasd), or `none` (advantages unused: opsd)."""
+        gradients = []
+        for advantage in (0.0, 1.0):
+            batch = probe_batch(advantage)
+            stats = batch.stats
+            leaves = [x.requires_grad_(True) for x in (stats.logp, stats.entropy, stats.divergence)]
+            loss, _ = self(batch, **knobs)
+            grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+            gradients.append(sum(float(g.abs().sum()) for g in grads if g is not None))
+        without, with_advantage = gradients
+        if without == 0.0:
+            return "all"
+        return "none" if without == with_advantage else "part"
 
 
 def loss_knobs(loss: Callable[..., object]) -> dict[str, object]:
     """The keyword-only parameters of a loss function and their defaults: the method's knobs."""
     return {name: p.default for name, p in inspect.signature(loss).parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _declared_knobs(loss: Callable[..., object], knobs_type: type | None) -> dict[str, object]:
+    if knobs_type is None:
+        return loss_knobs(loss)
+    return {f.name: f.default for f in dataclasses.fields(knobs_type)}
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -102,6 +158,7 @@ def register_objective(
     std_normalize: bool = True,
     presets: dict[str, object] | None = None,
     uses_old_logp: bool = True,
+    knobs: type | None = None,
     replace: bool = False,
 ):
     """Add a method to `OBJECTIVES`; as a function, or as a decorator when `loss` is left out:
@@ -113,127 +170,41 @@ def register_objective(
     `loss(batch, **knobs)` gets an `ObjectiveBatch` and returns a per-token loss `[B,T]` (zero where
     `batch.mask` is 0) and a dict of scalar diagnostics. Its keyword-only parameters, each with a default,
     are the method's knobs: `objective.knobs.<name>` (or `objective.<name>`) in a config sets them, checked
-    against their annotations. `needs_teacher` makes the trainer score the teacher (`stats.teacher_logp`,
-    `stats.teacher_entropy`); `divergence` makes it compute `stats.divergence` with that spec; `presets`
-    override knob defaults for this name (one loss can back several methods); `uses_old_logp=False` says the loss
-    never reads `batch.old_logp` (no clipped ratio), so the trainer skips the behaviour log-prob pass before
-    several updates per rollout step (`optim.ppo_epochs`, `optim.mini_batches`). A taken name is an error
-    unless `replace=True`. Returns the loss (so the decorator leaves the function as it was).
+    against their annotations. Or pass `knobs=` a frozen dataclass whose fields (each with a default) are the
+    knobs, checked in its `__post_init__`; the loss is then called as `loss(batch, knobs_instance)` (the
+    built-in methods do this, so that a loss and its advantage function read one set of defaults).
+    `needs_teacher` makes the trainer score the teacher (`stats.teacher_logp`, `stats.teacher_entropy`);
+    `divergence` makes it compute `stats.divergence` with that spec; `presets` override knob defaults for this
+    name (one loss can back several methods); `uses_old_logp=False` says the loss never reads
+    `batch.old_logp` (no clipped ratio), so the trainer skips the behaviour log-prob pass before several
+    updates per rollout step (`optim.ppo_epochs`, `optim.mini_batches`). A taken name is an error unless
+    `replace=True`. Returns the loss (so the decorator leaves the function as it was).
     """
     if loss is None:
         return lambda fn: register_objective(name, fn, aggregation=aggregation, needs_teacher=needs_teacher,
                                              divergence=divergence, std_normalize=std_normalize, presets=presets,
-                                             uses_old_logp=uses_old_logp, replace=replace)
+                                             uses_old_logp=uses_old_logp, knobs=knobs, replace=replace)
     if not name or not isinstance(name, str):
         raise ValueError(f"an objective needs a non-empty name, got {name!r}")
     if name in OBJECTIVES and not replace:
         raise ValueError(f"objective {name!r} is already registered (pass replace=True to override it)")
     positional = [p for p in inspect.signature(loss).parameters.values()
                   if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    if len(positional) != 1:
-        raise ValueError(f"{name}: the loss must take exactly one positional argument (the batch), "
-                         f"got {[p.name for p in positional]}")
-    knobs = loss_knobs(loss)
-    missing = [k for k, default in knobs.items() if default is inspect.Parameter.empty]
+    wanted = ("one positional argument (the batch)" if knobs is None
+              else "two positional arguments (the batch, the knobs)")
+    if len(positional) != (1 if knobs is None else 2):
+        raise ValueError(f"{name}: the loss must take exactly {wanted}, got {[p.name for p in positional]}")
+    if knobs is not None and not (dataclasses.is_dataclass(knobs) and isinstance(knobs, type)):
+        raise ValueError(f"{name}: knobs must be a dataclass type, got {knobs!r}")
+    declared = _declared_knobs(loss, knobs)
+    missing = [k for k, default in declared.items() if default is inspect.Parameter.empty
+               or default is dataclasses.MISSING]
     if missing:
         raise ValueError(f"{name}: every knob needs a default, {missing} have none")
-    unknown = sorted(set(presets or {}) - set(knobs))
+    unknown = sorted(set(presets or {}) - set(declared))
     if unknown:
-        raise ValueError(f"{name}: presets {unknown} are not knobs of {loss.__name__} ({sorted(knobs)})")
+        raise ValueError(f"{name}: presets {unknown} are not knobs of {loss.__name__} ({sorted(declared)})")
     OBJECTIVES[name] = Objective(name, loss, aggregation, needs_teacher=needs_teacher, divergence=divergence,
                                  std_normalize=std_normalize, presets=tuple((presets or {}).items()),
-                                 uses_old_logp=uses_old_logp)
+                                 uses_old_logp=uses_old_logp, knobs_type=knobs)
     return loss
-
-
-def _surrogate(batch: ObjectiveBatch, advantages: Tensor, eps_low: float,
-               eps_high: float) -> tuple[Tensor, Diagnostics]:
-    logp, old = batch.stats.logp, batch.behaviour_logp
-    loss = policy_loss(logp, old, advantages, batch.mask, eps_low=eps_low, eps_high=eps_high)
-    frac = clip_fraction(logp.detach(), old, advantages, batch.mask, eps_low=eps_low, eps_high=eps_high)
-    return loss, {"clip_fraction": frac}
-
-
-def grpo_loss(batch: ObjectiveBatch, *, eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
-    """Clipped surrogate with the group advantage on every token (GRPO, DAPO, Dr.GRPO)."""
-    return _surrogate(batch, batch.group_adv, eps_low, eps_high)
-
-
-def opsd_loss(batch: ObjectiveBatch) -> tuple[Tensor, Diagnostics]:
-    """Full-vocabulary divergence to the teacher on every token (OPSD)."""
-    return batch.stats.divergence * batch.mask, {}
-
-
-def opsd_sampled_loss(batch: ObjectiveBatch) -> tuple[Tensor, Diagnostics]:
-    """OPSD's sampled-token form `−sg(τ − s)·s`."""
-    return sampled_token_distill_loss(batch.stats.logp, batch.stats.teacher_logp, batch.mask), {}
-
-
-def rlsd_loss(batch: ObjectiveBatch, *, lam: float = 0.5, eps_w: float = 0.2, eps_low: float = 0.2,
-              eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
-    """RLSD: the clipped surrogate with `rlsd_advantages` (the verifier's sign, the teacher's magnitude)."""
-    s = batch.stats
-    adv, diag = rlsd_advantages(batch.group_adv, s.logp, s.teacher_logp, batch.mask, lam=lam, eps_w=eps_w)
-    loss, surrogate_diag = _surrogate(batch, adv, eps_low, eps_high)
-    return loss, {**diag, **surrogate_diag}
-
-
-def egrsd_loss(batch: ObjectiveBatch, *, lam: float = 1.0, eps_w: float = 0.2, g_min: float = 0.2,
-               tau_h: float = 1.0, lookahead: int | None = None, eps_low: float = 0.2,
-               eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
-    """EGRSD / CL-EGRSD: the clipped surrogate with `egrsd_advantages` (RLSD × a teacher-entropy gate)."""
-    s = batch.stats
-    adv, diag = egrsd_advantages(batch.group_adv, s.logp, s.teacher_logp, s.teacher_entropy, batch.mask,
-                                 lam=lam, eps_w=eps_w, g_min=g_min, tau_h=tau_h, lookahead=lookahead)
-    loss, surrogate_diag = _surrogate(batch, adv, eps_low, eps_high)
-    return loss, {**diag, **surrogate_diag}
-
-
-def dasd_loss(batch: ObjectiveBatch, *, rho: float = 0.2, beta: float = 0.03, direction: str = "dasd",
-              router: str = "student_entropy", normalize: str = "mad", gate: bool = True, quantile: str = "top",
-              scale_floor: float = 0.1, push_signal: str = "jsd", push_beta: float = 0.5,
-              eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
-    """DASD: the clipped surrogate with `dasd_advantages` (entropy-routed pull/push toward the teacher)."""
-    s = batch.stats
-    adv, diag = dasd_advantages(batch.group_adv, s.logp, s.teacher_logp, s.entropy, batch.mask, rho=rho,
-                                beta=beta, direction=direction, router=router, normalize=normalize, gate=gate,
-                                quantile=quantile, scale_floor=scale_floor, push_signal=push_signal,
-                                push_beta=push_beta, teacher_entropy=s.teacher_entropy)
-    loss, surrogate_diag = _surrogate(batch, adv, eps_low, eps_high)
-    return loss, {**diag, **surrogate_diag}
-
-
-def dasd_divergence_loss(batch: ObjectiveBatch, *, rho: float = 0.2, beta: float = 1.0, direction: str = "dasd",
-                         router: str = "student_entropy", normalize: str = "mad", gate: bool = True,
-                         quantile: str = "top", scale_floor: float = 0.1, eps_low: float = 0.2,
-                         eps_high: float = 0.2) -> tuple[Tensor, Diagnostics]:
-    """DASD's full-vocabulary variant [reconstruction]: `ℓ_t = ℓ^GRPO_t + β·ω_t·D_t`, ω detached.
-
-    With a bounded divergence `D` (JSD by default) the push (ω < 0) cannot diverge.
-    """
-    if router not in ROUTERS:
-        raise ValueError(f"unknown DASD router {router!r}; choose one of {ROUTERS}")
-    s = batch.stats
-    routing = s.entropy if router == "student_entropy" else s.teacher_entropy
-    check_knob(router in ROUTERS, "router", f"must be one of {ROUTERS}, got {router!r}")
-    if routing is None:
-        raise ValueError(f"router={router!r} needs the teacher entropy")
-    omega, _, diag = dasd_direction(routing, s.teacher_logp - s.logp, batch.mask, rho=rho, direction=direction,
-                                    normalize=normalize, gate=gate, quantile=quantile, scale_floor=scale_floor)
-    loss, surrogate_diag = _surrogate(batch, batch.group_adv, eps_low, eps_high)
-    loss = loss + beta * omega.detach() * s.divergence * batch.mask
-    return loss, {**diag, **surrogate_diag}
-
-
-register_objective("grpo", grpo_loss, aggregation="seq-mean-token-mean", needs_teacher=False)
-register_objective("dapo", grpo_loss, needs_teacher=False, presets={"eps_high": 0.28})
-register_objective("dr_grpo", grpo_loss, aggregation="seq-mean-token-sum-norm", needs_teacher=False,
-                   std_normalize=False)
-register_objective("opsd", opsd_loss, divergence=DivergenceSpec(beta=0.5), uses_old_logp=False)
-register_objective("opsd_clip", opsd_loss, divergence=DivergenceSpec(beta=0.0, clip=0.05), uses_old_logp=False)
-register_objective("opsd_sampled", opsd_sampled_loss, uses_old_logp=False)
-register_objective("rlsd", rlsd_loss)
-register_objective("egrsd", egrsd_loss)
-register_objective("cl_egrsd", egrsd_loss, presets={"lookahead": 8})
-register_objective("dasd", dasd_loss)
-register_objective("dasd_divergence", dasd_divergence_loss, divergence=DivergenceSpec(beta=0.5))

@@ -1,0 +1,161 @@
+"""Each built-in method's knobs, written once: a frozen dataclass whose fields (with their defaults) are the
+method's knobs, checked when it is built. The method's loss and its advantage function both read it, so a
+default lives in one place; the registry exposes the fields as `objective.knobs.<name>` in a config.
+
+A method registered from another package may instead declare its knobs as keyword-only parameters of its loss
+(`register_objective`); both forms give the same config keys and the same checks at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from selfdistill.objectives.policy import check_clip_range, check_knob
+
+DIRECTIONS = ("dasd", "conform", "novelty")
+ROUTERS = ("student_entropy", "teacher_entropy")
+NORMALIZATIONS = ("mad", "std", "none")
+QUANTILE_ENDS = ("top", "bottom")
+PUSH_SIGNALS = ("log_ratio", "jsd")
+
+
+def _check_lam(lam: float) -> None:
+    check_knob(0.0 <= lam <= 1.0, "lam", f"must lie in [0, 1], got {lam}")
+
+
+@dataclass(frozen=True)
+class ClipKnobs:
+    """GRPO, DAPO, Dr.GRPO: the clipped surrogate's half-widths, `ratio ∈ [1 − eps_low, 1 + eps_high]`."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_clip_range(eps_low=self.eps_low, eps_high=self.eps_high)
+
+
+@dataclass(frozen=True)
+class RlsdKnobs:
+    """RLSD: `Â_t = A·((1−lam) + lam·clip(exp(sign(A)·δ_t), 1−eps_w, 1+eps_w))`, then the clipped surrogate."""
+
+    lam: float = 0.5
+    eps_w: float = 0.2
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check_lam(self.lam)
+        check_clip_range(eps_w=self.eps_w, eps_low=self.eps_low, eps_high=self.eps_high)
+
+
+@dataclass(frozen=True)
+class RlrtKnobs:
+    """RLRT: RLSD's weight with the ratio reversed, on successful rollouts only."""
+
+    lam: float = 1.0
+    eps_w: float = 0.2
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check_lam(self.lam)
+        check_clip_range(eps_w=self.eps_w, eps_low=self.eps_low, eps_high=self.eps_high)
+
+
+@dataclass(frozen=True)
+class EgrsdKnobs:
+    """EGRSD / CL-EGRSD: RLSD's weight times the gate `g_min + (1−g_min)·exp(−H^T/tau_h)`; `lookahead=K` is
+    CL-EGRSD (the teacher entropy smoothed over the next K tokens)."""
+
+    lam: float = 1.0
+    eps_w: float = 0.2
+    g_min: float = 0.2
+    tau_h: float = 1.0
+    lookahead: int | None = None
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check_lam(self.lam)
+        check_clip_range(eps_w=self.eps_w, eps_low=self.eps_low, eps_high=self.eps_high)
+        check_knob(0.0 < self.g_min <= 1.0, "g_min", f"must lie in (0, 1], got {self.g_min}")
+        check_knob(self.tau_h > 0, "tau_h", f"must be positive, got {self.tau_h}")
+        check_knob(self.lookahead is None or self.lookahead >= 1, "lookahead", f"must be >= 1, got {self.lookahead}")
+
+
+def _check_routing(knobs: DasdKnobs | DasdDivergenceKnobs) -> None:
+    check_knob(0.0 <= knobs.rho <= 1.0, "rho", f"must lie in [0, 1], got {knobs.rho}")
+    check_knob(knobs.direction in DIRECTIONS, "direction", f"must be one of {DIRECTIONS}, got {knobs.direction!r}")
+    check_knob(knobs.router in ROUTERS, "router", f"must be one of {ROUTERS}, got {knobs.router!r}")
+    check_knob(knobs.normalize in NORMALIZATIONS, "normalize",
+               f"must be one of {NORMALIZATIONS}, got {knobs.normalize!r}")
+    check_knob(knobs.quantile in QUANTILE_ENDS, "quantile", f"must be one of {QUANTILE_ENDS}, got {knobs.quantile!r}")
+    check_knob(knobs.scale_floor >= 0, "scale_floor", f"must be >= 0, got {knobs.scale_floor}")
+    check_clip_range(eps_low=knobs.eps_low, eps_high=knobs.eps_high)
+
+
+@dataclass(frozen=True)
+class DasdKnobs:
+    """DASD: `Â_t = A_i + beta·ω_t·δ̄_t`, ω from the entropy router (`dasd_direction`), then the clipped surrogate.
+
+    Defaults chosen by the study's sweep on the search task's in-distribution split (docs/study.md) [recon]:
+    beta = 0.03 (it was 1.0) and `push_signal="jsd"`, the bounded push (it was `"log_ratio"`).
+    """
+
+    rho: float = 0.2
+    beta: float = 0.03
+    direction: str = "dasd"
+    router: str = "student_entropy"
+    normalize: str = "mad"
+    gate: bool = True
+    quantile: str = "top"
+    scale_floor: float = 0.1
+    push_signal: str = "jsd"
+    push_beta: float = 0.5
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check_routing(self)
+        check_knob(self.push_signal in PUSH_SIGNALS, "push_signal",
+                   f"must be one of {PUSH_SIGNALS}, got {self.push_signal!r}")
+        check_knob(0.0 < self.push_beta < 1.0, "push_beta", f"must lie in (0, 1), got {self.push_beta}")
+
+
+@dataclass(frozen=True)
+class DasdDivergenceKnobs:
+    """DASD's full-vocabulary variant: `ℓ_t = ℓ^GRPO_t + beta·ω_t·D_t`, ω from the same router as DASD."""
+
+    rho: float = 0.2
+    beta: float = 1.0
+    direction: str = "dasd"
+    router: str = "student_entropy"
+    normalize: str = "mad"
+    gate: bool = True
+    quantile: str = "top"
+    scale_floor: float = 0.1
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check_routing(self)
+
+
+@dataclass(frozen=True)
+class AntisdKnobs:
+    """AntiSD: `Â_t = A_i + lam·g_i·δ^J_t` (JSD_beta ascent signal, gated off below mean teacher entropy h_min;
+    `floor` optionally clamps δ^J from below at −floor), then the clipped surrogate."""
+
+    lam: float = 0.5
+    beta: float = 0.5
+    h_min: float = 0.1
+    floor: float | None = None
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_knob(self.lam >= 0, "lam", f"must be >= 0, got {self.lam}")
+        check_knob(0.0 < self.beta < 1.0, "beta", f"must lie in (0, 1), got {self.beta}")
+        check_knob(self.h_min >= 0, "h_min", f"must be >= 0, got {self.h_min}")
+        check_knob(self.floor is None or self.floor > 0, "floor", f"must be positive (or None), got {self.floor}")
+        check_clip_range(eps_low=self.eps_low, eps_high=self.eps_high)
