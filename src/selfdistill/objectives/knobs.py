@@ -49,17 +49,11 @@ class RlsdKnobs:
 
 
 @dataclass(frozen=True)
-class RlrtKnobs:
-    """RLRT: RLSD's weight with the ratio reversed, on successful rollouts only."""
+class RlrtKnobs(RlsdKnobs):
+    """RLRT: RLSD's weight with the ratio reversed, on successful rollouts only; RLSD's knobs and checks, with
+    the whole weight (`lam = 1`) by default."""
 
     lam: float = 1.0
-    eps_w: float = 0.2
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-
-    def __post_init__(self) -> None:
-        _check_lam(self.lam)
-        check_clip_range(eps_w=self.eps_w, eps_low=self.eps_low, eps_high=self.eps_high)
 
 
 @dataclass(frozen=True)
