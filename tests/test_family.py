@@ -354,3 +354,38 @@ def test_trainer_passes_the_step_so_reopold_switches_phase(tmp_path):
     phases = [trainer.train_step()["reopold/phase"] for _ in range(2)]
     trainer.grader.close()
     assert phases == [1.0, 2.0]  # step 0 explores, step 1 (= switch_step) refines
+
+
+# ---------------------------------------------------------------- DASD's routing control: ω shuffled
+
+
+def test_shuffled_direction_permutes_dasds_omega_within_each_rollout():
+    g = torch.Generator().manual_seed(21)
+    B_, T_ = 6, 10
+    s, t = -torch.rand(B_, T_, generator=g) * 3, -torch.rand(B_, T_, generator=g) * 3
+    H = torch.rand(B_, T_, generator=g) * 2
+    mask = (torch.arange(T_)[None] < torch.tensor([10, 7, 7, 3, 1, 10])[:, None]).float()
+    dasd = dasd_direction(H, t - s, mask, DasdKnobs())
+    shuffled = dasd_direction(H, t - s, mask, DasdKnobs(direction="shuffled"), step=4)
+    for row in range(B_):
+        valid = mask[row] > 0
+        torch.testing.assert_close(shuffled.omega[row, valid].sort().values, dasd.omega[row, valid].sort().values)
+        assert (shuffled.omega[row, ~valid] == 0).all()
+    assert not torch.equal(shuffled.omega, dasd.omega)
+    assert shuffled.diagnostics["dasd/push_fraction"] == dasd.diagnostics["dasd/push_fraction"]
+    # the same rows in two blocks give the same permutation (micro-batching cannot change the control) ...
+    halves = [dasd_direction(H[rows], (t - s)[rows], mask[rows], DasdKnobs(direction="shuffled"), step=4).omega
+              for rows in (slice(0, 2), slice(2, 6))]
+    torch.testing.assert_close(torch.cat(halves), shuffled.omega)
+    # ... and another step draws another one
+    assert not torch.equal(dasd_direction(H, t - s, mask, DasdKnobs(direction="shuffled"), step=5).omega,
+                           shuffled.omega)
+
+
+def test_shuffled_dasd_trains_through_the_registry_with_the_step():
+    stats, adv, mask = make_stats(22)
+    batch = ObjectiveBatch(stats=stats, mask=mask, group_adv=adv, step=3)
+    loss, diag = OBJECTIVES["dasd"](batch, direction="shuffled", beta=1.0)
+    assert torch.isfinite(loss).all() and 0 < diag["dasd/push_fraction"] < 1
+    again, _ = OBJECTIVES["dasd"](batch, direction="shuffled", beta=1.0)
+    torch.testing.assert_close(loss, again)

@@ -19,6 +19,7 @@ from selfdistill.objectives.advantages import (
     masked_quantile,
     rlrt_advantages,
     rlsd_advantages,
+    shuffle_within_rows,
 )
 from selfdistill.objectives.distill import divergence, sampled_token_distill_loss
 from selfdistill.objectives.family import position_weights  # importing it registers the family
@@ -88,6 +89,7 @@ __all__ = [
     "rlrt_advantages",
     "rlsd_advantages",
     "sampled_token_distill_loss",
+    "shuffle_within_rows",
     "surrogate",
     "token_weights",
 ]

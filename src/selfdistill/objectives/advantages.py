@@ -220,12 +220,32 @@ class DasdDirection(NamedTuple):
     diagnostics: dict[str, Tensor]
 
 
+def shuffle_within_rows(values: Tensor, mask: Tensor, *, step: int) -> Tensor:
+    """`values` `[B,T]` with each row's valid entries (mask > 0) permuted among themselves; masked entries kept.
+
+    The permutation of a row depends only on `step` and the row's number of valid tokens (a generator seeded by
+    both), not on the row's place in the batch, so splitting a batch into blocks, micro-batches or processes
+    gives the same result, and every step draws new permutations.
+    """
+    out = values.clone()
+    for row in range(values.shape[0]):
+        valid = mask[row].nonzero().squeeze(1)  # [L]
+        length = valid.numel()
+        if length < 2:
+            continue
+        generator = torch.Generator().manual_seed(1_000_003 * step + length)
+        order = torch.randperm(length, generator=generator).to(valid.device)  # [L]
+        out[row, valid] = values[row, valid[order]]
+    return out
+
+
 def dasd_direction(
     router_entropy: Tensor,
     gap: Tensor,
     mask: Tensor,
     knobs: DasdKnobs | DasdDivergenceKnobs = DasdKnobs(),
     *,
+    step: int = 0,
     eps: float = 1e-6,
 ) -> DasdDirection:
     """DASD's router (`DasdDirection`: ω, δ̄, the scale, diagnostics) from an entropy and the gap `δ = τ − s`.
@@ -236,7 +256,9 @@ def dasd_direction(
     pushed) or the ρ-quantile (`quantile="bottom"`: only the calmest ρ are pulled); `σ_i` the entropies' mean absolute
     deviation. `ω_t = tanh((τ_i − H_t)/(σ_i + eps)) · sigmoid(|δ̄_t| − 1)` (the sigmoid is the
     reliability gate, dropped with `gate=False`). `direction="conform"` sets ω ≡ +1 (pull every
-    token toward the teacher), `"novelty"` ω ≡ −1 (push every token away).
+    token toward the teacher), `"novelty"` ω ≡ −1 (push every token away). `direction="shuffled"` is the
+    routing's control: DASD's ω, then permuted among each rollout's valid tokens (`shuffle_within_rows`, seeded
+    by `step`), so the push/pull term keeps its sizes and share but no longer follows the token's entropy.
     """
     rho, direction, normalize, quantile = knobs.rho, knobs.direction, knobs.normalize, knobs.quantile
     entropy = router_entropy.detach()
@@ -244,7 +266,7 @@ def dasd_direction(
     scale = gap_scale(gap, mask, normalize=normalize, scale_floor=knobs.scale_floor)  # [B,1]
     gap_bar = gap if normalize == "none" else gap / (scale + eps)  # [B,T]
     diagnostics: dict[str, Tensor] = {}
-    if direction == "dasd":
+    if direction in ("dasd", "shuffled"):
         q = 1.0 - rho if quantile == "top" else rho
         tau = masked_quantile(entropy, mask, q)  # [B,1]
         sigma = masked_mean_abs_dev(entropy, mask)  # [B,1]
@@ -252,6 +274,8 @@ def dasd_direction(
         if knobs.gate:
             omega = omega * torch.sigmoid(gap_bar.abs() - 1.0)
         diagnostics["dasd/tau_mean"] = tau.mean()
+        if direction == "shuffled":
+            omega = shuffle_within_rows(omega, mask, step=step)  # [B,T]
     else:
         omega = torch.full_like(entropy, 1.0 if direction == "conform" else -1.0)
     omega = omega * mask
@@ -274,6 +298,7 @@ def dasd_advantages(
     knobs: DasdKnobs = DasdKnobs(),
     *,
     teacher_entropy: Tensor | None = None,
+    step: int = 0,
     eps: float = 1e-6,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DASD [structure from a note on the paper; details reconstructed]: `Â_t = A_i + β·ω_t·δ̄_t`.
@@ -286,7 +311,8 @@ def dasd_advantages(
     Adding `β·δ̄_t` to a policy-gradient advantage is the sampled estimator of descending reverse
     KL(S‖T) (pull toward the teacher); `ω_t > 0` keeps that pull on low-entropy tokens and
     `ω_t < 0` turns it into ascent (push away) on high-entropy ones. See `dasd_direction` for ω.
-    `router="teacher_entropy"` routes on the teacher's entropy (pass `teacher_entropy`).
+    `router="teacher_entropy"` routes on the teacher's entropy (pass `teacher_entropy`). `step` (the rollout
+    step, `ObjectiveBatch.step`) seeds the permutations of `direction="shuffled"`, the routing's control.
 
     `push_signal="jsd"` [reconstruction, the default since the study's sweep]: on push tokens (ω_t < 0) the raw
     log-ratio `δ_t` is replaced by `−δ^J_t`, AntiSD's bounded JSD-ascent signal (`jsd_ascent_signal`
@@ -298,7 +324,8 @@ def dasd_advantages(
                      mask=mask, teacher_entropy=teacher_entropy)
     _check_group_adv(group_adv, mask)
     routing = router_entropy(knobs.router, student_entropy, teacher_entropy)
-    omega, gap_bar, scale, diagnostics = dasd_direction(routing, teacher_logp - student_logp, mask, knobs, eps=eps)
+    omega, gap_bar, scale, diagnostics = dasd_direction(routing, teacher_logp - student_logp, mask, knobs, step=step,
+                                                        eps=eps)
     signal = gap_bar  # [B,T]
     if knobs.push_signal == "jsd":
         ascent = jsd_ascent_signal(student_logp, teacher_logp, beta=knobs.push_beta)  # [B,T] ≤ −log(1−β_J)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from selfdistill.objectives.policy import check_clip_range, check_knob
 
-DIRECTIONS = ("dasd", "conform", "novelty")
+DIRECTIONS = ("dasd", "conform", "novelty", "shuffled")
 ROUTERS = ("student_entropy", "teacher_entropy")
 NORMALIZATIONS = ("mad", "std", "none")
 QUANTILE_ENDS = ("top", "bottom")

@@ -77,7 +77,7 @@ def dasd_loss(batch: ObjectiveBatch, knobs: DasdKnobs) -> tuple[Tensor, Diagnost
     """DASD: the clipped surrogate with `dasd_advantages` (entropy-routed pull/push toward the teacher)."""
     s = batch.stats
     adv, diag = dasd_advantages(batch.group_adv, s.logp, s.teacher_logp, s.entropy, batch.mask, knobs,
-                                teacher_entropy=s.teacher_entropy)
+                                teacher_entropy=s.teacher_entropy, step=batch.step)
     loss, surrogate_diag = surrogate(batch, adv, knobs)
     return loss, {**diag, **surrogate_diag}
 
@@ -90,7 +90,7 @@ def dasd_divergence_loss(batch: ObjectiveBatch, knobs: DasdDivergenceKnobs) -> t
     """
     s = batch.stats
     routing = router_entropy(knobs.router, s.entropy, s.teacher_entropy)
-    omega, _, _, diag = dasd_direction(routing, s.teacher_logp - s.logp, batch.mask, knobs)
+    omega, _, _, diag = dasd_direction(routing, s.teacher_logp - s.logp, batch.mask, knobs, step=batch.step)
     loss, surrogate_diag = surrogate(batch, batch.group_adv, knobs)
     loss = loss + knobs.beta * omega.detach() * s.divergence * batch.mask
     return loss, {**diag, **surrogate_diag}
