@@ -31,6 +31,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "dasd": {"method": "dasd"},
     "conform": {"method": "dasd", "direction": "conform"},  # DASD ablation: always pull (ω = +1)
     "novelty": {"method": "dasd", "direction": "novelty"},  # DASD ablation: always push (ω = −1)
+    # Matched controls (issue #23): GRPO reduced as DASD is (token-mean; DASD at β = 0), and DASD with ω
+    # permuted within each rollout (the routing isolated from the term's size).
+    "grpo_token_mean": {"method": "grpo", "aggregation": "token-mean"},
+    "dasd_shuffled": {"method": "dasd", "direction": "shuffled"},
     # DASD's bounded form: ω-weighted full-vocabulary JSD added to the GRPO loss (the push cannot diverge).
     "dasd_divergence": {"method": "dasd_divergence"},
     # The other reading of DASD's threshold: τ = the ρ-quantile, so only the calmest ρ of tokens are pulled.
