@@ -150,7 +150,7 @@ def ours_config(spec: dict, run_dir: str):
     from selfdistill.config import config_from_dict
 
     method, _, trl_mode = PAIRS[spec["pair"]]
-    objective = {"method": method, "teacher": "frozen"}
+    objective = {"name": method, "teacher": "frozen"}
     if trl_mode == "topk_logits":
         objective["divergence_top_k"] = spec["top_k"]
     return config_from_dict({

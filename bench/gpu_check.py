@@ -99,7 +99,7 @@ def _train(out: Path, *, model: str, method: str, teacher: str, dtype: str, step
         "model": {"path": model, "dtype": dtype, "lora_rank": lora_rank},
         "data": {"dataset": "synthetic:operation_chains", "num_problems": 16},
         "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": max_new_tokens},
-        "objective": {"method": method, "teacher": teacher},
+        "objective": {"name": method, "teacher": teacher},
         "optim": {"steps": steps, "lr": 1e-4 if lora_rank else 1e-5, "micro_batch_size": 8},
         "logging": {"output_dir": str(out), "progress": False, "tensorboard": False, "sample_every": 0},
     })

@@ -6,9 +6,9 @@
     python bench/step_vs_trl.py --sizes tiny --rounds 3 --steps 10   # steadier figures on a noisy machine
 
 Pairs (ours vs TRL), each with the frozen initial model as teacher (TRL: teacher_model_kind="base"):
-  opsd-full   objective.method=opsd (full-vocabulary JSD, beta 0.5)  vs  SDFTTrainer distillation_mode=full_logits
+  opsd-full   objective.name=opsd   (full-vocabulary JSD, beta 0.5)  vs  SDFTTrainer distillation_mode=full_logits
   opsd-topk   opsd with objective.divergence_top_k=k                  vs  SDFTTrainer distillation_mode=topk_logits
-  dasd-grpo   objective.method=dasd                                   vs  GRPOTrainer (the nearest TRL has), with
+  dasd-grpo   objective.name=dasd                                     vs  GRPOTrainer (the nearest TRL has), with
               beta=--grpo-beta so that, like our frozen teacher, a frozen reference model scores every rollout
   dasd-route  the TRL route (selfdistill.integrations.trl.SelfDistillTrainer, objective dasd, frozen teacher)
               vs  TRL's own GRPOTrainer at the same settings with beta=0: both are TRL's loop (generation,

@@ -280,14 +280,14 @@ def test_bad_knobs_raise_errors_naming_the_knob(method, knob, value):
         OBJECTIVES[method](ObjectiveBatch(stats=stats, mask=mask, group_adv=adv), **{knob: value})
     assert error.value.knob == knob
     with pytest.raises(ConfigError, match=rf"objective\.knobs\.{knob}\b"):
-        config_from_dict({"objective": {"method": method, "knobs": {knob: value}}})
+        config_from_dict({"objective": {"name": method, "knobs": {knob: value}}})
 
 
 def test_every_family_knob_is_known_to_the_config_without_a_field():
     for method in FAMILY:
         defaults = OBJECTIVES[method].knob_defaults()
         assert defaults, method
-        config = config_from_dict({"objective": {"method": method, "knobs": dict(defaults)}})
+        config = config_from_dict({"objective": {"name": method, "knobs": dict(defaults)}})
         assert config.objective.knobs == defaults
 
 
@@ -346,7 +346,7 @@ def test_trainer_passes_the_step_so_reopold_switches_phase(tmp_path):
         "model": {"path": "tiny"},
         "data": {"dataset": "synthetic:operation_chains", "num_problems": 8},
         "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 8},
-        "objective": {"method": "reopold", "switch_step": 1},
+        "objective": {"name": "reopold", "switch_step": 1},
         "optim": {"steps": 2, "lr": 1e-3, "micro_batch_size": 4},
         "logging": {"output_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
     })

@@ -48,7 +48,7 @@ def test_every_collective_of_a_step_goes_through_collectives_on_the_model_device
     """A step with two (simulated) processes: every sum across processes is made by `Collectives` (a direct
     `torch.distributed.all_reduce`, which got CPU tensors before, fails here), each on the model's device, and
     the gradients go in bounded buckets, never as one flat copy of all of them."""
-    trainer = Trainer(tiny_config(tmp_path, objective={"method": "dasd"}), reward_fn=length_reward)
+    trainer = Trainer(tiny_config(tmp_path, objective={"name": "dasd"}), reward_fn=length_reward)
     model_device = next(trainer.model.parameters()).device
     handed = []
 
@@ -129,7 +129,7 @@ def test_adamw_on_bfloat16_weights_drops_most_updates():
 
 
 def test_bfloat16_full_finetuning_keeps_float32_master_weights_and_moves_every_entry(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, model={"dtype": "bfloat16"}, objective={"method": "opsd"},
+    trainer = Trainer(tiny_config(tmp_path, model={"dtype": "bfloat16"}, objective={"name": "opsd"},
                                   optim={"lr": 1e-5}), reward_fn=length_reward)
     assert {p.dtype for p in trainer.params} == {torch.float32}
     compute = []
@@ -150,7 +150,7 @@ def test_bfloat16_full_finetuning_keeps_float32_master_weights_and_moves_every_e
 def test_lora_under_bfloat16_holds_the_base_in_bfloat16_and_trains_float32_adapters(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, model={"dtype": "bfloat16", "lora_rank": 4,
                                                    "lora_targets": ["q_proj", "v_proj"]},
-                                  objective={"method": "opsd"}, optim={"lr": 1e-2}), reward_fn=length_reward)
+                                  objective={"name": "opsd"}, optim={"lr": 1e-2}), reward_fn=length_reward)
     frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16} and {p.dtype for p in trainer.params} == {torch.float32}
     before = [p.detach().clone() for p in trainer.params]
@@ -187,7 +187,7 @@ def test_vllm_rollouts_in_training_are_refused_when_the_config_loads(tmp_path):
 
 def test_dasd_divergence_validates_its_router():
     with pytest.raises(ConfigError, match=r"objective\.knobs\.router .*router must be one of"):
-        ObjectiveConfig(method="dasd_divergence", knobs={"router": "student_entrpy"})
+        ObjectiveConfig(name="dasd_divergence", knobs={"router": "student_entrpy"})
     B, T = 2, 3
     stats = TokenStats(*(torch.full((B, T), -0.5) for _ in range(5)))
     batch = ObjectiveBatch(stats=stats, mask=torch.ones(B, T), group_adv=torch.zeros(B))
@@ -231,14 +231,14 @@ def test_scaled_output_heads_are_refused():
 
 def test_group_size_one_is_refused_where_every_update_would_be_zero(tmp_path):
     with pytest.raises(ConfigError, match="rollout.group_size: 1 makes every group advantage 0"):
-        tiny_config(tmp_path, rollout={"group_size": 1}, objective={"method": "grpo"})
+        tiny_config(tmp_path, rollout={"group_size": 1}, objective={"name": "grpo"})
     with pytest.raises(ConfigError, match="rollout.group_size"):
-        tiny_config(tmp_path, rollout={"group_size": 1}, objective={"method": "rlsd"})
+        tiny_config(tmp_path, rollout={"group_size": 1}, objective={"name": "rlsd"})
     with pytest.warns(UserWarning, match="the reward plays no role"):
-        tiny_config(tmp_path, rollout={"group_size": 1}, objective={"method": "dasd"})
+        tiny_config(tmp_path, rollout={"group_size": 1}, objective={"name": "dasd"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        tiny_config(tmp_path, rollout={"group_size": 1}, objective={"method": "opsd"})  # no advantage used
+        tiny_config(tmp_path, rollout={"group_size": 1}, objective={"name": "opsd"})  # no advantage used
 
 
 @pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])

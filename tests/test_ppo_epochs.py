@@ -88,7 +88,7 @@ def test_one_by_one_is_todays_on_policy_update(tmp_path, monkeypatch, method, te
     """1 × 1 takes the on-policy path (no scoring pass, ratio 1) and ends bit for bit where the step before
     `ppo_epochs` existed ends; and the scored path, given one update, makes the very same update (the behaviour
     log-probs and cached teacher states are exactly what the update computes)."""
-    config = tiny_config(tmp_path, objective={"method": method, "teacher": teacher},
+    config = tiny_config(tmp_path, objective={"name": method, "teacher": teacher},
                          optim={"ppo_epochs": 1, "mini_batches": 1})
     new = Trainer(config, run_dir=tmp_path / "new", reward_fn=length_reward)
     monkeypatch.setattr(Trainer, "_score_rollouts", lambda *a: pytest.fail("1 x 1 ran a scoring pass"))
@@ -122,7 +122,7 @@ def test_one_by_one_is_todays_on_policy_update(tmp_path, monkeypatch, method, te
 
 @pytest.mark.parametrize("method", ["grpo", "dasd"])
 def test_ratio_leaves_one_and_the_clip_engages(tmp_path, method):
-    trainer = Trainer(tiny_config(tmp_path, objective={"method": method, "teacher": "live"},
+    trainer = Trainer(tiny_config(tmp_path, objective={"name": method, "teacher": "live"},
                                   optim={"lr": 1e-2, "ppo_epochs": 2, "mini_batches": 2}), reward_fn=length_reward)
     calls = _record_objective(trainer)
     metrics = trainer.train_step()
@@ -143,7 +143,7 @@ def test_the_teachers_targets_hold_still_for_the_step_and_the_ema_follows_once(t
     """A live teacher is the student's current weights: its hidden states and output weight are taken before the
     first update, so the second epoch sees the first epoch's targets exactly; the EMA teacher moves once, after
     the step's updates. OPSD has no ratio: no behaviour log-probs are computed for it."""
-    trainer = Trainer(tiny_config(tmp_path, objective={"method": method, "teacher": teacher, "ema_decay": 0.5},
+    trainer = Trainer(tiny_config(tmp_path, objective={"name": method, "teacher": teacher, "ema_decay": 0.5},
                                   optim={"lr": 1e-2, "ppo_epochs": 2}), reward_fn=length_reward)
     calls = _record_objective(trainer)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -170,7 +170,7 @@ def test_the_teachers_targets_hold_still_for_the_step_and_the_ema_follows_once(t
 def test_each_minibatch_is_normalized_by_its_own_counts(tmp_path, method):
     """The update of a mini-batch is, bit for bit, the on-policy update of a step made of that mini-batch alone:
     the counts are the mini-batch's, the group advantages the step's (whole groups), the teacher states its own."""
-    config = tiny_config(tmp_path, objective={"method": method}, optim={"ppo_epochs": 2, "mini_batches": 2})
+    config = tiny_config(tmp_path, objective={"name": method}, optim={"ppo_epochs": 2, "mini_batches": 2})
     trainer = Trainer(config, reward_fn=length_reward)
     group = trainer._rollouts(trainer._step_problems())
     parts = trainer._update_batches(group)
@@ -192,7 +192,7 @@ def test_each_minibatch_is_normalized_by_its_own_counts(tmp_path, method):
 def test_a_ppo_step_does_not_depend_on_the_micro_batch_size(tmp_path):
     weights = []
     for micro in (1, 3, 8):
-        config = tiny_config(tmp_path, objective={"method": "dapo"},
+        config = tiny_config(tmp_path, objective={"name": "dapo"},
                              optim={"micro_batch_size": micro, "ppo_epochs": 2, "mini_batches": 2})
         trainer = Trainer(config, run_dir=tmp_path / str(micro), reward_fn=length_reward)
         metrics = trainer.train_step()
@@ -208,7 +208,7 @@ def test_resume_gives_identical_metrics_and_parameters(tmp_path):
     def config(folder):
         return tiny_config(tmp_path / folder, optim={"steps": 3, "ppo_epochs": 2, "mini_batches": 2},
                            rollout={"group_size": 2},
-                           objective={"method": "dasd", "teacher": "ema"})
+                           objective={"name": "dasd", "teacher": "ema"})
 
     Trainer(config("a"), reward_fn=length_reward).run()
     Trainer(config("b"), reward_fn=length_reward).run(until=2)
@@ -233,7 +233,7 @@ def test_two_processes_make_the_same_updates_as_one(tmp_path):
     4 updates match when each is normalized by its mini-batch's counts summed over the processes."""
     args = ["model.path=tiny", "data.dataset=synthetic:operation_chains", "data.num_problems=8",
             "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=12", "optim.steps=1",
-            "optim.lr=1e-3", "optim.ppo_epochs=2", "optim.mini_batches=2", "objective.method=opsd",
+            "optim.lr=1e-3", "optim.ppo_epochs=2", "optim.mini_batches=2", "objective.name=opsd",
             "logging.progress=false", "logging.tensorboard=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -48,14 +48,14 @@ def test_register_objective_as_decorator_learns_knobs_and_presets(registry):
     objective = registry["scaled_distill"]
     assert objective.knob_defaults() == {"weight": 2.0, "mode": "plain"}
     assert objective.needs_teacher and objective.divergence == DivergenceSpec(beta=0.0)
-    config = config_from_dict({"objective": {"method": "scaled_distill", "weight": 3, "knobs": {"mode": "x"}}})
+    config = config_from_dict({"objective": {"name": "scaled_distill", "weight": 3, "knobs": {"mode": "x"}}})
     assert config.objective.knobs == {"mode": "x", "weight": 3.0}  # flat and nested; int → float by annotation
     with pytest.raises(ConfigError, match=r"objective\.knobs\.weight .*expected <class 'float'>"):
-        config_from_dict({"objective": {"method": "scaled_distill", "knobs": {"weight": "heavy"}}})
+        config_from_dict({"objective": {"name": "scaled_distill", "knobs": {"weight": "heavy"}}})
     with pytest.raises(ConfigError, match=r"knobs\.wieght .*takes no knob .wieght.; its knobs: weight, mode"):
-        config_from_dict({"objective": {"method": "scaled_distill", "wieght": 1.0}})
+        config_from_dict({"objective": {"name": "scaled_distill", "wieght": 1.0}})
     with pytest.raises(ConfigError, match=r"objective\.weight: set twice"):
-        config_from_dict({"objective": {"method": "scaled_distill", "weight": 1.0, "knobs": {"weight": 2.0}}})
+        config_from_dict({"objective": {"name": "scaled_distill", "weight": 1.0, "knobs": {"weight": 2.0}}})
 
 
 def test_register_objective_with_a_knobs_dataclass(registry):
@@ -78,10 +78,10 @@ def test_register_objective_with_a_knobs_dataclass(registry):
     batch = probe_batch()
     loss, _ = objective(batch, weight=2.0)
     torch.testing.assert_close(loss, 2.0 * batch.stats.divergence)
-    assert config_from_dict({"objective": {"method": "scaled_by_dataclass", "weight": 2}}).objective.knobs == {
+    assert config_from_dict({"objective": {"name": "scaled_by_dataclass", "weight": 2}}).objective.knobs == {
         "weight": 2.0}
     with pytest.raises(ConfigError, match=r"objective\.knobs\.weight \(objective\.weight\): weight must be positive"):
-        config_from_dict({"objective": {"method": "scaled_by_dataclass", "weight": -1.0}})
+        config_from_dict({"objective": {"name": "scaled_by_dataclass", "weight": -1.0}})
     with pytest.raises(KnobError, match="wieght is not a knob of 'scaled_by_dataclass'; its knobs: weight, clip"):
         objective.check_knobs({"wieght": 1.0})
     with pytest.raises(ValueError, match=r"two positional arguments \(the batch, the knobs\)"):
@@ -183,7 +183,7 @@ def test_a_method_registered_from_outside_trains_through_the_cli(tmp_path):
     # without the plugin the name is unknown, and the error says which names exist
     bad = subprocess.run([sys.executable, "-m", "selfdistill", "train", "--config", str(config),
                           "objective.plugins=[]"], capture_output=True, text=True, env=env, timeout=600)
-    assert bad.returncode != 0 and "objective.method: unknown method 'outside_pg'" in bad.stderr
+    assert bad.returncode != 0 and "objective.name: unknown method 'outside_pg'" in bad.stderr
 
 
 def test_the_docs_table_lists_every_method_with_its_knobs():
@@ -199,3 +199,17 @@ def test_the_docs_table_lists_every_method_with_its_knobs():
             continue
         for name, default in own.items():
             assert f"{name}={default!r}" in knobs, (method, name, default)
+
+
+def test_objective_name_is_the_field_and_method_a_deprecated_alias():
+    # Regression (#25): `objective.name: dasd` was read as a knob called "name".
+    assert config_from_dict({"objective": {"name": "opsd"}}).objective.name == "opsd"
+    with pytest.warns(FutureWarning, match=r"objective\.method is deprecated: write objective\.name"):
+        assert config_from_dict({"objective": {"method": "grpo"}}).objective.name == "grpo"
+    with pytest.raises(ConfigError, match=r"objective\.name: set twice, to 'opsd' and as the deprecated "
+                                          r"objective\.method to 'grpo'"):
+        config_from_dict({"objective": {"name": "opsd", "method": "grpo"}})
+    with pytest.warns(FutureWarning):  # an override of either spelling replaces the file's value of the other
+        config = load_config(REPO / "configs/tiny/dasd.yaml", ["objective.method=opsd"])
+    assert config.objective.name == "opsd" and config.objective.knobs == {}
+    assert load_config(REPO / "configs/tiny/dasd.yaml", ["objective.name=grpo"]).objective.name == "grpo"

@@ -220,9 +220,9 @@ def _trainer(tmp_path, shared_prefix: bool, **sections):
 @pytest.mark.parametrize(
     "sections",
     [
-        {"objective": {"method": "opsd"}},
-        {"objective": {"method": "rlsd"}, "data": {"template": "sibling"}},  # teacher prompts differ per row
-        {"objective": {"method": "opsd", "teacher": "frozen"},
+        {"objective": {"name": "opsd"}},
+        {"objective": {"name": "rlsd"}, "data": {"template": "sibling"}},  # teacher prompts differ per row
+        {"objective": {"name": "opsd", "teacher": "frozen"},
          "model": {"lora_rank": 4, "lora_targets": ["q_proj", "v_proj"]}},
     ],
     ids=["opsd", "rlsd-sibling", "opsd-lora"],
@@ -258,7 +258,7 @@ def test_one_update_is_the_same_with_and_without_the_shared_prefix(tmp_path, sec
 
 def test_trainer_falls_back_for_the_student_under_gradient_checkpointing(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="selfdistill.training_setup"):
-        trainer = _trainer(tmp_path, True, model={"gradient_checkpointing": True}, objective={"method": "opsd"})
+        trainer = _trainer(tmp_path, True, model={"gradient_checkpointing": True}, objective={"name": "opsd"})
     assert trainer.pack_student is pack and trainer.pack_teacher is pack_shared
     assert "the student forward packs every row's prompt in full: gradient checkpointing" in caplog.text
     metrics = trainer.train_step()

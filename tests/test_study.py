@@ -266,7 +266,7 @@ def test_every_study_method_makes_a_valid_trainer_config(method, tmp_path):
     job = RunJob(name=f"{method}-seed1", method=method, seed=1, folder=str(tmp_path), key="k",
                  warm_start_dir=str(tmp_path), train_file=str(tmp_path / "train.jsonl"), settings=settings)
     config = config_from_dict(run_config(job))
-    assert config.objective.method == METHODS[method]["method"]
+    assert config.objective.name == METHODS[method]["name"]
     assert config.objective.teacher == "frozen" and config.optim.seed == 1
     assert config.optim.ppo_epochs == METHODS[method].get("optim", {}).get("ppo_epochs", 1)
     if method in ("conform", "novelty"):

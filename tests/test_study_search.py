@@ -124,8 +124,8 @@ def test_settings_follow_the_task():
     # the sweep's variants each change one thing from dasd
     for name in SWEEP_METHODS:
         objective, optim, view = method_parts(name)
-        changed = {k: v for k, v in objective.items() if k != "method"}
-        assert objective["method"] == "dasd" and view == "rich" and len(changed) + len(optim) == 1
+        changed = {k: v for k, v in objective.items() if k != "name"}
+        assert objective["name"] == "dasd" and view == "rich" and len(changed) + len(optim) == 1
 
 
 def _job(method: str, settings: StudySettings) -> RunJob:
@@ -137,9 +137,9 @@ def test_run_configs_of_teacher_views_and_ppo_epochs():
     settings = StudySettings(methods=("opsd", "opsd_weak", "dasd_ppo4"))
     assert run_config(_job("opsd", settings))["data"]["template"] == "opsd_mild"
     weak = run_config(_job("opsd_weak", settings))
-    assert weak["data"]["template"] == "answer_only" and weak["objective"] == {"method": "opsd", "teacher": "frozen"}
+    assert weak["data"]["template"] == "answer_only" and weak["objective"] == {"name": "opsd", "teacher": "frozen"}
     ppo = run_config(_job("dasd_ppo4", settings))
-    assert ppo["optim"]["ppo_epochs"] == 4 and ppo["objective"]["method"] == "dasd"
+    assert ppo["optim"]["ppo_epochs"] == 4 and ppo["objective"]["name"] == "dasd"
     assert run_config(_job("opsd", settings))["rollout"]["max_new_tokens"] == 128
 
 

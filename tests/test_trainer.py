@@ -40,7 +40,7 @@ def length_reward(completions, problems):
 
 @pytest.mark.parametrize("method", sorted(OBJECTIVES))
 def test_one_step_changes_every_parameter_with_finite_loss(tmp_path, method):
-    trainer = Trainer(tiny_config(tmp_path, objective={"method": method}), reward_fn=length_reward)
+    trainer = Trainer(tiny_config(tmp_path, objective={"name": method}), reward_fn=length_reward)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     metrics = trainer.train_step()
     assert torch.isfinite(torch.tensor(metrics["loss"])) and not metrics["skipped"]
@@ -53,7 +53,7 @@ def test_one_step_changes_every_parameter_with_finite_loss(tmp_path, method):
 
 
 def test_frozen_teacher_stays_at_initial_weights_and_gets_no_gradient(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, objective={"method": "dasd", "teacher": "frozen"}),
+    trainer = Trainer(tiny_config(tmp_path, objective={"name": "dasd", "teacher": "frozen"}),
                       reward_fn=length_reward)
     initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     for _ in range(2):
@@ -68,7 +68,7 @@ def test_frozen_teacher_stays_at_initial_weights_and_gets_no_gradient(tmp_path):
 
 def test_lora_frozen_teacher_is_the_base_model_without_a_copy(tmp_path):
     config = tiny_config(tmp_path, model={"lora_rank": 4, "lora_targets": ["q_proj", "v_proj"]},
-                         objective={"method": "opsd"}, optim={"lr": 1e-2})
+                         objective={"name": "opsd"}, optim={"lr": 1e-2})
     trainer = Trainer(config)
     assert trainer.teacher.copy is None and trainer.teacher.uses_adapter_switch
     base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
@@ -93,7 +93,7 @@ def test_misconfigured_runs_fail_before_the_first_rollout(tmp_path):
     with pytest.raises(PromptTooLongError, match=r"over the limit of 8 \(max_prompt_tokens\)"):
         Trainer(tiny_config(tmp_path, data={"max_prompt_tokens": 8}))
     with pytest.raises(ConfigError, match="objective.rho"):
-        tiny_config(tmp_path, objective={"method": "grpo", "rho": 0.1})
+        tiny_config(tmp_path, objective={"name": "grpo", "rho": 0.1})
     with pytest.raises(ConfigError, match="optim.stepz: unknown key"):
         tiny_config(tmp_path, optim={"stepz": 3})
     with pytest.raises(ConfigError, match="data.dataset"):
@@ -113,13 +113,13 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_gives_identical_parameters(tmp_path):
-    straight = tiny_config(tmp_path / "a", optim={"steps": 4}, objective={"method": "dasd", "teacher": "ema"})
+    straight = tiny_config(tmp_path / "a", optim={"steps": 4}, objective={"name": "dasd", "teacher": "ema"})
     Trainer(straight, reward_fn=length_reward).run()
-    split = tiny_config(tmp_path / "b", optim={"steps": 4}, objective={"method": "dasd", "teacher": "ema"})
+    split = tiny_config(tmp_path / "b", optim={"steps": 4}, objective={"name": "dasd", "teacher": "ema"})
     Trainer(split, reward_fn=length_reward).run(until=2)
     from selfdistill.checkpoint import find_checkpoint
 
-    trainer = Trainer(tiny_config(tmp_path / "b", optim={"steps": 4}, objective={"method": "dasd", "teacher": "ema"}),
+    trainer = Trainer(tiny_config(tmp_path / "b", optim={"steps": 4}, objective={"name": "dasd", "teacher": "ema"}),
                       resume=find_checkpoint(tmp_path / "b" / "run"), reward_fn=length_reward)
     assert trainer.step == 2
     trainer.run()
@@ -154,7 +154,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path):
     args = ["model.path=tiny", "data.dataset=synthetic:operation_chains", "data.num_problems=8",
             "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8", "optim.steps=3",
             "logging.checkpoint_every=1", f"logging.output_dir={run}", "logging.progress=false",
-            "logging.tensorboard=false", "objective.method=opsd"]
+            "logging.tensorboard=false", "objective.name=opsd"]
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SECOND_CHECKPOINT, *args], capture_output=True,
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
@@ -181,7 +181,7 @@ def test_two_processes_with_half_the_batch_each_match_one_process(tmp_path):
     one process with the whole batch."""
     args = ["model.path=tiny", "data.dataset=synthetic:operation_chains", "data.num_problems=8",
             "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=12", "optim.steps=1",
-            "optim.lr=1e-3", "objective.method=opsd", "logging.progress=false", "logging.tensorboard=false"]
+            "optim.lr=1e-3", "objective.name=opsd", "logging.progress=false", "logging.tensorboard=false"]
     # opsd: a smooth loss. (DASD's router divides by the spread of the entropies, which is ~1e-4 for an
     # untrained model, so padding-level float differences between the two layouts get amplified.)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -222,7 +222,7 @@ def test_embedding_and_output_gradients_go_into_dense_grads_in_place(tmp_path, t
     from selfdistill.trainer import StepLog
     from selfdistill.training_setup import prepare_model
 
-    config = tiny_config(tmp_path, objective={"method": "opsd"})
+    config = tiny_config(tmp_path, objective={"name": "opsd"})
     trainers = []
     for sparse in (True, False):
         trainer = Trainer(config, run_dir=tmp_path / str(sparse), reward_fn=length_reward)

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="post-train a model with one of the objectives")
     train.add_argument("--config", help="YAML config (see configs/); defaults apply where it is silent")
     train.add_argument("--resume", help="run or checkpoint folder to continue from")
-    train.add_argument("overrides", nargs="*", help="section.key=value, e.g. objective.method=opsd optim.steps=5")
+    train.add_argument("overrides", nargs="*", help="section.key=value, e.g. objective.name=opsd optim.steps=5")
     train.set_defaults(func=_train)
 
     grade = commands.add_parser("grade", help="grade a JSONL file of completions against gold answers")

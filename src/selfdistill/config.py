@@ -142,12 +142,13 @@ def import_plugins(modules: list[str], key: str = "objective.plugins") -> None:
 
 @dataclass
 class ObjectiveConfig:
-    method: str = "dasd"
+    name: str = "dasd"
     """A name in selfdistill.objectives.OBJECTIVES (docs/objectives.md lists them all): grpo, dapo, dr_grpo,
     opsd, opsd_clip, opsd_sampled, rlsd, egrsd, cl_egrsd, dasd, dasd_divergence, rlrt, vopd, vopd_topk, antisd,
-    eopd, reopold, pw_opsd, or one a plugin registers."""
+    eopd, reopold, pw_opsd, or one a plugin registers. `objective.method` is read as this, with a deprecation
+    warning (its name before 0.2)."""
     plugins: list[str] = field(default_factory=list)
-    """Python modules to import before `method` is looked up; each may add methods with
+    """Python modules to import before `name` is looked up; each may add methods with
     `selfdistill.objectives.register_objective` (they must be importable, e.g. on PYTHONPATH)."""
     teacher: str = "frozen"
     """Teacher weights: frozen (the initial policy; under LoRA the adapter disabled), live (current
@@ -170,20 +171,21 @@ class ObjectiveConfig:
     teacher's top-k tokens."""
 
     _FLAT_KEYS_INTO: typing.ClassVar[str] = "knobs"  # `_build` reads `objective.beta` as `objective.knobs.beta`
+    _ALIASES: typing.ClassVar[dict[str, str]] = {"method": "name"}  # deprecated spelling -> field
 
     def __post_init__(self) -> None:
         import_plugins(list(self.plugins))
-        _require(self.method in OBJECTIVES, "objective.method",
-                 f"unknown method {self.method!r}; choose one of {sorted(OBJECTIVES)}")
+        _require(self.name in OBJECTIVES, "objective.name",
+                 f"unknown method {self.name!r}; choose one of {sorted(OBJECTIVES)}")
         _require(self.teacher in ("frozen", "live", "ema"), "objective.teacher",
                  f"frozen, live or ema, got {self.teacher!r}")
         _require(0 < self.ema_decay < 1, "objective.ema_decay", f"must lie in (0, 1), got {self.ema_decay}")
         _require(self.aggregation is None or self.aggregation in AGGREGATIONS, "objective.aggregation",
                  f"choose one of {AGGREGATIONS}, got {self.aggregation!r}")
-        has_divergence = OBJECTIVES[self.method].divergence is not None
+        has_divergence = OBJECTIVES[self.name].divergence is not None
         for knob in ("divergence_beta", "divergence_clip", "divergence_top_k"):
             _require(getattr(self, knob) is None or has_divergence, f"objective.{knob}",
-                     f"method {self.method!r} uses no full-vocabulary divergence")
+                     f"method {self.name!r} uses no full-vocabulary divergence")
         _require(self.divergence_beta is None or 0 <= self.divergence_beta <= 1, "objective.divergence_beta",
                  "must lie in [0, 1]")
         _require(self.divergence_clip is None or self.divergence_clip > 0, "objective.divergence_clip",
@@ -193,30 +195,30 @@ class ObjectiveConfig:
         try:
             self.divergence_spec()
         except ValueError as error:
-            raise ConfigError(f"objective.divergence_*: method {self.method!r}: {error}") from None
+            raise ConfigError(f"objective.divergence_*: method {self.name!r}: {error}") from None
         self.knobs = self._checked_knobs(dict(self.knobs))
 
     def _checked_knobs(self, knobs: dict[str, Any]) -> dict[str, Any]:
         """Each knob's name and the type of its value (as read from YAML), then the method's own checks."""
-        objective = OBJECTIVES[self.method]
+        objective = OBJECTIVES[self.name]
         accepted = objective.knob_defaults()
         hints = objective.knob_types()
         checked = {}
         for name, value in knobs.items():
             _require(name in accepted, _knob_key(name),
-                     f"method {self.method!r} takes no knob {name!r}; its knobs: {', '.join(accepted) or 'none'}")
+                     f"method {self.name!r} takes no knob {name!r}; its knobs: {', '.join(accepted) or 'none'}")
             checked[name] = _check_type(_knob_key(name), value, hints[name]) if name in hints else value
         try:
             objective.check_knobs(checked)
         except KnobError as error:
             raise ConfigError(f"{_knob_key(error.knob)}: {error}") from None
         except (ValueError, TypeError) as error:
-            raise ConfigError(f"objective.knobs: method {self.method!r} fails with {checked}: {error}") from None
+            raise ConfigError(f"objective.knobs: method {self.name!r} fails with {checked}: {error}") from None
         return checked
 
     def divergence_spec(self):
         """The method's full-vocabulary divergence with the overrides set here, or None."""
-        preset = OBJECTIVES[self.method].divergence
+        preset = OBJECTIVES[self.name].divergence
         if preset is None:
             return None
         overrides = {"beta": self.divergence_beta, "clip": self.divergence_clip, "top_k": self.divergence_top_k}
@@ -326,14 +328,14 @@ class TrainConfig:
                  f"(rollout.prompts_per_step={self.rollout.prompts_per_step} x "
                  f"rollout.group_size={self.rollout.group_size})")
         if self.rollout.group_size == 1:
-            role = OBJECTIVES[self.objective.method].advantage_role(self.objective.knobs)
+            role = OBJECTIVES[self.objective.name].advantage_role(self.objective.knobs)
             _require(role != "all", "rollout.group_size",
                      f"1 makes every group advantage 0 (a group of one rollout has nothing to compare with), and "
-                     f"method {self.objective.method!r} learns only through the group advantage: every update "
+                     f"method {self.objective.name!r} learns only through the group advantage: every update "
                      f"would be 0. Use group_size >= 2")
             if role == "part":
                 warnings.warn(f"rollout.group_size=1: every group advantage is 0, so the reward plays no role in "
-                              f"{self.objective.method!r}; only its teacher term trains the model", stacklevel=2)
+                              f"{self.objective.name!r}; only its teacher term trains the model", stacklevel=2)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -366,9 +368,30 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{key}: expected {hint}, got {value!r}")
 
 
+def _resolve_aliases(cls: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`values` with each deprecated key of `cls` (`_ALIASES`, e.g. `objective.method`) renamed to its field,
+    with a FutureWarning; both spellings at once is an error unless they agree."""
+    aliases = getattr(cls, "_ALIASES", {})
+    if not aliases.keys() & values.keys():
+        return values
+    out = dict(values)
+    for alias, field_name in aliases.items():
+        if alias not in out:
+            continue
+        value = out.pop(alias)
+        if field_name in out and out[field_name] != value:
+            raise ConfigError(f"{prefix}{field_name}: set twice, to {out[field_name]!r} and as the deprecated "
+                              f"{prefix}{alias} to {value!r}")
+        warnings.warn(f"{prefix}{alias} is deprecated: write {prefix}{field_name} (the same value)", FutureWarning,
+                      stacklevel=3)
+        out[field_name] = value
+    return out
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    values = _resolve_aliases(cls, values, prefix)
     known = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     flat_into = getattr(cls, "_FLAT_KEYS_INTO", None)  # the field that collects the other keys (ObjectiveConfig)
@@ -415,7 +438,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) < 2 or not all(parts):
-            raise ConfigError(f"override {item!r}: the key must be section.field, e.g. objective.method "
+            raise ConfigError(f"override {item!r}: the key must be section.field, e.g. objective.name "
                               "(or section.field.key for a mapping, e.g. objective.knobs.beta)")
         node = nested
         for part in parts[:-1]:
@@ -432,6 +455,8 @@ def _nest_flat_keys(values: dict[str, Any]) -> dict[str, Any]:
     section = values.get("objective")
     if not isinstance(section, dict) or not isinstance(section.get("knobs", {}), dict):
         return values
+    section = _resolve_aliases(ObjectiveConfig, section, "objective.")
+    values = {**values, "objective": section}
     known = {f.name for f in dataclasses.fields(ObjectiveConfig)}
     flat = {k: v for k, v in section.items() if k not in known}
     if not flat:

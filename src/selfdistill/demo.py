@@ -90,7 +90,7 @@ def _train_config(settings: DemoSettings, model_path: str, run_dir: Path):
                  "system_prompt": DEMO_SYSTEM_PROMPT},
         "rollout": {"prompts_per_step": settings.prompts_per_step, "group_size": settings.group_size,
                     "temperature": settings.temperature, "max_new_tokens": settings.max_new_tokens},
-        "objective": {"method": settings.method, "teacher": "frozen"},
+        "objective": {"name": settings.method, "teacher": "frozen"},
         "optim": {"steps": settings.steps, "lr": settings.lr, "warmup_steps": 0, "micro_batch_size": 4,
                   "seed": settings.seed},
         "logging": {"output_dir": str(run_dir), "sample_every": 1, "samples_per_step": 2, "tensorboard": True},

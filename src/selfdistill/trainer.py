@@ -110,7 +110,7 @@ class Trainer:
 
         self.config = config
         self.reward_fn = reward_fn
-        self.objective = OBJECTIVES[config.objective.method]
+        self.objective = OBJECTIVES[config.objective.name]
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index

@@ -120,9 +120,10 @@ class SelfDistillConfig(GRPOConfig):
         if isinstance(self.objective_args, str):
             self.objective_args = json.loads(self.objective_args)
         args = dict(self.objective_args or {})
-        if "method" in args:
-            raise ConfigError("objective_args.method: name the method in `objective`, not in objective_args")
-        self.objective_config = objective_from_dict({"method": self.objective, **args}, prefix="objective_args.")
+        for key in ("name", "method"):
+            if key in args:
+                raise ConfigError(f"objective_args.{key}: name the method in `objective`, not in objective_args")
+        self.objective_config = objective_from_dict({"name": self.objective, **args}, prefix="objective_args.")
         objective = OBJECTIVES[self.objective]
         if self.teacher_template not in TEMPLATES:
             raise ConfigError(f"teacher_template: unknown template {self.teacher_template!r}; "

@@ -197,7 +197,7 @@ def _comparison_table(results: StudyResults) -> str:
 
 def _changes(method: str) -> str:
     """What a sweep variant changes from `dasd`, read from its METHODS entry."""
-    entry = {key: value for key, value in METHODS[method].items() if key != "method"}
+    entry = {key: value for key, value in METHODS[method].items() if key != "name"}
     entry.update(entry.pop("optim", {}))
     return ", ".join(f"{key} = {value}" for key, value in entry.items()) or "reference"
 

@@ -18,46 +18,46 @@ TASKS: dict[str, type] = {"search": SearchStudyTask, "chains": StudyTask}
 """Study task name -> task class: "search" (search with verified checks, the default since issue #15)
 and "chains" (operation chains, the first task)."""
 
-# Name in the study -> objective config (objective.method and its knobs), plus two reserved keys read
+# Name in the study -> objective config (objective.name and its knobs), plus two reserved keys read
 # by the runner: "teacher_view" (the teacher condition, default "rich") and "optim" (optimizer overrides).
 METHODS: dict[str, dict[str, Any]] = {
-    "grpo": {"method": "grpo"},
-    "opsd": {"method": "opsd"},
-    "opsd_weak": {"method": "opsd", "teacher_view": "weak"},  # OPSD with the answer-only teacher (search task)
-    "opsd_clip": {"method": "opsd_clip"},
-    "rlsd": {"method": "rlsd"},
-    "egrsd": {"method": "egrsd"},
-    "cl_egrsd": {"method": "cl_egrsd"},
-    "dasd": {"method": "dasd"},
-    "conform": {"method": "dasd", "direction": "conform"},  # DASD ablation: always pull (ω = +1)
-    "novelty": {"method": "dasd", "direction": "novelty"},  # DASD ablation: always push (ω = −1)
+    "grpo": {"name": "grpo"},
+    "opsd": {"name": "opsd"},
+    "opsd_weak": {"name": "opsd", "teacher_view": "weak"},  # OPSD with the answer-only teacher (search task)
+    "opsd_clip": {"name": "opsd_clip"},
+    "rlsd": {"name": "rlsd"},
+    "egrsd": {"name": "egrsd"},
+    "cl_egrsd": {"name": "cl_egrsd"},
+    "dasd": {"name": "dasd"},
+    "conform": {"name": "dasd", "direction": "conform"},  # DASD ablation: always pull (ω = +1)
+    "novelty": {"name": "dasd", "direction": "novelty"},  # DASD ablation: always push (ω = −1)
     # Matched controls (issue #23): GRPO reduced as DASD is (token-mean; DASD at β = 0), and DASD with ω
     # permuted within each rollout (the routing isolated from the term's size).
-    "grpo_token_mean": {"method": "grpo", "aggregation": "token-mean"},
-    "dasd_shuffled": {"method": "dasd", "direction": "shuffled"},
+    "grpo_token_mean": {"name": "grpo", "aggregation": "token-mean"},
+    "dasd_shuffled": {"name": "dasd", "direction": "shuffled"},
     # DASD's bounded form: ω-weighted full-vocabulary JSD added to the GRPO loss (the push cannot diverge).
-    "dasd_divergence": {"method": "dasd_divergence"},
+    "dasd_divergence": {"name": "dasd_divergence"},
     # The other reading of DASD's threshold: τ = the ρ-quantile, so only the calmest ρ of tokens are pulled.
-    "dasd_bottom": {"method": "dasd", "quantile": "bottom"},
+    "dasd_bottom": {"name": "dasd", "quantile": "bottom"},
     # DASD's open choices (issue #15): the push as the raw log-ratio (AntiSD's bounded JSD-ascent signal is
     # the default since the sweep); no floor on δ's scale.
-    "dasd_raw_push": {"method": "dasd", "push_signal": "log_ratio"},
-    "dasd_no_floor": {"method": "dasd", "scale_floor": 0.0},
+    "dasd_raw_push": {"name": "dasd", "push_signal": "log_ratio"},
+    "dasd_no_floor": {"name": "dasd", "scale_floor": 0.0},
     # (β = 0.03 with the bounded push is the library default since the sweep: `dasd` itself.)
-    "dasd_beta0.1": {"method": "dasd", "beta": 0.1},
-    "dasd_beta0.3": {"method": "dasd", "beta": 0.3},
-    "dasd_beta1": {"method": "dasd", "beta": 1.0},
+    "dasd_beta0.1": {"name": "dasd", "beta": 0.1},
+    "dasd_beta0.3": {"name": "dasd", "beta": 0.3},
+    "dasd_beta1": {"name": "dasd", "beta": 1.0},
     # Several clipped updates on the same rollouts (PPO epochs): the clip acts on the sampled-token push.
-    "dasd_ppo2": {"method": "dasd", "optim": {"ppo_epochs": 2}},
-    "dasd_ppo4": {"method": "dasd", "optim": {"ppo_epochs": 4}},
+    "dasd_ppo2": {"name": "dasd", "optim": {"ppo_epochs": 2}},
+    "dasd_ppo4": {"name": "dasd", "optim": {"ppo_epochs": 4}},
     # The self-distillation family (docs/objectives.md); available, not in the default set.
-    "rlrt": {"method": "rlrt"},
-    "vopd": {"method": "vopd"},
-    "vopd_topk": {"method": "vopd_topk"},
-    "antisd": {"method": "antisd"},
-    "eopd": {"method": "eopd"},
-    "reopold": {"method": "reopold"},
-    "pw_opsd": {"method": "pw_opsd"},
+    "rlrt": {"name": "rlrt"},
+    "vopd": {"name": "vopd"},
+    "vopd_topk": {"name": "vopd_topk"},
+    "antisd": {"name": "antisd"},
+    "eopd": {"name": "eopd"},
+    "reopold": {"name": "reopold"},
+    "pw_opsd": {"name": "pw_opsd"},
 }
 RESERVED_KEYS = ("teacher_view", "optim")
 DEFAULT_METHODS = {
@@ -242,7 +242,7 @@ class StudySettings:
         values = self.to_json()
         del values["methods"], values["seeds"], values["premise_margin"]
         objective = METHODS[method]
-        defaults = {k: repr(v) for k, v in OBJECTIVES[objective["method"]].knob_defaults().items()}
+        defaults = {k: repr(v) for k, v in OBJECTIVES[objective["name"]].knob_defaults().items()}
         payload = {"settings": values, "method": method, "objective": objective, "knob_defaults": defaults,
                    "seed": seed}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
