@@ -326,6 +326,31 @@ class LoggingConfig:
         _require(self.keep_checkpoints >= 1, "logging.keep_checkpoints", "must be >= 1")
 
 
+STRATEGIES = ("ddp", "fsdp2")
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "ddp"
+    """How several processes (`torchrun` / `accelerate launch`) share the model. `ddp`: every process holds the
+    whole model, its gradients and its AdamW state, and the gradients are summed across processes in buckets.
+    `fsdp2`: PyTorch's `fully_shard` on every decoder layer, on the output layer and on the model, so each
+    process holds 1/N of the weights, gradients and AdamW state (float32), gathering one layer at a time for the
+    forward and backward passes and the output layer for the fused token statistics; gradients are
+    reduce-scattered. On GPUs with `model.dtype: bfloat16` the layers are gathered and computed in bfloat16 and
+    the gradients reduced in float32; on the CPU (gloo) everything stays float32. Works with one process too."""
+    gather_for_rollouts: bool = True
+    """`fsdp2` only: keep each layer gathered, once all-gathered, for the whole of a step's generation (the
+    weights, not gradients or optimizer state, held whole while sampling) instead of all-gathering every layer
+    again for each generated token. Off: generation holds one layer at a time (the least memory, far slower)."""
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in STRATEGIES, "distributed.strategy",
+                 f"one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        _require(isinstance(self.gather_for_rollouts, bool), "distributed.gather_for_rollouts",
+                 f"true or false, got {self.gather_for_rollouts!r}")
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -334,6 +359,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         rows = self.rollout.prompts_per_step * self.rollout.group_size

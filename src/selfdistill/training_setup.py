@@ -1,4 +1,4 @@
-"""The trainer's set-up, checked and decided once before the first step: the launches it refuses, how the
+"""The trainer's set-up, checked and decided once before the first step: the launchers it refuses, how the
 processes split a step, the trained model made ready (LoRA, sparse embedding gradient, gradient checkpointing),
 how micro-batches are packed, and every prompt checked."""
 
@@ -22,14 +22,15 @@ log = logging.getLogger(__name__)
 
 
 def refuse_sharding(kind: DistributedType) -> None:
-    """FSDP and DeepSpeed are not wired into this trainer (it holds a full replica per process and syncs
-    gradients itself): refuse them rather than run a replica under a sharding launcher. `kind`: the
+    """accelerate's FSDP and DeepSpeed plugins are not wired into this trainer (it shards with FSDP2 itself, under
+    `distributed.strategy: fsdp2`): refuse them rather than run a replica under a sharding launcher. `kind`: the
     accelerator's `distributed_type`."""
     from accelerate.utils import DistributedType
 
     if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise ConfigError(f"accelerate launch: {kind.value} is not supported by selfdistill's own trainer (data "
-                          "parallel replicas only); for sharded training use the TRL route, "
+        raise ConfigError(f"accelerate launch: {kind.value} is not supported by selfdistill's own trainer; launch "
+                          "plain processes (torchrun, or accelerate launch --multi_gpu) and set "
+                          "distributed.strategy=fsdp2 to shard the model, or use the TRL route, "
                           "selfdistill.integrations.trl, which runs under TRL's FSDP / DeepSpeed support")
 
 
