@@ -163,5 +163,29 @@ def test_strategy_is_validated_when_the_config_loads():
     assert config_from_dict({}).distributed.strategy == "ddp"
     with pytest.raises(ConfigError, match=r"distributed\.strategy.*ddp, fsdp2"):
         config_from_dict({"distributed": {"strategy": "zero3"}})
-    with pytest.raises(ConfigError, match=r"distributed\.gather_for_rollouts"):
-        config_from_dict({"distributed": {"gather_for_rollouts": "yes"}})
+
+
+def test_sharded_packing_always_makes_both_decoder_calls():
+    """Under fsdp2 every decoder call is a collective, so a micro-batch of one-token responses must still make the
+    shared-prefix forward's two calls (prompts, then responses) like the other processes' micro-batches: the
+    responses are padded to 2 masked columns, with the same hidden state at the real one."""
+    from selfdistill.forward import pack_shared, response_hidden_states
+    from selfdistill.models import load_model
+    from selfdistill.training_setup import choose_packing
+
+    model, _ = load_model("tiny")
+    model.eval()
+    student, teacher = choose_packing(model, shared_prefix=True, has_teacher=True, sharded=True)
+    prompts, responses = [[5, 6, 7], [5, 6, 7]], [[9], [11]]
+    padded = student(prompts, responses, pad_id=0)
+    assert padded.response_mask.tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    calls = []
+    hook = model.get_decoder().register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        wide = response_hidden_states(model, padded)  # [2,2,d]
+        assert len(calls) == 2
+        narrow = response_hidden_states(model, pack_shared(prompts, responses, pad_id=0))  # [2,1,d]
+    hook.remove()
+    assert len(calls) == 3  # the unpadded batch of one-token responses makes one call only
+    torch.testing.assert_close(wide[:, :1], narrow)
+    assert teacher.keywords == {"min_response_width": 2}

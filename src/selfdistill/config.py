@@ -338,17 +338,13 @@ class DistributedConfig:
     process holds 1/N of the weights, gradients and AdamW state (float32), gathering one layer at a time for the
     forward and backward passes and the output layer for the fused token statistics; gradients are
     reduce-scattered. On GPUs with `model.dtype: bfloat16` the layers are gathered and computed in bfloat16 and
-    the gradients reduced in float32; on the CPU (gloo) everything stays float32. Works with one process too."""
-    gather_for_rollouts: bool = True
-    """`fsdp2` only: keep each layer gathered, once all-gathered, for the whole of a step's generation (the
-    weights, not gradients or optimizer state, held whole while sampling) instead of all-gathering every layer
-    again for each generated token. Off: generation holds one layer at a time (the least memory, far slower)."""
+    the gradients reduced in float32; on the CPU (gloo) everything stays float32. During a step's generation
+    each layer stays gathered once all-gathered (the weights whole until generation ends; no gradients or
+    optimizer state), so processes need not decode in lockstep. Works with one process too."""
 
     def __post_init__(self) -> None:
         _require(self.strategy in STRATEGIES, "distributed.strategy",
                  f"one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        _require(isinstance(self.gather_for_rollouts, bool), "distributed.gather_for_rollouts",
-                 f"true or false, got {self.gather_for_rollouts!r}")
 
 
 @dataclass

@@ -62,8 +62,7 @@ class FullyShardedParallel:
 
     sharded = True
 
-    def __init__(self, device: torch.device, world: int, *, compute_dtype: torch.dtype,
-                 gather_for_rollouts: bool = True) -> None:
+    def __init__(self, device: torch.device, world: int, *, compute_dtype: torch.dtype) -> None:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -79,7 +78,6 @@ class FullyShardedParallel:
         low_precision = compute_dtype != torch.float32 and device.type != "cpu"
         self.mp_policy = MixedPrecisionPolicy(param_dtype=compute_dtype if low_precision else None,
                                               reduce_dtype=torch.float32)
-        self.gather_for_rollouts = gather_for_rollouts
 
     # -- sharding a model
 
@@ -144,18 +142,19 @@ class FullyShardedParallel:
 
     @contextlib.contextmanager
     def generation(self, model: torch.nn.Module) -> Iterator[None]:
-        """With `distributed.gather_for_rollouts`, each unit stays gathered after its first forward pass until
-        generation ends (the weights only, no gradients or optimizer state), instead of being all-gathered again
-        for every generated token; everything is resharded when it ends."""
+        """Each unit stays gathered after its first forward pass until generation ends (the weights only, no
+        gradients or optimizer state), and is resharded then. So only the first forward pass makes collectives:
+        processes whose rollouts end after different numbers of tokens never wait for each other, and no layer is
+        all-gathered again for every generated token."""
         units = self._units(model)
-        if self.gather_for_rollouts:
-            for unit in units:
-                unit.set_reshard_after_forward(False, recurse=False)
+        root = base_model(model)
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
         try:
             yield
         finally:
             for unit in units:
-                if self.gather_for_rollouts and unit is not base_model(model):
+                if unit is not root:  # the root never reshards after forward (FSDP's own choice for it)
                     unit.set_reshard_after_forward(True, recurse=False)
                 unit.reshard()
 
@@ -179,13 +178,12 @@ class FullyShardedParallel:
 
 
 STRATEGIES = {
-    "ddp": lambda device, world, compute_dtype, gather_for_rollouts: DataParallel(),
-    "fsdp2": lambda device, world, compute_dtype, gather_for_rollouts: FullyShardedParallel(
-        device, world, compute_dtype=compute_dtype, gather_for_rollouts=gather_for_rollouts),
+    "ddp": lambda device, world, compute_dtype: DataParallel(),
+    "fsdp2": lambda device, world, compute_dtype: FullyShardedParallel(device, world, compute_dtype=compute_dtype),
 }
 
 
-def make_parallel(strategy: str, *, device: torch.device, world: int, compute_dtype: torch.dtype,
-                  gather_for_rollouts: bool) -> DataParallel | FullyShardedParallel:
+def make_parallel(strategy: str, *, device: torch.device, world: int,
+                  compute_dtype: torch.dtype) -> DataParallel | FullyShardedParallel:
     """The strategy `distributed.strategy` names (one of `STRATEGIES`)."""
-    return STRATEGIES[strategy](device, world, compute_dtype, gather_for_rollouts)
+    return STRATEGIES[strategy](device, world, compute_dtype)

@@ -143,20 +143,22 @@ class Trainer:
             enable_thinking=config.data.enable_thinking, system_prompt=config.data.system_prompt,
         )
         check_prompts(self.prompts, self.problems, needs_teacher=self.objective.needs_teacher)
-        self.model = prepare_model(self.model, config.model).to(self.device)
+        self.parallel = make_parallel(config.distributed.strategy, device=self.device, world=self.world,
+                                      compute_dtype=self.compute_dtype)
+        self.model = prepare_model(self.model, config.model)
+        if not self.parallel.sharded:  # fsdp2: the whole model stays in host memory; its shards go to the device
+            self.model = self.model.to(self.device)
         with self._compute():
             check_output_layer(base_model(self.model))
         self.teacher = Teacher(config.objective.teacher, self.model, ema_decay=config.objective.ema_decay) \
             if self.objective.needs_teacher else None
         # ddp: nothing changes; fsdp2: the student (and the teacher's copy, if any) sharded in place
-        self.parallel = make_parallel(config.distributed.strategy, device=self.device, world=self.world,
-                                      compute_dtype=self.compute_dtype,
-                                      gather_for_rollouts=config.distributed.gather_for_rollouts)
         self.model = self.parallel.wrap(self.model)
         if self.teacher is not None and self.teacher.copy is not None:
             self.teacher.copy = self.parallel.wrap(self.teacher.copy)
         self.pack_student, self.pack_teacher = choose_packing(self.model, shared_prefix=config.optim.shared_prefix,
-                                                              has_teacher=self.teacher is not None)
+                                                              has_teacher=self.teacher is not None,
+                                                              sharded=self.parallel.sharded)
         self.backend = make_backend(config.rollout.backend, self.model, self.tokenizer,
                                     batch_size=config.rollout.generation_batch_size or None)
         self.pad_id = self.backend.pad_id
@@ -294,15 +296,17 @@ class Trainer:
         aggregation = cfg.objective.aggregation or self.objective.aggregation
         spec = cfg.objective.divergence_spec()
         total_loss = torch.zeros((), device=self.device)
-        # fsdp2: the student's output layer (and a teacher copy's, when the teacher runs here) gathered whole for
-        # each micro-batch; the backward pass reduce-scatters its gradient. ddp: no-op.
+        # fsdp2: the student's output layer gathered whole for each micro-batch, the backward pass reduce-scatters its
+        # gradient; a teacher copy's (when the teacher runs here) only until the fused pass is done, which forms
+        # every gradient of the output layer in its forward pass. ddp: no-ops.
         teacher_copy = self.teacher.copy if self.teacher is not None and scored is None else None
         for rows in micro_batches(update_rows, cfg.optim.micro_batch_size):
-            with self.parallel.whole_output_layers(self.model, teacher_copy):
-                loss, stats, mask = self._micro_batch_loss(group, rows, step_log, scored, group_adv=group_adv,
-                                                           global_tokens=global_tokens,
-                                                           global_sequences=global_sequences,
-                                                           aggregation=aggregation, spec=spec)
+            with self.parallel.whole_output_layers(self.model):
+                with self.parallel.whole_output_layers(teacher_copy):
+                    loss, stats, mask = self._micro_batch_loss(group, rows, step_log, scored, group_adv=group_adv,
+                                                               global_tokens=global_tokens,
+                                                               global_sequences=global_sequences,
+                                                               aggregation=aggregation, spec=spec)
                 loss.backward()
             total_loss += loss.detach().float()
             n = float(mask.sum())
