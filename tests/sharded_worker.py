@@ -35,10 +35,32 @@ CASES = {
     "opsd_ema": {"objective": {"method": "opsd", "teacher": "ema", "ema_decay": 0.5}},
     "dasd_live": {"objective": {"method": "dasd", "teacher": "live"}},
     "opsd_lora": {"objective": {"method": "opsd"}, "model": {"lora_rank": 4, "lora_alpha": 8.0}},
+    # the output layer as its own FSDP unit (the tiny model ties it to the embedding): a copy with it untied
+    "opsd_untied": {"objective": {"method": "opsd"}, "model": {"path": "UNTIED"}},
+    # the scoring pass with a teacher: its output weight kept (copied) for the updates; one rollout step (4 updates:
+    # beyond them dasd's float noise between the layouts grows past the tolerances, under DDP as under FSDP2)
+    "dasd_ppo": {"objective": {"method": "dasd"}, "optim": {"ppo_epochs": 2, "mini_batches": 2, "steps": 1}},
 }
 
 
-def case_config(case: str, strategy: str, out: Path, steps: int, checkpoint_every: int = 0):
+def untied_tiny(folder: Path) -> Path:
+    """The tiny model with its output layer untied from the embedding (a copy of it), written once to `folder`."""
+    if not (folder / "config.json").exists():
+        from selfdistill.models import load_model
+
+        tied, tokenizer = load_model("tiny")
+        config = tied.config
+        config.tie_word_embeddings = False
+        untied = type(tied)(config)
+        untied.load_state_dict(tied.state_dict(), strict=False)
+        untied.lm_head.weight.data.copy_(tied.get_input_embeddings().weight.data)
+        untied.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def case_config(case: str, strategy: str, out: Path, steps: int, checkpoint_every: int = 0,
+                untied: Path | None = None):
     values = {
         "model": {"path": "tiny"},
         "data": {"dataset": "synthetic:operation_chains", "num_problems": 16},
@@ -50,6 +72,8 @@ def case_config(case: str, strategy: str, out: Path, steps: int, checkpoint_ever
     }
     for section, entries in CASES[case].items():
         values.setdefault(section, {}).update(entries)
+    if values["model"]["path"] == "UNTIED":
+        values["model"]["path"] = str(untied)
     return config_from_dict(values)
 
 
@@ -157,7 +181,8 @@ def main() -> None:
     for case in args.cases.split(","):
         replay_dir = args.record or args.replay
         replay_dir.mkdir(parents=True, exist_ok=True)
-        config = case_config(case, args.strategy, args.out, args.steps, args.checkpoint_every)
+        config = case_config(case, args.strategy, args.out, args.steps, args.checkpoint_every,
+                             untied=untied_tiny(replay_dir / "tiny-untied") if case == "opsd_untied" else None)
         trainer = ReplayTrainer(config, reward_fn=length_reward, resume=args.resume,
                                 replay_file=replay_dir / f"{case}.json", record=args.record is not None,
                                 check_shards=args.check_shards)

@@ -8,8 +8,9 @@ them (sampling alone would part the runs once a rounding difference flips a toke
 Tolerances (float32). The two layouts differ before any sharding: one process packs all 8 rows of a step into
 micro-batches of 3, each of two processes packs its 4, so padding widths and summation orders differ, and a DDP
 run with two processes differs from one process by as much. Losses agree to 1e-5 relative or 1e-7 absolute (grpo's
-loss is a sum of terms of both signs; dasd: 2e-5 absolute on losses of ~1e-3, as its router divides by the spread
-of the token entropies, ~1e-4 for an untrained model; DDP's two processes differ from one by 6e-6 there), gradient
+loss is a sum of terms of both signs; dasd: 5e-5 absolute on losses of 1e-4 to 7e-2, as its router divides by the
+spread of the token entropies, ~1e-4 for an untrained model: DDP's two processes differ from one by 6e-6 over 3
+updates, and by 1.7e-5 at the 4th update of 2 PPO epochs x 2 mini-batches, where FSDP2's differ by 2.4e-5), gradient
 norms to 2e-5 relative. Weights after each update (lr 1e-3): opsd, grpo, the EMA teacher and LoRA within 1e-5
 everywhere; dasd and its live teacher within 1e-5 on all but 1e-3 of the entries and 0.2·lr everywhere: AdamW's
 first steps divide by |g| + 1e-8, so an entry whose gradient is ~1e-9 moves by a fraction of lr that follows
@@ -53,7 +54,7 @@ def assert_same_updates(one: list[dict], two: list[dict], case: str) -> None:
     for k, (a, b) in enumerate(zip(one, two, strict=True)):
         where = f"{case}, update {k}"
         assert not a["skipped"] and not b["skipped"], where
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=2e-5 if noisy else 1e-7), where
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=5e-5 if noisy else 1e-7), where
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-5), where
         for part in ("weights", "teacher"):
             if part not in a:
@@ -92,10 +93,12 @@ def test_two_fsdp2_processes_equal_one_process_for_dasd_opsd_grpo(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_fsdp2_processes_equal_one_process_with_ema_live_teachers_and_lora(tmp_path):
+def test_two_fsdp2_processes_equal_one_process_with_ema_live_teachers_lora_untied_head_and_scoring(tmp_path):
     """The teachers sharded as the student: EMA (averaged shard by shard; its gathered weights compared too),
-    live (the student itself), and LoRA under FSDP2 with the frozen teacher being the base (adapters off)."""
-    compare(tmp_path, ["opsd_ema", "dasd_live", "opsd_lora"])
+    live (the student itself), and LoRA under FSDP2 with the frozen teacher being the base (adapters off); an
+    untied output layer (its own FSDP unit, gathered for the fused pass, its gradient reduce-scattered); dasd with
+    2 PPO epochs x 2 mini-batches (the scoring pass keeps the sharded teacher's output weight for the updates)."""
+    compare(tmp_path, ["opsd_ema", "dasd_live", "opsd_lora", "opsd_untied", "dasd_ppo"])
 
 
 @pytest.mark.slow
