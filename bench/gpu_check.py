@@ -1,13 +1,19 @@
 """Check the GPU paths on a machine with one CUDA GPU, in one command, and print a table.
 
     python bench/gpu_check.py                 # every check, about 8 minutes or less on one GPU
-    python bench/gpu_check.py --only tiny     # a subset: tiny, smollm2, eval, trl (comma-separated)
+    python bench/gpu_check.py --only tiny     # a subset: tiny, smollm2, eval, trl, fsdp2 (comma-separated)
     python bench/gpu_check.py --cpu           # the same checks on the CPU (slow; to try the script itself)
 
 Without CUDA (and without --cpu) it says so and exits 0: nothing is measured. The exit status is 1 when a check
 fails, else 0 (a check whose optional package is missing is reported as skipped, not failed).
 
 Checks (what passes):
+  fsdp2                   our trainer with distributed.strategy fsdp2 under `torchrun --nproc_per_node <GPUs>` (one
+                          GPU is enough to run the code path; --cpu: two gloo processes), tiny model, dasd with an EMA
+                          teacher in bfloat16, 3 steps and a checkpoint (bench/_fsdp2_check.py): no step skipped,
+                          finite losses, trained parameters and AdamW state float32 and sharded on the GPU, every one
+                          moved, the output layer gathered in bfloat16 for the fused pass, a sharded checkpoint with
+                          a Hugging Face folder.
   tiny-<teacher>-<dtype>  our trainer, the built-in tiny model, 3 steps of dasd with each teacher (frozen, live,
                           ema) in bfloat16 and frozen in float32: no step skipped, finite losses, the trained
                           parameters (float32 master weights) and AdamW state float32, every parameter moved.
@@ -39,7 +45,7 @@ from pathlib import Path
 from _harness import WORKER_FLAG, error_line, markdown_table, run_worker, serve_worker
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKS = ("tiny", "smollm2", "eval", "trl")
+CHECKS = ("tiny", "smollm2", "eval", "trl", "fsdp2")
 
 
 @dataclass
@@ -245,6 +251,31 @@ def _trl_route(work: Path) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# our trainer sharded (FSDP2)
+
+
+def _fsdp2(work: Path, cuda: bool) -> tuple[str, str]:
+    """`torchrun` of bench/_fsdp2_check.py over every GPU (two gloo processes with --cpu)."""
+    import torch
+
+    processes = torch.cuda.device_count() if cuda else 2
+    out = work / "fsdp2"
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           str(REPO / "bench" / "_fsdp2_check.py"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**_child_env(), "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    if proc.returncode:
+        return "FAIL", error_line(RuntimeError(proc.stderr[-400:]), 300)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+    problems = [f"rank {r['rank']}: {p}" for r in ranks for p in r["problems"]]
+    peaks = [r["peak_mib"] for r in ranks if r["peak_mib"] is not None]
+    note = (f"{processes} processes on {ranks[0]['device']}, losses {', '.join(f'{x:.3g}' for x in ranks[0]['losses'])}"
+            f", {sum(ranks[0]['seconds']) / 3:.1f} s/step" + (f", peak {max(peaks):.0f} MiB per GPU" if peaks else ""))
+    return ("FAIL", "; ".join(problems[:3]) + " | " + note) if problems else ("ok", note)
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def _table(rows: list[Row], header: str) -> str:
@@ -298,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         _run("eval-hf-vs-vllm", lambda: _eval_compare(work, cuda), rows)
     if "trl" in selected:
         _run("trl-route", lambda: _trl_route(work), rows)
+    if "fsdp2" in selected:
+        _run("fsdp2", lambda: _fsdp2(work, cuda), rows)
     total = time.perf_counter() - started
     header = (f"gpu_check on {device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
               f"{total:.0f} s in all; work folder {work}")

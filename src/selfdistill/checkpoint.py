@@ -7,6 +7,10 @@ Layout of `<run>/checkpoint-<step>/`:
                                       `AutoModelForCausalLM.from_pretrained(checkpoint)` and
                                       `selfdistill eval --model checkpoint` open it
     teacher.safetensors               the EMA teacher (ema mode only)
+    sharded/                          distributed.strategy fsdp2 instead of teacher.safetensors and optimizer.pt:
+                                      each process's shards of the trained weights, AdamW state and EMA teacher
+                                      (torch.distributed.checkpoint), loadable by any number of processes; the
+                                      whole weights are still written as above, gathered on the first process
     optimizer.pt, scheduler.pt        state dicts (loaded with weights_only=True)
     state.json                        step, data cursor, RNG states, config
     COMPLETE                          written last; a folder without it is ignored
@@ -153,3 +157,108 @@ def load_checkpoint(
     teacher_file = checkpoint / "teacher.safetensors"
     teacher = load_file(str(teacher_file)) if teacher_file.exists() else None
     return read_state(checkpoint), teacher
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded checkpoints (distributed.strategy: fsdp2)
+
+
+def save_sharded_checkpoint(
+    run_dir: Path,
+    state: TrainingState,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    teacher_model: torch.nn.Module | None,
+    full_state: dict[str, torch.Tensor],
+    keep: int,
+    tokenizer: Any = None,
+) -> Path | None:
+    """Every process writes its shards of the weights, AdamW state and EMA teacher (`teacher_model`, or None)
+    with `torch.distributed.checkpoint` into `<checkpoint>/sharded/`; the first process adds the whole weights
+    `full_state` (gathered by the caller) as a Hugging Face folder or peft adapter, as `save_checkpoint` does, and
+    the schedule, RNG and step. Atomic as `save_checkpoint`: all of it goes to `checkpoint-<step>.tmp`, renamed
+    once complete. A collective: every process calls it; the first returns the folder, the others None."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    is_main = dist.get_rank() == 0
+    final = run_dir / f"{PREFIX}{state.step:06d}"
+    tmp = run_dir / f"{final.name}.tmp"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    shards = _sharded_state(model, optimizer, teacher_model)
+    dcp.save(shards, checkpoint_id=str(tmp / "sharded"))
+    del shards
+    if is_main:
+        _save_full_weights(model, full_state, tmp, tokenizer)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        payload = {"step": state.step, "cursor": state.cursor, "config": state.config,
+                   "python_random": _jsonable(random.getstate()), "processes": dist.get_world_size()}
+        (tmp / "state.json").write_text(json.dumps(payload, indent=1))
+        (tmp / MARKER).write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final if is_main else None
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   teacher_model: torch.nn.Module | None) -> dict[str, Any]:
+    """The state `torch.distributed.checkpoint` saves and loads: this process's shards, under their global names
+    and shapes (so another number of processes can load them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)  # under LoRA the frozen base comes from model.path
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    shards = {"model": model_state, "optimizer": optimizer_state}
+    if teacher_model is not None:
+        shards["teacher"] = get_model_state_dict(teacher_model)
+    return shards
+
+
+def _save_full_weights(model: torch.nn.Module, full_state: dict[str, torch.Tensor], folder: Path,
+                       tokenizer: Any) -> None:
+    """`save_weights` from gathered tensors: the peft adapter under LoRA, else a Hugging Face model folder."""
+    if _is_lora(model):
+        model.save_pretrained(folder / "adapter", safe_serialization=True, state_dict=full_state)
+        return
+    model.save_pretrained(folder, safe_serialization=True, state_dict=full_state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def load_sharded_checkpoint(
+    checkpoint: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    teacher_model: torch.nn.Module | None,
+) -> TrainingState:
+    """Restore what `save_sharded_checkpoint` wrote into a sharded model, its optimizer and EMA teacher, whatever
+    the number of processes that wrote it and that reads it; then the schedule and RNG states."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    if not (checkpoint / "sharded").is_dir():
+        raise ValueError(f"{checkpoint}: no sharded/ folder; it was written with distributed.strategy ddp, so "
+                         "resume it with distributed.strategy=ddp")
+    shards = _sharded_state(model, optimizer, teacher_model)
+    dcp.load(shards, checkpoint_id=str(checkpoint / "sharded"))
+    set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    if teacher_model is not None:
+        set_model_state_dict(teacher_model, shards["teacher"])
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    torch.set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True)["torch"])
+    payload = json.loads((checkpoint / "state.json").read_text())
+    random.setstate(_tuplify(payload["python_random"]))
+    return read_state(checkpoint)

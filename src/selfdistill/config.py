@@ -312,6 +312,27 @@ class LoggingConfig:
         _require(self.keep_checkpoints >= 1, "logging.keep_checkpoints", "must be >= 1")
 
 
+STRATEGIES = ("ddp", "fsdp2")
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "ddp"
+    """How several processes (`torchrun` / `accelerate launch`) share the model. `ddp`: every process holds the
+    whole model, its gradients and its AdamW state, and the gradients are summed across processes in buckets.
+    `fsdp2`: PyTorch's `fully_shard` on every decoder layer, on the output layer and on the model, so each
+    process holds 1/N of the weights, gradients and AdamW state (float32), gathering one layer at a time for the
+    forward and backward passes and the output layer for the fused token statistics; gradients are
+    reduce-scattered. On GPUs with `model.dtype: bfloat16` the layers are gathered and computed in bfloat16 and
+    the gradients reduced in float32; on the CPU (gloo) everything stays float32. During a step's generation
+    each layer stays gathered once all-gathered (the weights whole until generation ends; no gradients or
+    optimizer state), so processes need not decode in lockstep. Works with one process too."""
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in STRATEGIES, "distributed.strategy",
+                 f"one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -320,6 +341,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         rows = self.rollout.prompts_per_step * self.rollout.group_size

@@ -152,11 +152,15 @@ class SharedPrefixBatch:
 
 
 def pack_shared(
-    prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: int
+    prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: int, min_response_width: int = 0
 ) -> SharedPrefixBatch:
     """Like `pack`, with each distinct prompt kept once: rows whose prompt token lists are identical
     share it, wherever they sit in the batch. Rows with prompts of their own (the sibling teacher
     template) simply share nothing.
+
+    min_response_width: pad the responses to at least this many columns (masked). With 2, the forward pass
+    always makes its two decoder calls (prompts, then responses), even when every response is one token:
+    sharded processes must all make the same collectives (`distributed.strategy: fsdp2`).
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
@@ -167,7 +171,7 @@ def pack_shared(
     distinct = [list(prompt) for prompt in index_of_prompt]  # [U] in order of first appearance
     # The distinct prompts with empty responses: `pack` lays out (and checks) the prompt block.
     prompts = pack(distinct, [[] for _ in distinct], pad_id=pad_id)
-    response_length = max(len(response) for response in response_ids)
+    response_length = max(min_response_width, *(len(response) for response in response_ids))
     responses = torch.full((len(response_ids), response_length), pad_id, dtype=torch.long)  # [B, T]
     response_mask = torch.zeros((len(response_ids), response_length), dtype=torch.float32)  # [B, T]
     for row, response in enumerate(response_ids):

@@ -5,6 +5,10 @@ gradient. `frozen` under LoRA disables the adapter, so no second copy of the wei
 `frozen` with full fine-tuning keeps one copy of the initial weights; `live` uses the current
 weights; `ema` keeps an exponential moving average of the student. The forward pass itself
 (`response_hidden_states`, either batch layout) is `selfdistill.forward`'s.
+
+Under `distributed.strategy: fsdp2` the trainer shards the copy (frozen or EMA) exactly as the student
+(`parallel.FullyShardedParallel.wrap`): each process holds 1/N of it, with no gradient and no optimizer
+state, and the EMA average is updated shard by shard, on each process's own slice, never gathered whole.
 """
 
 from __future__ import annotations
@@ -70,9 +74,10 @@ class Teacher:
             return
         for t, s in zip(self.copy.parameters(), self.student.parameters(), strict=True):
             if s.requires_grad:  # frozen weights (the base under LoRA) are equal in both and stay so
-                t.lerp_(s.detach().to(t.dtype), 1.0 - self.ema_decay)
+                # sharded (fsdp2): both are DTensors sharded alike; each process averages its own slice
+                _local(t).lerp_(_local(s).detach().to(t.dtype), 1.0 - self.ema_decay)
 
-    def state_dict(self) -> dict[str, Tensor] | None:
+    def state_dict(self) -> dict[str, Tensor] | None:  # (a sharded run saves `copy` with the checkpoint's shards)
         """Only the EMA teacher has state of its own (a frozen copy is rebuilt from the initial weights)."""
         return None if self.mode != "ema" else dict(self.copy.state_dict())
 
@@ -81,3 +86,8 @@ class Teacher:
             if state is None:
                 raise ValueError("resuming an ema-teacher run needs teacher.safetensors in the checkpoint")
             self.copy.load_state_dict(state, strict=False)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This process's slice of a sharded tensor (a DTensor), sharing its storage; a plain tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -42,7 +42,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfdistill.checkpoint import TrainingState, find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from selfdistill.checkpoint import (
+    TrainingState,
+    find_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    read_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from selfdistill.collectives import Collectives
 from selfdistill.config import ConfigError, TrainConfig, config_from_dict
 from selfdistill.data import Problem
@@ -55,6 +63,7 @@ from selfdistill.forward import (
 from selfdistill.grading import Grader
 from selfdistill.models import load_model
 from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, group_advantages, token_weights
+from selfdistill.parallel import make_parallel
 from selfdistill.prompts import PromptBuilder
 from selfdistill.provenance import record_environment
 from selfdistill.rollout import make_backend
@@ -134,13 +143,22 @@ class Trainer:
             enable_thinking=config.data.enable_thinking, system_prompt=config.data.system_prompt,
         )
         check_prompts(self.prompts, self.problems, needs_teacher=self.objective.needs_teacher)
-        self.model = prepare_model(self.model, config.model).to(self.device)
+        self.parallel = make_parallel(config.distributed.strategy, device=self.device, world=self.world,
+                                      compute_dtype=self.compute_dtype)
+        self.model = prepare_model(self.model, config.model)
+        if not self.parallel.sharded:  # fsdp2: the whole model stays in host memory; its shards go to the device
+            self.model = self.model.to(self.device)
         with self._compute():
             check_output_layer(base_model(self.model))
         self.teacher = Teacher(config.objective.teacher, self.model, ema_decay=config.objective.ema_decay) \
             if self.objective.needs_teacher else None
+        # ddp: nothing changes; fsdp2: the student (and the teacher's copy, if any) sharded in place
+        self.model = self.parallel.wrap(self.model)
+        if self.teacher is not None and self.teacher.copy is not None:
+            self.teacher.copy = self.parallel.wrap(self.teacher.copy)
         self.pack_student, self.pack_teacher = choose_packing(self.model, shared_prefix=config.optim.shared_prefix,
-                                                              has_teacher=self.teacher is not None)
+                                                              has_teacher=self.teacher is not None,
+                                                              sharded=self.parallel.sharded)
         self.backend = make_backend(config.rollout.backend, self.model, self.tokenizer,
                                     batch_size=config.rollout.generation_batch_size or None)
         self.pad_id = self.backend.pad_id
@@ -165,10 +183,14 @@ class Trainer:
         self.run_dir = Path(run_dir or config.logging.output_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
         if resume is not None:
             checkpoint = find_checkpoint(resume)
-            state, teacher_state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer,
-                                                   scheduler=self.scheduler)
-            if self.teacher is not None:
-                self.teacher.load_state_dict(teacher_state)
+            if self.parallel.sharded:
+                state = load_sharded_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer,
+                                                scheduler=self.scheduler, teacher_model=self._ema_copy())
+            else:
+                state, teacher_state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer,
+                                                       scheduler=self.scheduler)
+                if self.teacher is not None:
+                    self.teacher.load_state_dict(teacher_state)
             self.step, self.cursor = state.step, state.cursor
             if run_dir is None and config.logging.output_dir is None:
                 self.run_dir = checkpoint.parent
@@ -212,7 +234,7 @@ class Trainer:
         cfg = self.config.rollout
         # One call for all prompts, each seeded by its global index: the same samples whichever process
         # draws the prompt and whichever prompts share the call.
-        with self._compute():
+        with self._compute(), self.parallel.generation(self.model):
             out = self.backend.generate([self.prompts.student_ids(problem) for _, problem in picked],
                                         num_samples=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                                         max_new_tokens=cfg.max_new_tokens,
@@ -272,52 +294,20 @@ class Trainer:
         counts = self.collectives.sum(torch.stack([lengths.sum(), torch.tensor(float(len(lengths)))]))  # [2]
         global_tokens, global_sequences = counts.tolist()
         aggregation = cfg.objective.aggregation or self.objective.aggregation
-        knobs = cfg.objective.knobs
         spec = cfg.objective.divergence_spec()
-        weight = output_weight(self.model)
-        # The two [V,d] matrices get their gradients into .grad in place, without a second [V,d] tensor per
-        # micro-batch: the output layer's from the fused path (weight_grad_out), the embedding's as a sparse
-        # gradient of the rows looked up (see `prepare_model`), added into the dense .grad made here.
-        for matrix in {id(w): w for w in (weight, self.model.get_input_embeddings().weight)}.values():
-            if matrix.requires_grad and matrix.grad is None:
-                matrix.grad = torch.zeros_like(matrix)
-        weight_grad = weight.grad if weight.requires_grad else None
         total_loss = torch.zeros((), device=self.device)
-        # bfloat16 compute of the output layer too: a bfloat16 copy of the (float32) weight for the fused path
-        # (in float32 `.to` returns the weight itself); its gradient still goes, in float32, into weight.grad.
-        compute_weight = weight.to(self.compute_dtype)  # [V,d]
+        # fsdp2: the student's output layer gathered whole for each micro-batch, the backward pass reduce-scatters its
+        # gradient; a teacher copy's (when the teacher runs here) only until the fused pass is done, which forms
+        # every gradient of the output layer in its forward pass. ddp: no-ops.
+        teacher_copy = self.teacher.copy if self.teacher is not None and scored is None else None
         for rows in micro_batches(update_rows, cfg.optim.micro_batch_size):
-            student = self._pack_student_rows(group, rows)
-            mask = student.response_mask  # [b,T]
-            tokens = student.response_ids  # [b,T]
-            weights = token_weights(mask, mode=aggregation, global_tokens=global_tokens,
-                                    global_sequences=global_sequences, norm_length=cfg.rollout.max_new_tokens)
-            adv = group_adv[rows].to(self.device)  # [b]
-            old_logp = None if scored is None else scored.behaviour_logp(rows, tokens.shape[1])  # [b,T]
-            teacher_hidden = teacher_weight = None
-            if self.teacher is not None and scored is not None:
-                teacher_hidden = scored.teacher_states(rows, tokens.shape[1])  # [b,T,d]
-                teacher_weight = scored.teacher_weight  # [V,d]
-            elif self.teacher is not None:
-                teacher_hidden, teacher_weight = self._teacher_states(group, rows)  # [b,T,d], [V,d]
-
-            def block_loss(stats: TokenStats, block: slice, mask=mask, adv=adv, weights=weights,
-                           old_logp=old_logp) -> Tensor:
-                batch = ObjectiveBatch(stats=stats, mask=mask[block], group_adv=adv[block], step=self.step,
-                                       old_logp=None if old_logp is None else old_logp[block])
-                loss, diagnostics = self.objective(batch, **knobs)
-                n = float(mask[block].sum())
-                for name, value in diagnostics.items():
-                    step_log.add(name, value.item(), n)
-                return (loss * weights[block]).sum()
-
-            hidden = self._student_hidden(student)  # [b,T,d]
-            loss, stats = hidden_objective(hidden, compute_weight, tokens, block_loss,
-                                           temperature=cfg.rollout.temperature, teacher_hidden=teacher_hidden,
-                                           teacher_weight=teacher_weight,
-                                           divergence=spec, chunk_tokens=cfg.optim.chunk_tokens or None,
-                                           buffers=self.fused_buffers, weight_grad_out=weight_grad)
-            loss.backward()
+            with self.parallel.whole_output_layers(self.model):
+                with self.parallel.whole_output_layers(teacher_copy):
+                    loss, stats, mask = self._micro_batch_loss(group, rows, step_log, scored, group_adv=group_adv,
+                                                               global_tokens=global_tokens,
+                                                               global_sequences=global_sequences,
+                                                               aggregation=aggregation, spec=spec)
+                loss.backward()
             total_loss += loss.detach().float()
             n = float(mask.sum())
             step_log.add("entropy", float((stats.entropy * mask).sum()) / max(n, 1), n)
@@ -327,6 +317,57 @@ class Trainer:
             if stats.divergence is not None:
                 step_log.add("divergence", float((stats.divergence * mask).sum()) / max(n, 1), n)
         return float(self.collectives.sum(total_loss))
+
+    def _micro_batch_loss(self, group: RolloutGroup, rows: list[int], step_log: StepLog,
+                          scored: ScoredRollouts | None, *, group_adv: Tensor, global_tokens: float,
+                          global_sequences: float, aggregation: str, spec) -> tuple[Tensor, TokenStats, Tensor]:
+        """The loss of micro-batch `rows` through the fused output layer (not yet backpropagated), its token
+        statistics and its response mask `[b,T]`; the output weight's gradient is added into its `.grad` when the
+        loss is backpropagated."""
+        cfg = self.config
+        knobs = cfg.objective.knobs
+        weight = output_weight(self.model)
+        # The two [V,d] matrices get their gradients into .grad in place, without a second [V,d] tensor per
+        # micro-batch: the output layer's from the fused path (weight_grad_out), the embedding's as a sparse
+        # gradient of the rows looked up (see `prepare_model`), added into the dense .grad made here.
+        for matrix in {id(w): w for w in (weight, self.model.get_input_embeddings().weight)}.values():
+            if matrix.requires_grad and matrix.grad is None:
+                matrix.grad = torch.zeros_like(matrix)
+        weight_grad = weight.grad if weight.requires_grad else None
+        # bfloat16 compute of the output layer too: a bfloat16 copy of the (float32) weight for the fused path
+        # (in float32 `.to` returns the weight itself); its gradient still goes, in float32, into weight.grad.
+        compute_weight = weight.to(self.compute_dtype)  # [V,d]
+        student = self._pack_student_rows(group, rows)
+        mask = student.response_mask  # [b,T]
+        tokens = student.response_ids  # [b,T]
+        weights = token_weights(mask, mode=aggregation, global_tokens=global_tokens,
+                                global_sequences=global_sequences, norm_length=cfg.rollout.max_new_tokens)
+        adv = group_adv[rows].to(self.device)  # [b]
+        old_logp = None if scored is None else scored.behaviour_logp(rows, tokens.shape[1])  # [b,T]
+        teacher_hidden = teacher_weight = None
+        if self.teacher is not None and scored is not None:
+            teacher_hidden = scored.teacher_states(rows, tokens.shape[1])  # [b,T,d]
+            teacher_weight = scored.teacher_weight  # [V,d]
+        elif self.teacher is not None:
+            teacher_hidden, teacher_weight = self._teacher_states(group, rows)  # [b,T,d], [V,d]
+
+        def block_loss(stats: TokenStats, block: slice, mask=mask, adv=adv, weights=weights,
+                       old_logp=old_logp) -> Tensor:
+            batch = ObjectiveBatch(stats=stats, mask=mask[block], group_adv=adv[block], step=self.step,
+                                   old_logp=None if old_logp is None else old_logp[block])
+            loss, diagnostics = self.objective(batch, **knobs)
+            n = float(mask[block].sum())
+            for name, value in diagnostics.items():
+                step_log.add(name, value.item(), n)
+            return (loss * weights[block]).sum()
+
+        hidden = self._student_hidden(student)  # [b,T,d]
+        loss, stats = hidden_objective(hidden, compute_weight, tokens, block_loss,
+                                       temperature=cfg.rollout.temperature, teacher_hidden=teacher_hidden,
+                                       teacher_weight=teacher_weight,
+                                       divergence=spec, chunk_tokens=cfg.optim.chunk_tokens or None,
+                                       buffers=self.fused_buffers, weight_grad_out=weight_grad)
+        return loss, stats, mask
 
     def train_step(self) -> dict[str, Any]:
         """One rollout step: `optim.ppo_epochs × optim.mini_batches` optimizer updates (one by default); returns
@@ -398,16 +439,19 @@ class Trainer:
 
         batches = [micro for part in self._update_batches(group)
                    for micro in micro_batches(part, cfg.optim.micro_batch_size)]
-        return score_rollouts(
-            group, batches,
-            student=student if self.objective.uses_old_logp else None,
-            weight=output_weight(self.model).detach().to(self.compute_dtype),  # [V,d]
-            teacher=None if self.teacher is None else lambda rows: self._teacher_states(group, rows),
-            copy_teacher_weight=self.teacher is not None and self.teacher.mode == "live"
-            and output_weight(self.model).requires_grad,
-            temperature=cfg.rollout.temperature, chunk_tokens=cfg.optim.chunk_tokens or None,
-            buffers=self.fused_buffers,
-        )
+        with self.parallel.whole_output_layers(self.model, None if self.teacher is None else self.teacher.copy):
+            return score_rollouts(
+                group, batches,
+                student=student if self.objective.uses_old_logp else None,
+                weight=output_weight(self.model).detach().to(self.compute_dtype),  # [V,d]
+                teacher=None if self.teacher is None else lambda rows: self._teacher_states(group, rows),
+                # kept for the updates: a live teacher's trained output layer changes in place, and a sharded
+                # teacher's is whole only inside this block
+                copy_teacher_weight=self.teacher is not None and (
+                    self.parallel.sharded or (self.teacher.mode == "live" and output_weight(self.model).requires_grad)),
+                temperature=cfg.rollout.temperature, chunk_tokens=cfg.optim.chunk_tokens or None,
+                buffers=self.fused_buffers,
+            )
 
     def _optimizer_update(self, group: RolloutGroup, step_log: StepLog, update_rows: list[int] | None = None,
                           scored: ScoredRollouts | None = None) -> tuple[float, float, bool]:
@@ -417,9 +461,9 @@ class Trainer:
         are advanced by `train_step`, once per rollout step."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._update(group, step_log, update_rows, scored)
-        self.collectives.sum_gradients(self.params)
+        self.parallel.reduce_gradients(self.params, self.collectives)  # ddp: summed here; fsdp2: in backward
         max_norm = self.config.optim.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = self.parallel.clip_gradients(self.params, max_norm)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)  # weights and optimizer state untouched
@@ -448,10 +492,22 @@ class Trainer:
                                         "reward": float(group.rewards[row]),
                                         "truncated": group.truncated[row]}) + "\n")
 
+    def _ema_copy(self) -> torch.nn.Module | None:
+        """The EMA teacher's weights, the only teacher state a checkpoint holds (a frozen copy is rebuilt)."""
+        return self.teacher.copy if self.teacher is not None and self.teacher.mode == "ema" else None
+
     def save(self) -> Path | None:
+        """Write a checkpoint; returns its folder on the main process (None on the others). With fsdp2 every
+        process writes its shards (a collective)."""
+        state = TrainingState(step=self.step, cursor=self.cursor, config=self.config.to_dict())
+        if self.parallel.sharded:
+            full_state = self.parallel.full_state_dict(self.model)  # on the main process only
+            return save_sharded_checkpoint(self.run_dir, state, model=self.model, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, teacher_model=self._ema_copy(),
+                                           full_state=full_state, keep=self.config.logging.keep_checkpoints,
+                                           tokenizer=self.tokenizer)
         if not self.is_main:
             return None
-        state = TrainingState(step=self.step, cursor=self.cursor, config=self.config.to_dict())
         return save_checkpoint(self.run_dir, state, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler,
                                teacher_state=None if self.teacher is None else self.teacher.state_dict(),

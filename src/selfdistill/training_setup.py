@@ -1,9 +1,10 @@
-"""The trainer's set-up, checked and decided once before the first step: the launches it refuses, how the
+"""The trainer's set-up, checked and decided once before the first step: the launchers it refuses, how the
 processes split a step, the trained model made ready (LoRA, sparse embedding gradient, gradient checkpointing),
 how micro-batches are packed, and every prompt checked."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -22,14 +23,15 @@ log = logging.getLogger(__name__)
 
 
 def refuse_sharding(kind: DistributedType) -> None:
-    """FSDP and DeepSpeed are not wired into this trainer (it holds a full replica per process and syncs
-    gradients itself): refuse them rather than run a replica under a sharding launcher. `kind`: the
+    """accelerate's FSDP and DeepSpeed plugins are not wired into this trainer (it shards with FSDP2 itself, under
+    `distributed.strategy: fsdp2`): refuse them rather than run a replica under a sharding launcher. `kind`: the
     accelerator's `distributed_type`."""
     from accelerate.utils import DistributedType
 
     if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise ConfigError(f"accelerate launch: {kind.value} is not supported by selfdistill's own trainer (data "
-                          "parallel replicas only); for sharded training use the TRL route, "
+        raise ConfigError(f"accelerate launch: {kind.value} is not supported by selfdistill's own trainer; launch "
+                          "plain processes (torchrun, or accelerate launch --multi_gpu) and set "
+                          "distributed.strategy=fsdp2 to shard the model, or use the TRL route, "
                           "selfdistill.integrations.trl, which runs under TRL's FSDP / DeepSpeed support")
 
 
@@ -77,19 +79,22 @@ def prepare_model(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     return model
 
 
-def choose_packing(model: torch.nn.Module, *, shared_prefix: bool, has_teacher: bool) -> tuple[Callable, Callable]:
+def choose_packing(model: torch.nn.Module, *, shared_prefix: bool, has_teacher: bool,
+                   sharded: bool = False) -> tuple[Callable, Callable]:
     """How micro-batches are packed for the student and for the teacher: `pack_shared` (each distinct
     prompt runs once) where `shared_prefix` (`optim.shared_prefix`) is on and `model` (the prepared one)
     allows it, else `pack`. Decided here only (the trainer calls them as its `pack_student` / `pack_teacher`);
-    a shared prefix the model does not allow is logged with the reason (for the teacher only when there is one)."""
+    a shared prefix the model does not allow is logged with the reason (for the teacher only when there is one).
+    `sharded` (fsdp2): responses padded to 2 columns at least, so every process makes the same decoder calls."""
     if not shared_prefix:
         return pack, pack
+    shared = functools.partial(pack_shared, min_response_width=2) if sharded else pack_shared
     packing = []
     for role, backward in (("student", True), ("teacher", False)):
         blocker = shared_prefix_blocker(model, backward=backward)
         if blocker is not None and (role == "student" or has_teacher):
             log.warning("optim.shared_prefix: the %s forward packs every row's prompt in full: %s", role, blocker)
-        packing.append(pack if blocker else pack_shared)
+        packing.append(pack if blocker else shared)
     return packing[0], packing[1]
 
 
