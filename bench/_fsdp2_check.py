@@ -32,7 +32,7 @@ def main(out: Path) -> None:
         "data": {"dataset": "synthetic:operation_chains", "num_problems": 16},
         "rollout": {"prompts_per_step": 4 * int(os.environ.get("WORLD_SIZE", "1")), "group_size": 4,
                     "max_new_tokens": 32},
-        "objective": {"method": "dasd", "teacher": "ema"},
+        "objective": {"name": "dasd", "teacher": "ema"},
         "optim": {"steps": 3, "lr": 1e-4, "micro_batch_size": 8},
         "logging": {"output_dir": str(out / "run"), "progress": False, "tensorboard": False, "sample_every": 0},
         "distributed": {"strategy": "fsdp2"},

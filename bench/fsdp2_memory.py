@@ -64,7 +64,7 @@ def worker(spec: dict) -> None:
         "model": {"path": spec["model"], "dtype": "float32"},
         "data": {"dataset": "synthetic:operation_chains", "num_problems": 64},
         "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": spec["max_new_tokens"]},
-        "objective": {"method": "dasd"},
+        "objective": {"name": "dasd"},
         "optim": {"steps": spec["steps"], "lr": 1e-5, "micro_batch_size": 4},
         "logging": {"output_dir": spec["run_dir"], "progress": False, "tensorboard": False, "sample_every": 0},
         "distributed": {"strategy": spec["strategy"]},

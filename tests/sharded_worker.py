@@ -29,17 +29,17 @@ from selfdistill.scoring import RolloutGroup
 from selfdistill.trainer import Trainer
 
 CASES = {
-    "dasd": {"objective": {"method": "dasd"}},
-    "opsd": {"objective": {"method": "opsd"}},
-    "grpo": {"objective": {"method": "grpo"}, "optim": {"ppo_epochs": 2, "mini_batches": 2}},
-    "opsd_ema": {"objective": {"method": "opsd", "teacher": "ema", "ema_decay": 0.5}},
-    "dasd_live": {"objective": {"method": "dasd", "teacher": "live"}},
-    "opsd_lora": {"objective": {"method": "opsd"}, "model": {"lora_rank": 4, "lora_alpha": 8.0}},
+    "dasd": {"objective": {"name": "dasd"}},
+    "opsd": {"objective": {"name": "opsd"}},
+    "grpo": {"objective": {"name": "grpo"}, "optim": {"ppo_epochs": 2, "mini_batches": 2}},
+    "opsd_ema": {"objective": {"name": "opsd", "teacher": "ema", "ema_decay": 0.5}},
+    "dasd_live": {"objective": {"name": "dasd", "teacher": "live"}},
+    "opsd_lora": {"objective": {"name": "opsd"}, "model": {"lora_rank": 4, "lora_alpha": 8.0}},
     # the output layer as its own FSDP unit (the tiny model ties it to the embedding): a copy with it untied
-    "opsd_untied": {"objective": {"method": "opsd"}, "model": {"path": "UNTIED"}},
+    "opsd_untied": {"objective": {"name": "opsd"}, "model": {"path": "UNTIED"}},
     # the scoring pass with a teacher: its output weight kept (copied) for the updates; one rollout step (4 updates:
     # beyond them dasd's float noise between the layouts grows past the tolerances, under DDP as under FSDP2)
-    "dasd_ppo": {"objective": {"method": "dasd"}, "optim": {"ppo_epochs": 2, "mini_batches": 2, "steps": 1}},
+    "dasd_ppo": {"objective": {"name": "dasd"}, "optim": {"ppo_epochs": 2, "mini_batches": 2, "steps": 1}},
 }
 
 
