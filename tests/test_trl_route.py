@@ -248,6 +248,28 @@ def test_two_optimizer_steps_per_generation_batch_are_each_normalized_by_their_o
     assert sum(counts) == float(micro_batches[0]["num_items_in_batch"])
 
 
+def test_the_head_check_without_a_probe_refuses_named_scales_only():
+    """Under ZeRO-3 the route checks the head by name only (no forward on partitioned weights)."""
+    from selfdistill.forward import check_output_layer
+
+    model, _ = load_model(str(tiny_model_dir()))
+    model.config.logits_scaling = 4.0
+    with pytest.raises(NotImplementedError, match="logits_scaling=4.0"):
+        check_output_layer(model, probe=False)
+    model.config.logits_scaling = 1.0
+    plain_forward = model.forward
+
+    def scaled_forward(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = scaled_forward
+    check_output_layer(model, probe=False)  # only a probe forward can see this one
+    with pytest.raises(NotImplementedError, match="logits differ"):
+        check_output_layer(model)
+
+
 # ----------------------------------------------------------------------------------------------
 # teachers and teacher prompts
 
