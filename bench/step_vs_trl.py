@@ -219,7 +219,8 @@ def print_settings(results: dict, args: argparse.Namespace, sizes: list[str]) ->
     thread_counts = ",".join(map(str, sorted(threads))) or "?"
     rows = args.prompts * args.group_size
     print(f"\nSettings: {device}, torch threads {thread_counts}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, trl {trl.__version__}; P={args.prompts} prompts x "
+          f"transformers {transformers.__version__}, trl {trl.__version__}; unless a size fixes its own (below): "
+          f"P={args.prompts} prompts x "
           f"G={args.group_size} samples per step, {args.max_new_tokens} new tokens (fixed), micro-batch "
           f"{args.micro_batch} (gradient accumulation {rows // args.micro_batch}), lr {args.lr:g}, top-k {args.top_k}, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32; median of "
