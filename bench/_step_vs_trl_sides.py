@@ -13,12 +13,24 @@ from pathlib import Path
 
 from _harness import MemoryTimeline, PhaseTimer, peak_rss_mib, per_step_phases, rss_mib, synchronize
 
-# (our objective, TRL trainer, TRL mode); the TRL mode is SDFT's distillation_mode, or "" for GRPO
-PAIRS: dict[str, tuple[str, str, str]] = {
-    "opsd-full": ("opsd", "sdft", "full_logits"),
-    "opsd-topk": ("opsd", "sdft", "topk_logits"),
-    "dasd-grpo": ("dasd", "grpo", ""),
-    "dasd-route": ("dasd", "grpo", "route"),  # "ours" is the TRL route; TRL's side runs GRPO with beta=0
+
+@dataclass(frozen=True)
+class Pair:
+    """What one pair compares: our `objective` (on our trainer, or with `route` on our TRL route) against TRL's
+    `trl` trainer ("sdft" or "grpo") in `mode` (SDFT's distillation_mode; "" for GRPO)."""
+
+    objective: str
+    trl: str
+    mode: str
+    route: bool = False
+
+
+PAIRS: dict[str, Pair] = {
+    "opsd-full": Pair("opsd", "sdft", "full_logits"),
+    "opsd-topk": Pair("opsd", "sdft", "topk_logits"),
+    "dasd-grpo": Pair("dasd", "grpo", ""),
+    "dasd-route": Pair("dasd", "grpo", "", route=True),  # TRL's side runs GRPO with beta=0
+    "opsd-route": Pair("opsd", "sdft", "full_logits", route=True),
 }
 QWEN_VOCAB = 151_936  # the output layer of Qwen2 / Qwen2.5 models (their tokenizers hold 151,665 tokens)
 BENCH_TEMPLATE = "bench_trl"
@@ -32,11 +44,20 @@ class ModelSize:
     heads: int
     intermediate: int
     vocab: int | None  # None: the tokenizer's length
+    workload: tuple[tuple[str, int], ...] = ()  # settings this size fixes whatever the command line says
+
+    def __str__(self) -> str:
+        fixed = "".join(f", {name.replace('_', ' ')} {value}" for name, value in self.workload)
+        return f"hidden {self.hidden}, {self.layers} layers, vocabulary {self.vocab or 'of the tokenizer'}{fixed}"
 
 
 SIZES: dict[str, ModelSize] = {
     "tiny": ModelSize(hidden=128, layers=2, heads=4, intermediate=256, vocab=None),
     "qwen-vocab": ModelSize(hidden=64, layers=2, heads=4, intermediate=128, vocab=QWEN_VOCAB),
+    # reasoning lengths: 1,024 new tokens per completion, 4 completions per step, one per micro-batch (one
+    # completion's float32 logits are 594 MiB here; SDFT's full_logits holds several copies of them)
+    "long": ModelSize(hidden=64, layers=2, heads=4, intermediate=128, vocab=QWEN_VOCAB,
+                      workload=(("max_new_tokens", 1024), ("prompts", 2), ("group_size", 2), ("micro_batch", 1))),
 }
 
 
@@ -149,9 +170,9 @@ def new_step_log(spec: dict) -> StepLog:
 def ours_config(spec: dict, run_dir: str):
     from selfdistill.config import config_from_dict
 
-    method, _, trl_mode = PAIRS[spec["pair"]]
-    objective = {"name": method, "teacher": "frozen"}
-    if trl_mode == "topk_logits":
+    pair = PAIRS[spec["pair"]]
+    objective = {"name": pair.objective, "teacher": "frozen"}
+    if pair.mode == "topk_logits":
         objective["divergence_top_k"] = spec["top_k"]
     return config_from_dict({
         "model": {"path": spec["model_dir"], "gradient_checkpointing": spec["gradient_checkpointing"]},
@@ -275,7 +296,7 @@ def build_sdft(spec: dict, common: dict, dataset, tokenizer, callback):
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     args = SDFTConfig(**common, max_prompt_length=spec["max_prompt_tokens"], teacher_model_kind="base",
-                      distillation_mode=PAIRS[spec["pair"]][2], distillation_topk=spec["top_k"],
+                      distillation_mode=PAIRS[spec["pair"]].mode, distillation_topk=spec["top_k"],
                       distillation_alpha=0.5, teacher_prompt_template=TRL_TEACHER_TEMPLATE)
     return SDFTTrainer(model=spec["model_dir"], args=args, train_dataset=dataset, processing_class=tokenizer,
                        callbacks=[callback])
@@ -289,17 +310,21 @@ def build_grpo(spec: dict, common: dict, dataset, tokenizer, callback, grader, r
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return grader.grade_many(texts, answer)
 
+    from selfdistill.objectives import OBJECTIVES
+
     kwargs = {"model": spec["model_dir"], "reward_funcs": [boxed_answer_reward], "train_dataset": dataset,
               "processing_class": tokenizer, "callbacks": [callback]}
     if route:
         from selfdistill.integrations.trl import SelfDistillConfig, SelfDistillTrainer
 
-        args = SelfDistillConfig(**common, objective=PAIRS[spec["pair"]][0], objective_args={"teacher": "frozen"},
+        objective = PAIRS[spec["pair"]].objective
+        extra = {} if OBJECTIVES[objective].std_normalize else {"scale_rewards": "none"}
+        args = SelfDistillConfig(**common, **extra, objective=objective, objective_args={"teacher": "frozen"},
                                  teacher_template=BENCH_TEMPLATE)
         return SelfDistillTrainer(args=args, **kwargs)
     from trl import GRPOConfig, GRPOTrainer
 
-    beta = 0.0 if PAIRS[spec["pair"]][2] == "route" else spec["grpo_beta"]
+    beta = 0.0 if PAIRS[spec["pair"]].route else spec["grpo_beta"]
     return GRPOTrainer(args=GRPOConfig(**common, beta=beta), **kwargs)
 
 
@@ -341,10 +366,14 @@ def profile_trl(trainer, timer: PhaseTimer, kind: str, route: bool) -> None:
         timer.wrap(trainer, "_forward_logits", forward("teacher forward"))
         timer.wrap(trainer, "_compute_self_distillation_loss", "divergence loss")
     elif route:
+        import selfdistill.integrations.trl as route_module
+
         timer.wrap(trainer, "_calculate_rewards", "grading")
         timer.wrap(trainer, "teacher_prompt_ids", "teacher prompts")
-        timer.wrap(trainer, "_response_logits", forward("teacher forward"))
-        timer.wrap(trainer, "_compute_loss", "token stats + objective")
+        timer.wrap(trainer, "_backbone", lambda: "student forward (decoder only)" if torch.is_grad_enabled()
+                   else "teacher forward (decoder only)")
+        timer.wrap(route_module, "hidden_objective", "output layer + token stats + objective (fused fwd/grad)")
+        timer.wrap(trainer, "_compute_loss", "loss bookkeeping")
     else:
         timer.wrap(trainer, "_calculate_rewards", "grading")
         timer.wrap(trainer, "_get_per_token_logps_and_entropies", forward("reference forward"))
@@ -360,7 +389,7 @@ def run_trl(spec: dict, run_dir: str, route: bool = False) -> dict:
     from selfdistill.grading import Grader
 
     register_bench_template()
-    kind = PAIRS[spec["pair"]][1]
+    kind = "grpo" if route else PAIRS[spec["pair"]].trl  # the route is a GRPOTrainer, whatever TRL's side is
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
     prompts, problems, rows = trl_rows(spec, tokenizer)
     log = new_step_log(spec)
@@ -392,7 +421,7 @@ def measure_case(spec: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"step-vs-trl-{spec['side']}-") as run_dir:
         if spec["side"] == "trl":
             result = run_trl(spec, run_dir)
-        elif PAIRS[spec["pair"]][2] == "route":
+        elif PAIRS[spec["pair"]].route:
             result = run_trl(spec, run_dir, route=True)
         else:
             result = run_ours(spec, run_dir)

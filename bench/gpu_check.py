@@ -25,6 +25,12 @@ Checks (what passes):
                           gsm8k's format.
   trl-route               2 steps of `selfdistill.integrations.trl` (TRL's GRPOTrainer with our dasd) on the tiny
                           model, with use_vllm=True, vllm_mode="colocate" where vLLM is installed (needs TRL).
+  trl-long-<method>       the route's fused output layer at reasoning lengths: 2 steps of the route (dasd, then
+                          opsd, frozen teacher) and of TRL's own GRPOTrainer (beta 0) at the same settings, each in
+                          its own process: a random Qwen2 model with Qwen's 151,936-token output layer (hidden 64,
+                          2 layers), 8 completions of exactly 1,024 tokens per step (128 with --cpu), micro-batch
+                          4, TRL's own generation. Passes when both run and the route's peak GPU memory (allocated,
+                          during training) is at most GRPOTrainer's; the note prints both (--cpu: peak RSS).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from _harness import WORKER_FLAG, error_line, markdown_table, run_worker, serve_worker
+from _harness import WORKER_FLAG, error_line, markdown_table, peak_rss_mib, run_worker, serve_worker
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKS = ("tiny", "smollm2", "eval", "trl", "fsdp2")
@@ -206,7 +212,12 @@ def _eval_compare(work: Path, device_is_cuda: bool) -> tuple[str, str]:
 
 
 def _trl_child(spec: dict) -> dict:
-    """The worker: train the route for 2 steps in spec["out"]; its steps, losses and whether vLLM generated."""
+    """The worker: one TRL run in spec["out"] (`_trl_vllm_run` or `_trl_long_run`, by spec["check"])."""
+    return _trl_long_run(spec) if spec["check"] == "long" else _trl_vllm_run(spec)
+
+
+def _trl_vllm_run(spec: dict) -> dict:
+    """Train the route for 2 steps on the tiny model; its steps, losses and whether vLLM generated."""
     import torch
 
     from selfdistill.data import SYNTHETIC_TASKS
@@ -234,20 +245,103 @@ def _trl_child(spec: dict) -> dict:
     return {"steps": trainer.state.global_step, "losses": losses, "vllm": use_vllm}
 
 
-def _trl_route(work: Path) -> tuple[str, str]:
-    if importlib.util.find_spec("trl") is None:
-        return "skipped", "TRL not installed (pip install selfdistill[trl])"
-    try:
-        import selfdistill.integrations.trl  # noqa: F401
-    except ImportError as error:
-        return "skipped", f"selfdistill.integrations.trl not available: {error}"
-    values = run_worker(__file__, {"out": str(work / "trl")}, timeout=300, env=_child_env())
+def _trl_long_run(spec: dict) -> dict:
+    """Two steps of the route (spec["method"]) or of GRPOTrainer (spec["method"] None) on the long-completion
+    model; the steps, losses, completion length and peak memory while training (GPU allocated, or RSS on CPU)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from selfdistill.data import SYNTHETIC_TASKS
+    from selfdistill.integrations.trl import problems_to_dataset
+    from selfdistill.objectives import OBJECTIVES
+
+    cuda = torch.cuda.is_available()
+    tokens = spec["new_tokens"]
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"], local_files_only=True)
+    dataset = Dataset.from_list(problems_to_dataset(SYNTHETIC_TASKS["operation_chains"](8, seed=0)))
+
+    def length_reward(completions, **kwargs):  # varies within a group even for an untrained model
+        return [float(len(c[-1]["content"]) % 5) for c in completions]
+
+    common = dict(output_dir=spec["out"], num_generations=4, per_device_train_batch_size=4,
+                  gradient_accumulation_steps=2, max_completion_length=tokens,
+                  generation_kwargs={"min_new_tokens": tokens}, max_steps=2, learning_rate=1e-5, logging_steps=1,
+                  report_to=[], save_strategy="no", bf16=cuda, use_cpu=not cuda, gradient_checkpointing=False)
+    kwargs = {"model": spec["model"], "reward_funcs": [length_reward], "train_dataset": dataset,
+              "processing_class": tokenizer}
+    if spec["method"] is None:
+        from trl import GRPOConfig, GRPOTrainer
+
+        trainer = GRPOTrainer(args=GRPOConfig(**common, beta=0.0), **kwargs)
+    else:
+        from selfdistill.integrations.trl import SelfDistillConfig, SelfDistillTrainer
+
+        extra = {} if OBJECTIVES[spec["method"]].std_normalize else {"scale_rewards": "none"}
+        args = SelfDistillConfig(**common, **extra, objective=spec["method"], objective_args={"teacher": "frozen"})
+        trainer = SelfDistillTrainer(args=args, **kwargs)
+        if trainer.full_logits_reason is not None:
+            raise RuntimeError(f"the route took the full-logits path: {trainer.full_logits_reason}")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
+    return {"steps": trainer.state.global_step, "losses": [e["loss"] for e in logs], "peak_mib": peak,
+            "length": [e.get("completions/mean_length") for e in logs]}
+
+
+def _trl_vllm(work: Path) -> tuple[str, str]:
+    values = run_worker(__file__, {"check": "vllm", "out": str(work / "trl")}, timeout=300, env=_child_env())
     if "error" in values:
         return "FAIL", values["error"][-200:]
     ok = values["steps"] == 2 and all(math.isfinite(x) for x in values["losses"])
     note = f"{values['steps']} steps, losses {values['losses']}, " + \
            ("vLLM colocate" if values["vllm"] else "TRL's own generation (no vLLM)")
     return ("ok" if ok else "FAIL"), note
+
+
+def _trl_missing() -> str | None:
+    if importlib.util.find_spec("trl") is None:
+        return "TRL not installed (pip install selfdistill[trl])"
+    try:
+        import selfdistill.integrations.trl  # noqa: F401
+    except ImportError as error:
+        return f"selfdistill.integrations.trl not available: {error}"
+    return None
+
+
+def _trl_long_model(work: Path) -> str:
+    """The long-completion model folder (bench/step_vs_trl.py's `long` size), built once."""
+    from _step_vs_trl_sides import build_model_dirs
+
+    return build_model_dirs(["long"], work)["long"]
+
+
+def _trl_long(work: Path, model: str, method: str, grpo: dict, new_tokens: int) -> tuple[str, str]:
+    """The route with `method` against GRPOTrainer's run `grpo` (measured once, shared by the methods)."""
+    spec = {"check": "long", "model": model, "new_tokens": new_tokens}
+    if not grpo:
+        grpo.update(run_worker(__file__, {**spec, "method": None, "out": str(work / "trl-long-grpo")}, timeout=900,
+                               env=_child_env()))
+    route = run_worker(__file__, {**spec, "method": method, "out": str(work / f"trl-long-{method}")}, timeout=900,
+                       env=_child_env())
+    for side, values in (("route", route), ("GRPOTrainer", grpo)):
+        if "error" in values:
+            return "FAIL", f"{side}: {values['error'][-200:]}"
+    ran = all(v["steps"] == 2 and all(math.isfinite(x) for x in v["losses"]) for v in (route, grpo))
+    ratio = route["peak_mib"] / grpo["peak_mib"]
+    unit = "GPU MiB allocated" if _cuda() else "MiB RSS (--cpu)"
+    note = (f"{new_tokens} tokens x 8 completions: route {method} peak {route['peak_mib']:.0f}, GRPOTrainer (beta 0) "
+            f"{grpo['peak_mib']:.0f} {unit} ({ratio:.2f}x); lengths {route['length']} / {grpo['length']}")
+    return ("ok" if ran and ratio <= 1.0 else "FAIL"), note
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +422,15 @@ def main(argv: list[str] | None = None) -> int:
     if "eval" in selected:
         _run("eval-hf-vs-vllm", lambda: _eval_compare(work, cuda), rows)
     if "trl" in selected:
-        _run("trl-route", lambda: _trl_route(work), rows)
+        missing = _trl_missing()
+        if missing:
+            rows.append(Row("trl-route", "skipped", 0.0, None, missing))
+        else:
+            _run("trl-route", lambda: _trl_vllm(work), rows)
+            model, grpo = _trl_long_model(work), {}
+            for method in ("dasd", "opsd"):
+                _run(f"trl-long-{method}", lambda m=method: _trl_long(work, model, m, grpo, 1024 if cuda else 128),
+                     rows)
     if "fsdp2" in selected:
         _run("fsdp2", lambda: _fsdp2(work, cuda), rows)
     total = time.perf_counter() - started

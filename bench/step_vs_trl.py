@@ -4,6 +4,7 @@
     python bench/step_vs_trl.py --quick                # a smoke check in about a minute
     python bench/step_vs_trl.py --pairs opsd-full --sizes qwen-vocab --steps 8 --profile
     python bench/step_vs_trl.py --sizes tiny --rounds 3 --steps 10   # steadier figures on a noisy machine
+    python bench/step_vs_trl.py --pairs dasd-route,opsd-route --sizes tiny,long --steps 2   # the TRL route
 
 Pairs (ours vs TRL), each with the frozen initial model as teacher (TRL: teacher_model_kind="base"):
   opsd-full   objective.name=opsd   (full-vocabulary JSD, beta 0.5)  vs  SDFTTrainer distillation_mode=full_logits
@@ -14,10 +15,13 @@ Pairs (ours vs TRL), each with the frozen initial model as teacher (TRL: teacher
               vs  TRL's own GRPOTrainer at the same settings with beta=0: both are TRL's loop (generation,
               rewards, accumulation, optimizer), so the difference is the route's loss path and its one teacher
               forward pass (the issue's bound: at most 1.15x)
+  opsd-route  the TRL route with objective opsd (frozen teacher)        vs  SDFTTrainer distillation_mode=full_logits
 Sizes (Qwen2 architecture, random weights, built from a config and saved once so both sides load the same weights):
   tiny        hidden 128, 2 layers, vocabulary 833 (the package's tiny tokenizer)
   qwen-vocab  hidden 64, 2 layers, vocabulary 151,936 (Qwen2/Qwen2.5's output layer), same tiny tokenizer: like a
               real Qwen model the output layer is larger than the tokenizer, ids past the tokenizer decode to nothing
+  long        the qwen-vocab model at reasoning lengths: 1,024 new tokens per completion, P=2 x G=2 completions per
+              step, micro-batch 1 (this size fixes those four settings whatever the command line says)
 
 What is the same on both sides: the problems (`number_sums`, the reference solution as TRL's `privileged_context`
 and as our problem's solution), the student and teacher prompts token for token (a prompt template registered here,
@@ -92,13 +96,19 @@ def merge_rounds(rounds: list[dict]) -> dict:
     return merged
 
 
+def workload(args: argparse.Namespace, size: str) -> argparse.Namespace:
+    """The command line's settings with those the size fixes (the long size's completion length and counts)."""
+    return argparse.Namespace(**{**vars(args), **dict(SIZES[size].workload)})
+
+
 def run_rounds(args: argparse.Namespace, pair: str, size: str, model_dir: str) -> dict[str, dict]:
     """Both sides of one (pair, size), --rounds times, the sides alternating so that slow spells hit both."""
     rounds: dict[str, list[dict]] = {side: [] for side in SIDES}
+    settings = vars(workload(args, size))
     for round_index in range(args.rounds):
         for side in SIDES:
             spec = {"side": side, "pair": pair, "size": size, "model_dir": model_dir,
-                    **{k: v for k, v in vars(args).items() if k not in ("worker", "quick", "timeout", "rounds")}}
+                    **{k: v for k, v in settings.items() if k not in ("worker", "quick", "timeout", "rounds")}}
             spec["profile"] = args.profile and round_index == 0
             rounds[side].append(run_case(spec, args.timeout))
             summary = summarize(rounds[side][-1])
@@ -119,10 +129,10 @@ def run_all(args: argparse.Namespace, sizes: list[str], pairs: list[str]) -> dic
 
 
 def trl_name(pair: str, grpo_beta: float) -> str:
-    _, kind, mode = PAIRS[pair]
-    if mode == "route":
-        return "GRPO beta=0"
-    return f"SDFT {mode}" if kind == "sdft" else f"GRPO beta={grpo_beta:g}"
+    chosen = PAIRS[pair]
+    if chosen.trl == "sdft":
+        return f"SDFT {chosen.mode}"
+    return "GRPO beta=0" if chosen.route else f"GRPO beta={grpo_beta:g}"
 
 
 def profiled_sides(results: dict, args: argparse.Namespace, key: str) -> Iterator[tuple[str, str, str, dict]]:
@@ -159,10 +169,11 @@ def print_main_table(results: dict, args: argparse.Namespace) -> None:
     rows, long_notes = [], []
     for (pair, size), sides in results.items():
         ours, trl = summarize(sides["ours"]), summarize(sides["trl"])
-        note = case_notes(sides, args)
+        note = case_notes(sides, workload(args, size))
         short = "; ".join(n if len(n) <= 160 else n[:157] + "..." for n in note)
         long_notes.extend(f"{pair} / {size}: {n}" for n in note if len(n) > 160)
-        rows.append([f"{pair} (vs {trl_name(pair, args.grpo_beta)})", size, fmt(ours["s"], 3), fmt(trl["s"], 3),
+        name = f"{pair} ({'route' if PAIRS[pair].route else 'ours'} vs {trl_name(pair, args.grpo_beta)})"
+        rows.append([name, size, fmt(ours["s"], 3), fmt(trl["s"], 3),
                      ratio(ours["s"], trl["s"]), fmt(ours["peak"], 0), fmt(trl["peak"], 0),
                      ratio(ours["peak"], trl["peak"]), fmt(ours["extra"], 0), fmt(trl["extra"], 0),
                      f"{fmt(ours['len'], 1)} / {fmt(trl['len'], 1)}", short])
@@ -208,12 +219,13 @@ def print_settings(results: dict, args: argparse.Namespace, sizes: list[str]) ->
     thread_counts = ",".join(map(str, sorted(threads))) or "?"
     rows = args.prompts * args.group_size
     print(f"\nSettings: {device}, torch threads {thread_counts}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, trl {trl.__version__}; P={args.prompts} prompts x "
+          f"transformers {transformers.__version__}, trl {trl.__version__}; unless a size fixes its own (below): "
+          f"P={args.prompts} prompts x "
           f"G={args.group_size} samples per step, {args.max_new_tokens} new tokens (fixed), micro-batch "
           f"{args.micro_batch} (gradient accumulation {rows // args.micro_batch}), lr {args.lr:g}, top-k {args.top_k}, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32; median of "
           f"{args.steps} steps after {args.warmup} warm-up, {args.rounds} round(s); sizes: "
-          + ", ".join(f"{s} = {SIZES[s]}" for s in sizes))
+          + "; ".join(f"{s} = {SIZES[s]}" for s in sizes))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ from datasets import Dataset  # noqa: E402
 from selfdistill.config import ConfigError  # noqa: E402
 from selfdistill.data import operation_chains  # noqa: E402
 from selfdistill.integrations.trl import (  # noqa: E402
+    EMA_TEACHER_FILE,
     BoxedAnswerReward,
+    FullLogitsWarning,
     SelfDistillConfig,
     SelfDistillTrainer,
     problems_to_dataset,
@@ -36,7 +38,7 @@ def tiny_rows(n=8, seed=0):
     return problems_to_dataset(operation_chains(n, seed=seed))
 
 
-def make_trainer(tmp_path, method="dasd", rows=None, peft_config=None, **overrides):
+def make_trainer(tmp_path, method="dasd", rows=None, peft_config=None, model=None, trainer_kwargs=None, **overrides):
     _, tokenizer = load_model("tiny")
     values = dict(
         output_dir=str(tmp_path / "out"), objective=method, objective_args={"teacher": "frozen"},
@@ -47,8 +49,9 @@ def make_trainer(tmp_path, method="dasd", rows=None, peft_config=None, **overrid
     values.update(overrides)
     args = SelfDistillConfig(**values)
     dataset = Dataset.from_list(rows if rows is not None else tiny_rows())
-    return SelfDistillTrainer(model=str(tiny_model_dir()), reward_funcs=[length_reward], args=args,
-                              train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    return SelfDistillTrainer(model=model if model is not None else str(tiny_model_dir()), reward_funcs=[length_reward],
+                              args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+                              **(trainer_kwargs or {}))
 
 
 def one_batch(trainer, rows):
@@ -106,9 +109,11 @@ def test_num_iterations_two_makes_the_clip_act(tmp_path):
                                              for m in ("dasd_divergence", "egrsd", "opsd", "rlsd", "grpo"))])
 def test_per_token_loss_equals_the_registry(tmp_path, method):
     trainer = make_trainer(tmp_path, method)
+    assert trainer.full_logits_reason is None  # the tiny model's head is plain h @ W.T: the fused path
     rows = tiny_rows(2)
     inputs = one_batch(trainer, rows)
-    per_token, stats, mask, _ = trainer.objective_terms(trainer.model, inputs)
+    terms = trainer.objective_terms(trainer.model, inputs)
+    per_token, stats, mask = terms.per_token, terms.stats, terms.mask
 
     # The same statistics computed independently: a plain forward over whole sequences, the textbook formulas.
     model = trainer.model
@@ -131,13 +136,75 @@ def test_per_token_loss_equals_the_registry(tmp_path, method):
     expected, _ = OBJECTIVES[method](batch)
     assert torch.equal(mask, expected_mask)
     assert per_token.shape == expected.shape == inputs["completion_ids"].shape
-    assert (per_token.detach() - expected).abs().max() <= 1e-6
-    assert (stats.logp.detach() - reference.logp).abs().max() <= 1e-5
+    assert (per_token - expected).abs().max() <= 1e-5
+    assert (stats.logp - reference.logp).abs().max() <= 1e-5
     if teacher is not None:
         assert (stats.teacher_logp - reference.teacher_logp).abs().max() <= 1e-5
         # the teacher really saw other prompts than the student
         assert not torch.equal(inputs["teacher_prompt_ids"][:, -3:], inputs["prompt_ids"][:, -3:]) or \
             inputs["teacher_prompt_ids"].shape != inputs["prompt_ids"].shape
+
+    # and the same per-token loss, loss and gradient as the full-logits path (the route before hidden states)
+    trainer.current_gradient_accumulation_steps = trainer.args.steps_per_generation
+    grads, losses = [], []
+    for full_logits in (False, True):
+        trainer.model.zero_grad()
+        terms = trainer.objective_terms(trainer.model, inputs, full_logits=full_logits)
+        terms.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        losses.append(float(terms.loss.detach()))
+        assert (terms.per_token - per_token).abs().max() <= 1e-5
+    assert abs(losses[0] - losses[1]) <= 1e-6
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_the_fused_route_never_forms_full_logits(tmp_path):
+    """Every tensor an op makes while the route computes the loss and its gradient, forward and backward: none with
+    the vocabulary as its last dimension covers more positions than the fused path's workspace (five buffers of
+    one block's positions, here one row), except views of the output weight; the full-logits path, watched the
+    same way, does form `[B,T,V]` (so the watch can see it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    trainer = make_trainer(tmp_path, "opsd", max_completion_length=32, fused_chunk_tokens=32)
+    inputs = one_batch(trainer, tiny_rows(2))
+    B, T = inputs["completion_ids"].shape
+    weight = trainer.model.get_output_embeddings().weight
+    V = weight.shape[0]
+    assert weight.shape[1] < B * T  # [d,V] views would otherwise look like d positions of logits
+
+    class Widest(TorchDispatchMode):
+        positions = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if torch.is_tensor(t) and t.dim() >= 2 and t.shape[-1] == V and \
+                        t.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+                    Widest.positions = max(Widest.positions, t.numel() // V)
+            return out
+
+    trainer.current_gradient_accumulation_steps = trainer.args.steps_per_generation
+    widest = {}
+    for full_logits in (False, True):
+        Widest.positions = 0
+        with Widest():
+            trainer.objective_terms(trainer.model, inputs, full_logits=full_logits).loss.backward()
+        widest[full_logits] = Widest.positions
+    assert widest[False] <= 5 * T < B * T, widest
+    assert widest[True] >= B * T, widest
+
+
+def test_a_head_that_is_not_plain_takes_the_full_logits_path_with_a_warning(tmp_path):
+    model, _ = load_model(str(tiny_model_dir()))
+    model.config.final_logit_softcapping = 30.0  # refused by name by check_output_layer
+    with pytest.warns(FullLogitsWarning, match="final_logit_softcapping"):
+        trainer = make_trainer(tmp_path, "dasd", model=model, max_steps=1)
+    assert "final_logit_softcapping" in trainer.full_logits_reason
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 1 and math.isfinite(logs[0]["loss"])
 
 
 @pytest.mark.slow
@@ -147,14 +214,60 @@ def test_micro_batch_losses_sum_to_the_aggregate_of_the_step(tmp_path):
     inputs = one_batch(trainer, tiny_rows(2))  # 8 rows = 2 micro-batches of 4 (steps_per_generation = 2)
     trainer.current_gradient_accumulation_steps = 2
     with torch.no_grad():
-        per_token, _, mask, _ = trainer.objective_terms(trainer.model, inputs)
-        whole = aggregate(per_token, mask, mode="token-mean")
+        terms = trainer.objective_terms(trainer.model, inputs)
+        whole = aggregate(terms.per_token, terms.mask, mode="token-mean")
         halves = []
         for rows in (slice(0, 4), slice(4, 8)):
             part = {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in inputs.items()}
             halves.append(trainer._compute_loss(trainer.model, part))
-    assert float(inputs["num_items_in_batch"]) == float(mask.sum())
+    assert float(inputs["num_items_in_batch"]) == float(terms.mask.sum())
     assert abs(float(sum(halves)) - float(whole)) <= 1e-6
+
+
+def test_two_optimizer_steps_per_generation_batch_are_each_normalized_by_their_own_tokens(tmp_path):
+    """steps_per_generation = 4, gradient_accumulation_steps = 2: each optimizer step's two micro-batch losses add
+    up to `aggregate` over exactly those two micro-batches (their own token count, not half the batch's)."""
+    trainer = make_trainer(tmp_path, "dasd", steps_per_generation=4, max_completion_length=16)
+    generation_batch = [row for row in tiny_rows(4) for _ in range(G)]  # 16 rows: 4 micro-batches of 4
+    trainer.model.train()
+    micro_batches = []
+    for step in range(4):  # as TRL's training_step advances it
+        trainer._step = step
+        micro_batches.append(trainer._prepare_inputs(generation_batch))
+    trainer.current_gradient_accumulation_steps = 2
+    counts = []
+    with torch.no_grad():
+        for first in (0, 2):
+            pair = micro_batches[first : first + 2]
+            terms = [trainer.objective_terms(trainer.model, inputs) for inputs in pair]
+            mask = torch.cat([t.mask for t in terms])
+            whole = aggregate(torch.cat([t.per_token for t in terms]), mask, mode="token-mean")
+            assert abs(float(sum(t.loss for t in terms)) - float(whole)) <= 1e-6
+            assert all(float(inputs["step_tokens"]) == float(mask.sum()) for inputs in pair)
+            counts.append(float(mask.sum()))
+    assert sum(counts) == float(micro_batches[0]["num_items_in_batch"])
+
+
+def test_the_head_check_without_a_probe_refuses_named_scales_only():
+    """Under ZeRO-3 the route checks the head by name only (no forward on partitioned weights)."""
+    from selfdistill.forward import check_output_layer
+
+    model, _ = load_model(str(tiny_model_dir()))
+    model.config.logits_scaling = 4.0
+    with pytest.raises(NotImplementedError, match="logits_scaling=4.0"):
+        check_output_layer(model, probe=False)
+    model.config.logits_scaling = 1.0
+    plain_forward = model.forward
+
+    def scaled_forward(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = scaled_forward
+    check_output_layer(model, probe=False)  # only a probe forward can see this one
+    with pytest.raises(NotImplementedError, match="logits differ"):
+        check_output_layer(model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,6 +332,90 @@ def test_ema_teacher_moves_toward_the_student_by_one_minus_decay(tmp_path):
     assert any(not torch.equal(p, initial[n]) for n, p in trainer.teacher_model.named_parameters())
 
 
+def test_ema_average_is_float32_over_low_precision_weights():
+    """A bfloat16 teacher moved by 1 % of a small change a hundred times: the float32 average keeps it, an
+    average kept in bfloat16 (TRL's SyncRefModelCallback) rounds every step away."""
+    from selfdistill.integrations.ema import ShardedEma
+
+    student = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+    teacher = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+    teacher.weight.data.fill_(1.0)
+    student.weight.data.fill_(1.0 + 2 ** -6)  # one bfloat16 step above 1 is 2**-7; 1 % of this is far below it
+    ema = ShardedEma(student.named_parameters(), teacher.named_parameters(), decay=0.99)
+    naive = teacher.weight.detach().clone()
+    for _ in range(100):
+        ema.update()
+        naive.lerp_(student.weight.detach(), 0.01)
+    exact = 1.0 + 2 ** -6 * (1 - 0.99 ** 100)
+    assert ema.average["weight"].dtype == torch.float32
+    assert abs(float(ema.average["weight"][0, 0]) - exact) < 1e-6
+    assert float(naive[0, 0]) == 1.0  # bfloat16 averaging never moved
+    assert float(teacher.weight.detach()[0, 0]) > 1.0  # the teacher's weights follow the float32 average
+
+
+@pytest.mark.slow
+def test_a_resumed_ema_run_repeats_the_uninterrupted_one(tmp_path):
+    """Stopped after step 2 and resumed from its checkpoint: the same losses at steps 3-4 and the same EMA teacher
+    (float32 average included) as a run of four steps straight through."""
+    settings = dict(max_steps=4, objective_args={"teacher": "ema", "ema_decay": 0.5}, save_strategy="steps",
+                    save_steps=2, learning_rate=5e-2)
+    straight = make_trainer(tmp_path / "straight", "dasd", **settings)
+    straight.train()
+    from transformers import TrainerCallback
+
+    class StopAfterTwo(TrainerCallback):  # an interruption: the schedule still runs to max_steps = 4
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    stopped = make_trainer(tmp_path / "stopped", "dasd", **settings)
+    stopped.add_callback(StopAfterTwo())
+    stopped.train()
+    assert stopped.state.global_step == 2
+    checkpoint = tmp_path / "stopped" / "out" / "checkpoint-2"
+    assert (checkpoint / EMA_TEACHER_FILE).is_file()
+    resumed = make_trainer(tmp_path / "stopped", "dasd", **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    def losses(trainer):
+        return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+
+    assert sorted(losses(resumed)) == [1, 2, 3, 4]  # steps 1-2 from the checkpoint's trainer state
+    for step in (3, 4):
+        assert losses(resumed)[step] == pytest.approx(losses(straight)[step], abs=1e-6), step
+    resumed_teacher = dict(resumed.teacher_model.named_parameters())
+    for name, param in straight.teacher_model.named_parameters():
+        assert torch.allclose(param, resumed_teacher[name], atol=1e-6), name
+    for name, average in straight.ema_average().average.items():
+        assert torch.allclose(average, resumed.ema_average().average[name], atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_resuming_an_ema_run_without_its_average_is_an_error(tmp_path):
+    trainer = make_trainer(tmp_path, "dasd", max_steps=1, objective_args={"teacher": "ema"}, save_strategy="steps",
+                           save_steps=1)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    (checkpoint / EMA_TEACHER_FILE).unlink()
+    resumed = make_trainer(tmp_path, "dasd", max_steps=2, objective_args={"teacher": "ema"})
+    with pytest.raises(FileNotFoundError, match=EMA_TEACHER_FILE):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+
+
+# ----------------------------------------------------------------------------------------------
+# the step the objective sees
+
+
+@pytest.mark.slow
+def test_reopold_switches_phase_at_switch_step_through_train(tmp_path):
+    """REOPOLD's phase II starts once `switch_step` rollout batches are done; with num_iterations = 2 each rollout
+    batch takes two optimizer steps, so the phase logged at optimizer steps 1-4 is 1, 1, 2, 2."""
+    trainer = make_trainer(tmp_path, "reopold", objective_args={"teacher": "frozen", "switch_step": 1},
+                           num_iterations=2, max_steps=4)
+    trainer.train()
+    phases = [e["reopold/phase"] for e in trainer.state.log_history if "loss" in e]
+    assert phases == [1.0, 1.0, 2.0, 2.0]
+
+
 def test_a_long_privileged_context_is_never_cut(tmp_path):
     rows = tiny_rows(2)
     long_context = " ".join(f"step {i}: 12 + {i} = {12 + i}." for i in range(60)) + " FINAL-MARK"
@@ -272,12 +469,60 @@ def test_config_refuses_what_it_cannot_honour(tmp_path, overrides, message):
         SelfDistillConfig(**values)
 
 
-def test_config_takes_objective_args_as_json_and_sets_the_ema_rate(tmp_path):
+def _config(tmp_path, **overrides):
+    values = {"output_dir": str(tmp_path), "use_cpu": True, "report_to": [], "num_generations": 2,
+              "per_device_train_batch_size": 2, **overrides}
+    return SelfDistillConfig(**values)
+
+
+def test_loss_type_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"loss_type='grpo' is not supported .* the loss is the objective's"):
+        _config(tmp_path, loss_type="grpo")
+
+
+def test_epsilon_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"epsilon=0\.3 is not supported .* eps_low / eps_high"):
+        _config(tmp_path, epsilon=0.3)
+
+
+def test_epsilon_high_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"epsilon_high=0\.28 is not supported .* eps_low / eps_high"):
+        _config(tmp_path, epsilon_high=0.28)
+
+
+def test_cast_lm_head_to_fp32_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"cast_lm_head_to_fp32=True is not supported .* teacher's stays"):
+        _config(tmp_path, cast_lm_head_to_fp32=True)
+
+
+def test_sync_ref_model_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"sync_ref_model=True is not supported .* teacher='ema'"):
+        _config(tmp_path, sync_ref_model=True)
+
+
+def test_accumulation_that_does_not_divide_the_generation_batch_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=2 does not divide steps_per_generation=3"):
+        _config(tmp_path, gradient_accumulation_steps=2, steps_per_generation=3)
+    assert _config(tmp_path, gradient_accumulation_steps=2, steps_per_generation=4).steps_per_generation == 4
+
+
+def test_environment_factory_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="environment_factory is not supported .* teacher prompt"):
+        make_trainer(tmp_path, "dasd", trainer_kwargs={"environment_factory": lambda: object()})
+
+
+def test_multimodal_inputs_are_refused(tmp_path):
+    rows = [{**row, "image": None} for row in tiny_rows(2)]
+    with pytest.raises(ConfigError, match=r"multimodal inputs are not supported .*\['image'\]"):
+        make_trainer(tmp_path, "dasd", rows=rows)
+
+
+def test_config_takes_objective_args_as_json(tmp_path):
     args = SelfDistillConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], num_generations=2,
                              per_device_train_batch_size=2, objective="dasd",
                              objective_args='{"teacher": "ema", "ema_decay": 0.9, "beta": 0.5}')
     assert args.objective_config.knobs == {"beta": 0.5}
-    assert args.ref_model_mixup_alpha == pytest.approx(0.1) and args.ref_model_sync_steps == 1
+    assert args.objective_config.ema_decay == 0.9 and not args.sync_ref_model  # the route keeps the EMA itself
 
 
 def test_boxed_answer_reward_grades_against_the_answer_column():

@@ -306,13 +306,15 @@ def output_weight(model: torch.nn.Module) -> Tensor:
     return model.get_output_embeddings().weight  # [V,d]
 
 
-def check_output_layer(model: torch.nn.Module) -> None:
+def check_output_layer(model: torch.nn.Module, *, probe: bool = True) -> None:
     """The fused statistics need plain `logits = h @ W.T`; refuse heads that do more.
 
     Known attributes (a bias, soft-capping, Granite's `logits_scaling`, ...) are refused by name; any other
     change the model's forward makes to the logits is found by one probe forward of a few tokens, comparing
     the model's logits with `h @ W.T` of its decoder's hidden states. Training log-probs that differ from the
     distribution the rollouts were sampled from would make every update off-policy without a word.
+    probe: False skips the probe forward (the named checks only), for weights another engine has already
+    partitioned (DeepSpeed ZeRO-3), where a plain forward cannot run.
     """
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
@@ -322,6 +324,8 @@ def check_output_layer(model: torch.nn.Module) -> None:
         if getattr(config, attr, None) not in (None, 1, 1.0):
             raise NotImplementedError(f"models with {attr}={getattr(config, attr)} are not supported yet: the fused "
                                       "token statistics compute logits = h @ W.T, and this model scales them")
+    if not probe:
+        return
     weight = head.weight  # [V,d]
     ids = torch.arange(1, 5, device=weight.device)[None] % weight.shape[0]  # [1,4]
     was_training = model.training
