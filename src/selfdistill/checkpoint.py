@@ -95,16 +95,23 @@ def save_checkpoint(
         tensors = {k: v.detach().clone().contiguous() for k, v in teacher_state.items()}  # unshare tied weights
         save_file(tensors, str(tmp / "teacher.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    return _finish_checkpoint(tmp, final, state, scheduler=scheduler, keep=keep)
+
+
+def _finish_checkpoint(tmp: Path, final: Path, state: TrainingState, *, scheduler: Any, keep: int,
+                       **extra: Any) -> Path:
+    """Add the schedule, RNG and step (`extra` into state.json) to the finished `tmp` folder, mark it complete,
+    rename it to `final`, and keep only the last `keep` checkpoints of its run."""
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     payload = {"step": state.step, "cursor": state.cursor, "config": state.config,
-               "python_random": _jsonable(random.getstate())}
+               "python_random": _jsonable(random.getstate()), **extra}
     (tmp / "state.json").write_text(json.dumps(payload, indent=1))
     (tmp / MARKER).write_text("ok\n")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    for old in complete_checkpoints(run_dir)[:-keep]:
+    for old in complete_checkpoints(final.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -195,17 +202,7 @@ def save_sharded_checkpoint(
     del shards
     if is_main:
         _save_full_weights(model, full_state, tmp, tokenizer)
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-        payload = {"step": state.step, "cursor": state.cursor, "config": state.config,
-                   "python_random": _jsonable(random.getstate()), "processes": dist.get_world_size()}
-        (tmp / "state.json").write_text(json.dumps(payload, indent=1))
-        (tmp / MARKER).write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _finish_checkpoint(tmp, final, state, scheduler=scheduler, keep=keep, processes=dist.get_world_size())
     dist.barrier()
     return final if is_main else None
 

@@ -18,8 +18,8 @@ from torch import Tensor
 from selfdistill.objectives.knobs import (
     NORMALIZATIONS,
     AntisdKnobs,
-    DasdDivergenceKnobs,
     DasdKnobs,
+    DasdRoutingKnobs,
     EgrsdKnobs,
     RlrtKnobs,
     RlsdKnobs,
@@ -243,7 +243,7 @@ def dasd_direction(
     router_entropy: Tensor,
     gap: Tensor,
     mask: Tensor,
-    knobs: DasdKnobs | DasdDivergenceKnobs = DasdKnobs(),
+    knobs: DasdRoutingKnobs = DasdKnobs(),
     *,
     step: int = 0,
     eps: float = 1e-6,

@@ -77,24 +77,10 @@ class EgrsdKnobs:
         check_knob(self.lookahead is None or self.lookahead >= 1, "lookahead", f"must be >= 1, got {self.lookahead}")
 
 
-def _check_routing(knobs: DasdKnobs | DasdDivergenceKnobs) -> None:
-    check_knob(0.0 <= knobs.rho <= 1.0, "rho", f"must lie in [0, 1], got {knobs.rho}")
-    check_knob(knobs.direction in DIRECTIONS, "direction", f"must be one of {DIRECTIONS}, got {knobs.direction!r}")
-    check_knob(knobs.router in ROUTERS, "router", f"must be one of {ROUTERS}, got {knobs.router!r}")
-    check_knob(knobs.normalize in NORMALIZATIONS, "normalize",
-               f"must be one of {NORMALIZATIONS}, got {knobs.normalize!r}")
-    check_knob(knobs.quantile in QUANTILE_ENDS, "quantile", f"must be one of {QUANTILE_ENDS}, got {knobs.quantile!r}")
-    check_knob(knobs.scale_floor >= 0, "scale_floor", f"must be >= 0, got {knobs.scale_floor}")
-    check_clip_range(eps_low=knobs.eps_low, eps_high=knobs.eps_high)
-
-
 @dataclass(frozen=True)
-class DasdKnobs:
-    """DASD: `Â_t = A_i + beta·ω_t·δ̄_t`, ω from the entropy router (`dasd_direction`), then the clipped surrogate.
-
-    Defaults chosen by the study's sweep on the search task's in-distribution split (docs/study.md) [recon]:
-    beta = 0.03 (it was 1.0) and `push_signal="jsd"`, the bounded push (it was `"log_ratio"`).
-    """
+class DasdRoutingKnobs:
+    """The knobs DASD and its full-vocabulary variant share: the entropy router that gives ω (`dasd_direction`),
+    the term's weight `beta`, and the surrogate's clip."""
 
     rho: float = 0.2
     beta: float = 0.03
@@ -104,35 +90,45 @@ class DasdKnobs:
     gate: bool = True
     quantile: str = "top"
     scale_floor: float = 0.1
-    push_signal: str = "jsd"
-    push_beta: float = 0.5
     eps_low: float = 0.2
     eps_high: float = 0.2
 
     def __post_init__(self) -> None:
-        _check_routing(self)
+        check_knob(0.0 <= self.rho <= 1.0, "rho", f"must lie in [0, 1], got {self.rho}")
+        check_knob(self.direction in DIRECTIONS, "direction", f"must be one of {DIRECTIONS}, got {self.direction!r}")
+        check_knob(self.router in ROUTERS, "router", f"must be one of {ROUTERS}, got {self.router!r}")
+        check_knob(self.normalize in NORMALIZATIONS, "normalize",
+                   f"must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        check_knob(self.quantile in QUANTILE_ENDS, "quantile",
+                   f"must be one of {QUANTILE_ENDS}, got {self.quantile!r}")
+        check_knob(self.scale_floor >= 0, "scale_floor", f"must be >= 0, got {self.scale_floor}")
+        check_clip_range(eps_low=self.eps_low, eps_high=self.eps_high)
+
+
+@dataclass(frozen=True)
+class DasdKnobs(DasdRoutingKnobs):
+    """DASD: `Â_t = A_i + beta·ω_t·δ̄_t`, ω from the entropy router (`dasd_direction`), then the clipped surrogate;
+    on push tokens the signal is `push_signal` (`"jsd"`: AntiSD's bounded JSD_push_beta ascent signal).
+
+    Defaults chosen by the study's sweep on the search task's in-distribution split (docs/study.md) [recon]:
+    beta = 0.03 (it was 1.0) and `push_signal="jsd"`, the bounded push (it was `"log_ratio"`).
+    """
+
+    push_signal: str = "jsd"
+    push_beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check_knob(self.push_signal in PUSH_SIGNALS, "push_signal",
                    f"must be one of {PUSH_SIGNALS}, got {self.push_signal!r}")
         check_knob(0.0 < self.push_beta < 1.0, "push_beta", f"must lie in (0, 1), got {self.push_beta}")
 
 
 @dataclass(frozen=True)
-class DasdDivergenceKnobs:
+class DasdDivergenceKnobs(DasdRoutingKnobs):
     """DASD's full-vocabulary variant: `ℓ_t = ℓ^GRPO_t + beta·ω_t·D_t`, ω from the same router as DASD."""
 
-    rho: float = 0.2
     beta: float = 1.0
-    direction: str = "dasd"
-    router: str = "student_entropy"
-    normalize: str = "mad"
-    gate: bool = True
-    quantile: str = "top"
-    scale_floor: float = 0.1
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-
-    def __post_init__(self) -> None:
-        _check_routing(self)
 
 
 @dataclass(frozen=True)
