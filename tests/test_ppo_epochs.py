@@ -135,6 +135,7 @@ def test_ratio_leaves_one_and_the_clip_engages(tmp_path, method):
     assert all(call["shift"].abs().max() > 0 for call in later)  # every later update is off-policy
     assert max(c["clip_fraction"] for c in calls if c["update"] >= 2) > 0  # the second epoch clips
     assert metrics["clip_fraction"] > 0
+    assert metrics["approx_kl"] > 0  # the later updates moved away from the behaviour policy
     trainer.grader.close()
 
 

@@ -367,6 +367,10 @@ class Trainer:
                                        teacher_weight=teacher_weight,
                                        divergence=spec, chunk_tokens=cfg.optim.chunk_tokens or None,
                                        buffers=self.fused_buffers, weight_grad_out=weight_grad)
+        if old_logp is not None:  # k3 estimate of KL(behaviour ‖ current) on the sampled tokens, as TRL and verl log
+            log_ratio = (stats.logp.detach() - old_logp) * mask  # [b,T]
+            n = float(mask.sum())
+            step_log.add("approx_kl", float(((log_ratio.exp() - 1.0 - log_ratio) * mask).sum()) / max(n, 1), n)
         return loss, stats, mask
 
     def train_step(self) -> dict[str, Any]:
