@@ -82,7 +82,7 @@ def test_register_objective_with_a_knobs_dataclass(registry):
         "weight": 2.0}
     with pytest.raises(ConfigError, match=r"objective\.knobs\.weight \(objective\.weight\): weight must be positive"):
         config_from_dict({"objective": {"name": "scaled_by_dataclass", "weight": -1.0}})
-    with pytest.raises(KnobError, match="wieght is not a knob of 'scaled_by_dataclass'; its knobs: weight, clip"):
+    with pytest.raises(KnobError, match="method 'scaled_by_dataclass' takes no knob 'wieght'; its knobs: weight, clip"):
         objective.check_knobs({"wieght": 1.0})
     with pytest.raises(ValueError, match=r"two positional arguments \(the batch, the knobs\)"):
         register_objective("one_arg", lambda batch: (batch.mask, {}), knobs=ScaleKnobs)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfdistill.objectives.policy import AGGREGATIONS
+from selfdistill.objectives.policy import AGGREGATIONS, KnobError
 from selfdistill.tokenstats import DivergenceSpec, TokenStats
 
 Diagnostics = dict[str, Tensor]
@@ -50,6 +50,15 @@ class ObjectiveBatch:
     @property
     def behaviour_logp(self) -> Tensor:
         return self.stats.logp.detach() if self.old_logp is None else self.old_logp
+
+
+class UnknownKnobError(KnobError):
+    """A knob name the method does not take; the message lists the ones it does."""
+
+    def __init__(self, knob: str, method: str, accepted: list[str]) -> None:
+        listed = ", ".join(accepted) or "none"
+        ValueError.__init__(self, f"method {method!r} takes no knob {knob!r}; its knobs: {listed}")
+        self.knob = knob
 
 
 def probe_batch(advantage: float = 1.0) -> ObjectiveBatch:
@@ -106,12 +115,10 @@ class Objective:
     def check_knobs(self, knobs: dict[str, Any]) -> None:
         """Raise `KnobError` (naming the knob) or ValueError / TypeError unless the method runs with `knobs`: the
         names are its knobs, the knobs dataclass accepts the values, and the loss runs on a probe batch."""
-        from selfdistill.objectives.policy import KnobError
-
         accepted = self.knob_defaults()
         for name in knobs:
             if name not in accepted:
-                raise KnobError(name, f"is not a knob of {self.name!r}; its knobs: {', '.join(accepted) or 'none'}")
+                raise UnknownKnobError(name, self.name, list(accepted))
         self(probe_batch(), **knobs)
 
     def advantage_role(self, knobs: dict[str, Any]) -> str:
