@@ -76,8 +76,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, confidence: float = 0.95, 
     # (count + 1) / (R + 1): a bootstrap p-value is never exactly 0 from finitely many resamples
     below = (np.count_nonzero(means <= -margin) + 1) / (resamples + 1)
     above = (np.count_nonzero(means >= margin) + 1) / (resamples + 1)
-    return Interval(float(diff.mean()), float(low), float(high), confidence, min(1.0, below), min(1.0, above),
-                    resamples)
+    return Interval(float(diff.mean()), float(low), float(high), confidence, below, above, resamples)
 
 
 def equivalence(a: np.ndarray, b: np.ndarray, *, margin: float, alpha: float = 0.05,
