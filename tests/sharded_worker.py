@@ -31,7 +31,10 @@ from selfdistill.trainer import Trainer
 CASES = {
     "dasd": {"objective": {"name": "dasd"}},
     "opsd": {"objective": {"name": "opsd"}},
-    "grpo": {"objective": {"name": "grpo"}, "optim": {"ppo_epochs": 2, "mini_batches": 2}},
+    # PPO mini-batches in the same consecutive parts every epoch: shuffled, each process draws from its own rows,
+    # so the parts would depend on the process count (see `optim.shuffle_minibatches`)
+    "grpo": {"objective": {"name": "grpo"},
+             "optim": {"ppo_epochs": 2, "mini_batches": 2, "shuffle_minibatches": False}},
     "opsd_ema": {"objective": {"name": "opsd", "teacher": "ema", "ema_decay": 0.5}},
     "dasd_live": {"objective": {"name": "dasd", "teacher": "live"}},
     "opsd_lora": {"objective": {"name": "opsd"}, "model": {"lora_rank": 4, "lora_alpha": 8.0}},
@@ -39,7 +42,8 @@ CASES = {
     "opsd_untied": {"objective": {"name": "opsd"}, "model": {"path": "UNTIED"}},
     # the scoring pass with a teacher: its output weight kept (copied) for the updates; one rollout step (4 updates:
     # beyond them dasd's float noise between the layouts grows past the tolerances, under DDP as under FSDP2)
-    "dasd_ppo": {"objective": {"name": "dasd"}, "optim": {"ppo_epochs": 2, "mini_batches": 2, "steps": 1}},
+    "dasd_ppo": {"objective": {"name": "dasd"},
+                 "optim": {"ppo_epochs": 2, "mini_batches": 2, "steps": 1, "shuffle_minibatches": False}},
 }
 
 

@@ -16,7 +16,7 @@ from test_trainer import _final_weights, length_reward, tiny_config
 from selfdistill.checkpoint import find_checkpoint
 from selfdistill.config import ConfigError
 from selfdistill.scoring import RolloutGroup, minibatches
-from selfdistill.trainer import StepLog, Trainer
+from selfdistill.trainer import StepLog, Trainer, Update
 
 
 def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -83,6 +83,41 @@ def test_minibatches_take_whole_prompt_groups_where_they_can():
         assert minibatches(6, group_size=2, parts=parts) == rows
 
 
+def test_shuffled_minibatches_are_a_seeded_partition_of_the_same_sizes():
+    """Shuffled parts: every row once, each part's rows ascending and whole prompt groups, the unshuffled parts'
+    sizes; the same parts for the same seed, other parts for other seeds; one part is every row whatever the seed."""
+    plain = minibatches(12, group_size=2, parts=3)
+    drawn = {seed: minibatches(12, group_size=2, parts=3, seed=seed) for seed in range(6)}
+    for parts in drawn.values():
+        assert sorted(row for part in parts for row in part) == list(range(12))
+        assert [len(part) for part in parts] == [len(part) for part in plain]
+        assert all(part == sorted(part) and all(part[i] // 2 == part[i + 1] // 2 for i in range(0, len(part), 2))
+                   for part in parts)
+    assert drawn[0] == minibatches(12, group_size=2, parts=3, seed=0)
+    assert len({str(parts) for parts in drawn.values()}) > 1
+    assert minibatches(12, group_size=2, parts=1, seed=3) == [list(range(12))]
+    rows = minibatches(6, group_size=4, parts=3, seed=1)  # fewer prompts than parts: single rows
+    assert sorted(row for part in rows for row in part) == list(range(6)) and [len(p) for p in rows] == [2, 2, 2]
+
+
+def test_the_trainer_draws_new_parts_each_epoch_and_step(tmp_path):
+    """`optim.shuffle_minibatches` (default on): the parts of an epoch are drawn from (seed, step, epoch); off, the
+    consecutive parts every epoch."""
+    config = tiny_config(tmp_path, optim={"ppo_epochs": 2, "mini_batches": 4}, rollout={"prompts_per_step": 8})
+    trainer = Trainer(config, reward_fn=length_reward)
+    group = trainer._rollouts(trainer._step_problems())
+    draws = {(step, epoch): None for step in range(3) for epoch in range(3)}
+    for step, epoch in draws:
+        trainer.step = step
+        draws[step, epoch] = trainer._update_batches(group, epoch)
+    assert len({str(parts) for parts in draws.values()}) > 1
+    trainer.step = 1
+    assert trainer._update_batches(group, 2) == draws[1, 2]  # a resumed run draws the same
+    trainer.config.optim.shuffle_minibatches = False
+    assert trainer._update_batches(group, 2) == minibatches(len(group.responses), 2, 4)
+    trainer.grader.close()
+
+
 @pytest.mark.parametrize(("method", "teacher"), [("grpo", "frozen"), ("dasd", "live")])
 def test_one_by_one_is_todays_on_policy_update(tmp_path, monkeypatch, method, teacher):
     """1 × 1 takes the on-policy path (no scoring pass, ratio 1) and ends bit for bit where the step before
@@ -100,7 +135,7 @@ def test_one_by_one_is_todays_on_policy_update(tmp_path, monkeypatch, method, te
     group = old._rollouts(old._step_problems())
     # the recorded expectation: the step as it was written before ppo_epochs (trainer.py at 47d89ff)
     old.optimizer.zero_grad(set_to_none=True)
-    loss = old._update(group, StepLog())
+    loss = old._update(old._on_policy(group), StepLog())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(old.params, old.config.optim.max_grad_norm))
     on_policy_grads = _grads(old)
     old.optimizer.step()
@@ -113,7 +148,8 @@ def test_one_by_one_is_todays_on_policy_update(tmp_path, monkeypatch, method, te
     again = Trainer(config, run_dir=tmp_path / "again", reward_fn=length_reward)
     again.optimizer.zero_grad(set_to_none=True)
     scored = again._score_rollouts(group)
-    assert again._update(group, StepLog(), list(range(len(group.responses))), scored) == loss
+    assert again._update(Update(group, list(range(len(group.responses))), again._advantages(group), scored),
+                         StepLog()) == loss
     torch.nn.utils.clip_grad_norm_(again.params, again.config.optim.max_grad_norm)
     _assert_equal(_grads(again), on_policy_grads)
     for trainer in (new, old, again):
@@ -171,21 +207,22 @@ def test_the_teachers_targets_hold_still_for_the_step_and_the_ema_follows_once(t
 def test_each_minibatch_is_normalized_by_its_own_counts(tmp_path, method):
     """The update of a mini-batch is, bit for bit, the on-policy update of a step made of that mini-batch alone:
     the counts are the mini-batch's, the group advantages the step's (whole groups), the teacher states its own."""
-    config = tiny_config(tmp_path, objective={"name": method}, optim={"ppo_epochs": 2, "mini_batches": 2})
+    config = tiny_config(tmp_path, objective={"name": method},
+                         optim={"ppo_epochs": 2, "mini_batches": 2, "shuffle_minibatches": False})
     trainer = Trainer(config, reward_fn=length_reward)
     group = trainer._rollouts(trainer._step_problems())
-    parts = trainer._update_batches(group)
+    parts = trainer._update_batches(group, epoch=1)
     assert parts == [[0, 1, 2, 3], [4, 5, 6, 7]]
     scored = trainer._score_rollouts(group)
     for rows in parts:
         trainer.optimizer.zero_grad(set_to_none=True)
-        loss = trainer._update(group, StepLog(), rows, scored)
+        loss = trainer._update(Update(group, rows, trainer._advantages(group), scored), StepLog())
         minibatch_grads = _grads(trainer)
         alone = RolloutGroup(group.problems, [group.prompt_of_row[r] for r in rows],
                              [group.responses[r] for r in rows], [group.texts[r] for r in rows],
                              [group.truncated[r] for r in rows], group.rewards[rows])
         trainer.optimizer.zero_grad(set_to_none=True)
-        assert trainer._update(alone, StepLog()) == loss
+        assert trainer._update(trainer._on_policy(alone), StepLog()) == loss
         _assert_equal(minibatch_grads, _grads(trainer))
     trainer.grader.close()
 
@@ -231,10 +268,12 @@ def test_resume_gives_identical_metrics_and_parameters(tmp_path):
 def test_two_processes_make_the_same_updates_as_one(tmp_path):
     """4 prompts, 2 mini-batches: one process's parts are prompts {0,1} and {2,3}; with 2 processes (prompts
     0, 2 and 1, 3) each process's parts are one prompt, and the k-th parts together are the same prompts, so the
-    4 updates match when each is normalized by its mini-batch's counts summed over the processes."""
+    4 updates match when each is normalized by its mini-batch's counts summed over the processes. (Consecutive
+    parts every epoch: shuffled, each process would draw its own rows' parts, `optim.shuffle_minibatches`.)"""
     args = ["model.path=tiny", "data.dataset=synthetic:operation_chains", "data.num_problems=8",
             "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=12", "optim.steps=1",
-            "optim.lr=1e-3", "optim.ppo_epochs=2", "optim.mini_batches=2", "objective.name=opsd",
+            "optim.lr=1e-3", "optim.ppo_epochs=2", "optim.mini_batches=2", "optim.shuffle_minibatches=false",
+            "objective.name=opsd",
             "logging.progress=false", "logging.tensorboard=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

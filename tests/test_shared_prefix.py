@@ -242,7 +242,7 @@ def test_one_update_is_the_same_with_and_without_the_shared_prefix(tmp_path, sec
     for trainer in (on, off):
         trainer.optimizer.zero_grad(set_to_none=True)
         log = StepLog()
-        loss = trainer._update(group, log)
+        loss = trainer._update(trainer._on_policy(group), log)
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         results.append((loss, log.means(), grads))
         trainer.grader.close()

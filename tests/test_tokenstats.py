@@ -130,6 +130,36 @@ def _row_dependent_loss(stats: TokenStats, rows: slice) -> torch.Tensor:
     return per_token.sum() / (B * T)
 
 
+def loss_only(loss_of):
+    """A block loss with no diagnostics, from a function of (stats, rows) to the loss."""
+    return lambda stats, rows: (loss_of(stats, rows), {})
+
+
+_row_loss = loss_only(_row_dependent_loss)
+_logp_sum = loss_only(lambda s, rows: s.logp.sum())
+
+
+def test_fused_diagnostics_are_summed_over_blocks():
+    """The block loss's diagnostics come back summed over the blocks, whatever the block size; a block loss that
+    names other diagnostics in another block is refused."""
+    h, w, th, tokens = inputs(7)
+    naive = naive_token_stats(h @ w.T, tokens)
+
+    def with_sums(stats, rows):
+        return stats.logp.sum(), {"logp_sum": stats.logp.sum(), "positions": stats.logp.new_tensor(stats.logp.numel())}
+
+    for chunk_tokens in (T, 2 * T, B * T):  # one row per block, two, all
+        _, _, diagnostics = hidden_objective(h, w, tokens, with_sums, chunk_tokens=chunk_tokens)
+        assert float(diagnostics["positions"]) == B * T
+        torch.testing.assert_close(diagnostics["logp_sum"], naive.logp.sum(), rtol=1e-5, atol=1e-5)
+
+    def changing(stats, rows):
+        return stats.logp.sum(), ({"a": stats.logp.sum()} if rows.start == 0 else {"b": stats.logp.sum()})
+
+    with pytest.raises(ValueError, match="same names for every block"):
+        hidden_objective(h, w, tokens, changing, chunk_tokens=T)
+
+
 @pytest.mark.parametrize("subchunk", [2, 64])
 @pytest.mark.parametrize("chunk_tokens", [1, T, 2 * T, 100])
 @pytest.mark.parametrize("spec", [DivergenceSpec(beta=0.2, clip=0.5), DivergenceSpec(beta=0.4)], ids=str)
@@ -154,7 +184,7 @@ def _check_fused_against_naive(spec, temperature, chunk_tokens, subchunk, monkey
     naive = naive_token_stats(ha @ wa.T, tokens, teacher_logits=th @ w.T, divergence=spec, temperature=temperature)
     naive_loss = _row_dependent_loss(naive, slice(0, B))
     naive_loss.backward()
-    fused_loss, stats = hidden_objective(hb, wb, tokens, _row_dependent_loss, teacher_hidden=th, divergence=spec,
+    fused_loss, stats, _ = hidden_objective(hb, wb, tokens, _row_loss, teacher_hidden=th, divergence=spec,
                                          chunk_tokens=chunk_tokens, temperature=temperature)
     (2.0 * fused_loss).backward()  # the upstream gradient is applied in backward
     torch.testing.assert_close(fused_loss, naive_loss.detach(), rtol=1e-5, atol=1e-7)
@@ -171,7 +201,7 @@ def test_fused_hidden_objective_frozen_head_and_no_teacher():
     naive = naive_token_stats(ha @ w.T, tokens)
     loss_ref = (-naive.logp).mean()
     loss_ref.backward()
-    loss, stats = hidden_objective(hb, w, tokens, lambda s, rows: (-s.logp).sum() / (B * T), chunk_tokens=T)
+    loss, stats, _ = hidden_objective(hb, w, tokens, loss_only(lambda s, rows: -s.logp.sum() / (B * T)), chunk_tokens=T)
     loss.backward()
     torch.testing.assert_close(hb.grad, ha.grad, rtol=1e-5, atol=1e-7)
     assert stats.teacher_logp is None and stats.divergence is None
@@ -185,7 +215,7 @@ def test_bf16_inputs_accumulate_in_float32():
     assert chunked.logp.dtype == torch.float32
     ref = reference(logits.float(), (th @ w.T).float(), tokens)
     assert_stats_close(chunked, ref)
-    fused_loss, fused = hidden_objective(h, w, tokens, lambda s, rows: s.logp.sum(), teacher_hidden=th)
+    fused_loss, fused, _ = hidden_objective(h, w, tokens, _logp_sum, teacher_hidden=th)
     assert_stats_close(fused, ref)
 
 
@@ -220,7 +250,7 @@ def test_fused_hidden_objective_teacher_without_divergence():
 
     naive = naive_token_stats(ha @ w.T, tokens, teacher_logits=th @ w.T)
     loss_of(naive, slice(0, B)).backward()
-    loss, stats = hidden_objective(hb, w, tokens, loss_of, teacher_hidden=th, chunk_tokens=T)
+    loss, stats, _ = hidden_objective(hb, w, tokens, loss_only(loss_of), teacher_hidden=th, chunk_tokens=T)
     loss.backward()
     torch.testing.assert_close(hb.grad, ha.grad, rtol=1e-5, atol=1e-7)
     assert stats.divergence is None and stats.teacher_logp is not None
@@ -238,7 +268,7 @@ def test_fused_buffers_reused_across_calls_give_the_same_results():
         results = []
         for shared in (None, buffers):
             hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-            loss, stats = hidden_objective(hx, wx, tokens, _row_dependent_loss, teacher_hidden=th, divergence=spec,
+            loss, stats, _ = hidden_objective(hx, wx, tokens, _row_loss, teacher_hidden=th, divergence=spec,
                                            chunk_tokens=T, buffers=shared)
             loss.backward()
             results.append((loss.detach(), stats.divergence, hx.grad, wx.grad))
@@ -260,7 +290,7 @@ def test_streamed_logits_equal_held_blocks(spec):
     results = []
     for chunk_tokens in (T - 1, B * T):  # streamed, then one held block
         hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        loss, stats = hidden_objective(hx, wx, tokens, _row_dependent_loss, teacher_hidden=th, divergence=spec,
+        loss, stats, _ = hidden_objective(hx, wx, tokens, _row_loss, teacher_hidden=th, divergence=spec,
                                        chunk_tokens=chunk_tokens, buffers=FusedBuffers())
         loss.backward()
         results.append((loss.detach(), stats.logp, stats.divergence, hx.grad, wx.grad))
@@ -274,7 +304,7 @@ def test_streamed_buffers_hold_one_subchunk(monkeypatch):
     monkeypatch.setattr(selfdistill.tokenstats.fused, "_subchunk_positions", lambda d, v: 2)
     h, w, th, tokens = inputs(8)
     buffers = FusedBuffers()
-    hidden_objective(h, w, tokens, lambda s, rows: s.logp.sum(), teacher_hidden=th, chunk_tokens=1, buffers=buffers)
+    hidden_objective(h, w, tokens, _logp_sum, teacher_hidden=th, chunk_tokens=1, buffers=buffers)
     assert buffers.block.shape == (2, V)  # a sub-chunk's logits, not a block's
     assert buffers.workspace.shape == (5, 2, V)
 
@@ -287,7 +317,7 @@ def test_auto_chunk_tokens_bounds_the_block_by_bytes():
     assert auto_chunk_tokens(10**9) == 1
     with pytest.raises(ValueError, match="chunk_tokens"):
         h, w, _, tokens = inputs()
-        hidden_objective(h, w, tokens, lambda s, rows: s.logp.sum(), chunk_tokens=0)
+        hidden_objective(h, w, tokens, _logp_sum, chunk_tokens=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -300,10 +330,10 @@ def test_weight_grad_out_accumulates_the_same_gradient(dtype):
     hb, wb = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     out = torch.zeros_like(w, dtype=torch.float32 if dtype == torch.float32 else dtype)
     for half in (slice(0, 1), slice(1, B)):
-        loss_a, _ = hidden_objective(ha[half], wa, tokens[half], _row_dependent_loss, teacher_hidden=th[half],
+        loss_a, _, _ = hidden_objective(ha[half], wa, tokens[half], _row_loss, teacher_hidden=th[half],
                                      divergence=spec, chunk_tokens=T)
         loss_a.backward()
-        loss_b, _ = hidden_objective(hb[half], wb, tokens[half], _row_dependent_loss, teacher_hidden=th[half],
+        loss_b, _, _ = hidden_objective(hb[half], wb, tokens[half], _row_loss, teacher_hidden=th[half],
                                      divergence=spec, chunk_tokens=T, weight_grad_out=out)
         loss_b.backward()
         torch.testing.assert_close(loss_b, loss_a)
@@ -316,11 +346,11 @@ def test_weight_grad_out_accumulates_the_same_gradient(dtype):
 def test_weight_grad_out_refuses_a_scaled_loss():
     h, w, _, tokens = inputs(10)
     w = w.clone().requires_grad_(True)
-    loss, _ = hidden_objective(h, w, tokens, lambda s, rows: s.logp.sum(), weight_grad_out=torch.zeros_like(w))
+    loss, _, _ = hidden_objective(h, w, tokens, _logp_sum, weight_grad_out=torch.zeros_like(w))
     with pytest.raises(RuntimeError, match="unscaled"):
         (0.5 * loss).backward()
     with pytest.raises(ValueError, match="weight_grad_out has shape"):
-        hidden_objective(h, w, tokens, lambda s, rows: s.logp.sum(), weight_grad_out=torch.zeros(3, 2))
+        hidden_objective(h, w, tokens, _logp_sum, weight_grad_out=torch.zeros(3, 2))
 
 
 def test_subchunk_positions_by_hidden_size_and_vocabulary():

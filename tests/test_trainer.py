@@ -243,7 +243,7 @@ def test_embedding_and_output_gradients_go_into_dense_grads_in_place(tmp_path, t
     grads = []
     for trainer in trainers:
         trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._update(group, StepLog())
+        trainer._update(trainer._on_policy(group), StepLog())
         grads.append({n: p.grad for n, p in trainer.model.named_parameters() if p.requires_grad})
         trainer.grader.close()
     for name, grad in grads[0].items():

@@ -113,7 +113,7 @@ def test_per_token_loss_equals_the_registry(tmp_path, method):
     rows = tiny_rows(2)
     inputs = one_batch(trainer, rows)
     terms = trainer.objective_terms(trainer.model, inputs)
-    per_token, stats, mask = terms.per_token, terms.stats, terms.mask
+    stats, mask = terms.stats, terms.mask
 
     # The same statistics computed independently: a plain forward over whole sequences, the textbook formulas.
     model = trainer.model
@@ -135,8 +135,12 @@ def test_per_token_loss_equals_the_registry(tmp_path, method):
     batch = ObjectiveBatch(stats=reference, mask=expected_mask, group_adv=inputs["advantages"].float())
     expected, _ = OBJECTIVES[method](batch)
     assert torch.equal(mask, expected_mask)
+    # the per-token loss of the route's statistics, and the loss the route reduced from it
+    per_token, _ = OBJECTIVES[method](ObjectiveBatch(stats=stats, mask=mask, group_adv=batch.group_adv))
     assert per_token.shape == expected.shape == inputs["completion_ids"].shape
     assert (per_token - expected).abs().max() <= 1e-5
+    expected_loss = (expected * trainer._loss_weights(inputs, expected_mask)).sum()
+    assert abs(float(terms.loss.detach()) - float(expected_loss)) <= 1e-5 * max(1.0, abs(float(expected_loss)))
     assert (stats.logp - reference.logp).abs().max() <= 1e-5
     if teacher is not None:
         assert (stats.teacher_logp - reference.teacher_logp).abs().max() <= 1e-5
@@ -144,7 +148,7 @@ def test_per_token_loss_equals_the_registry(tmp_path, method):
         assert not torch.equal(inputs["teacher_prompt_ids"][:, -3:], inputs["prompt_ids"][:, -3:]) or \
             inputs["teacher_prompt_ids"].shape != inputs["prompt_ids"].shape
 
-    # and the same per-token loss, loss and gradient as the full-logits path (the route before hidden states)
+    # and the same statistics, loss and gradient as the full-logits path (the route before hidden states)
     trainer.current_gradient_accumulation_steps = trainer.args.steps_per_generation
     grads, losses = [], []
     for full_logits in (False, True):
@@ -153,7 +157,7 @@ def test_per_token_loss_equals_the_registry(tmp_path, method):
         terms.loss.backward()
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
         losses.append(float(terms.loss.detach()))
-        assert (terms.per_token - per_token).abs().max() <= 1e-5
+        assert (terms.stats.logp - stats.logp).abs().max() <= 1e-5
     assert abs(losses[0] - losses[1]) <= 1e-6
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, grad in grads[0].items():
@@ -207,6 +211,13 @@ def test_a_head_that_is_not_plain_takes_the_full_logits_path_with_a_warning(tmp_
     assert len(logs) == 1 and math.isfinite(logs[0]["loss"])
 
 
+def registry_per_token(trainer, terms, inputs):
+    """The per-token loss `[B,T]` of the route's statistics, from the registry's method."""
+    batch = ObjectiveBatch(stats=terms.stats, mask=terms.mask, group_adv=inputs["advantages"].float(),
+                           old_logp=inputs.get("old_per_token_logps"))
+    return trainer.objective(batch, **trainer.objective_knobs)[0]
+
+
 @pytest.mark.slow
 def test_micro_batch_losses_sum_to_the_aggregate_of_the_step(tmp_path):
     """Under gradient accumulation the micro-batch losses add up to `aggregate` over the whole step."""
@@ -215,7 +226,7 @@ def test_micro_batch_losses_sum_to_the_aggregate_of_the_step(tmp_path):
     trainer.current_gradient_accumulation_steps = 2
     with torch.no_grad():
         terms = trainer.objective_terms(trainer.model, inputs)
-        whole = aggregate(terms.per_token, terms.mask, mode="token-mean")
+        whole = aggregate(registry_per_token(trainer, terms, inputs), terms.mask, mode="token-mean")
         halves = []
         for rows in (slice(0, 4), slice(4, 8)):
             part = {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in inputs.items()}
@@ -241,7 +252,8 @@ def test_two_optimizer_steps_per_generation_batch_are_each_normalized_by_their_o
             pair = micro_batches[first : first + 2]
             terms = [trainer.objective_terms(trainer.model, inputs) for inputs in pair]
             mask = torch.cat([t.mask for t in terms])
-            whole = aggregate(torch.cat([t.per_token for t in terms]), mask, mode="token-mean")
+            per_token = [registry_per_token(trainer, t, inputs) for t, inputs in zip(terms, pair, strict=True)]
+            whole = aggregate(torch.cat(per_token), mask, mode="token-mean")
             assert abs(float(sum(t.loss for t in terms)) - float(whole)) <= 1e-6
             assert all(float(inputs["step_tokens"]) == float(mask.sum()) for inputs in pair)
             counts.append(float(mask.sum()))

@@ -265,6 +265,11 @@ class OptimConfig:
     mini_batches: int = 1
     """Updates per epoch: each process's rollouts split into this many parts, whole prompt groups where the
     prompts divide (verl's `ppo_mini_batch_size` = rows / mini_batches); at most the rows per process."""
+    shuffle_minibatches: bool = True
+    """With `mini_batches > 1`: the parts drawn anew each epoch (seeded by `seed`, the step and the epoch, so a
+    resumed run draws the same). With several processes each shuffles its own rows (the same draw on each), so
+    from the first epoch on the parts depend on the process count, as in verl; false keeps the same consecutive
+    parts every epoch."""
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)

@@ -10,6 +10,7 @@ the trainer binds its model, teacher and packing into the callables it passes.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -69,22 +70,27 @@ def micro_batches(rows: list[int], size: int) -> list[list[int]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-def minibatches(num_rows: int, group_size: int, parts: int) -> list[list[int]]:
+def minibatches(num_rows: int, group_size: int, parts: int, *, seed: int | None = None) -> list[list[int]]:
     """This process's `num_rows` rows (G = `group_size` per prompt, prompt-major) in `parts`
-    (`optim.mini_batches`) consecutive parts, the same parts every epoch.
+    (`optim.mini_batches`) parts.
 
-    Whole prompt groups when the process has at least as many prompts as parts (part sizes then differ by
-    at most one prompt); else the rows themselves split as evenly as possible, and a prompt's group spans
-    parts (its advantages are still those of the whole step). Every process has the same number of rows,
-    so the parts line up across processes and each update's counts are reduced over matching parts.
+    The parts are made of units: whole prompt groups when the process has at least as many prompts as parts
+    (part sizes then differ by at most one prompt), else single rows (a prompt's group then spans parts; its
+    advantages are still those of the whole step). `seed` None: consecutive units, the same parts every epoch;
+    else the units are shuffled by `seed` first (a new order each epoch, as verl's shuffled mini-batches), each
+    part's rows kept in ascending order. Every process has the same number of rows and passes the same seed, so
+    the parts' sizes line up across processes and each update's counts are reduced over matching parts.
     """
     B, G = num_rows, group_size
     units, unit = (B // G, G) if parts <= B // G else (B, 1)  # whole groups, else single rows
+    order = list(range(units))
+    if seed is not None and parts > 1:  # one part holds every row whatever the order
+        random.Random(seed).shuffle(order)
     base, extra = divmod(units, parts)
     out, start = [], 0
     for k in range(parts):
         stop = start + base + (k < extra)
-        out.append(list(range(start * unit, stop * unit)))
+        out.append(sorted(row for u in order[start:stop] for row in range(u * unit, (u + 1) * unit)))
         start = stop
     return out
 
@@ -126,9 +132,9 @@ def score_rollouts(
         responses = [group.responses[r] for r in rows]
         if student is not None:
             student_hidden, response_ids = student(rows)  # [b,T,d], [b,T]
-            _, stats = hidden_objective(student_hidden, weight, response_ids,
-                                        lambda stats, block: stats.logp.new_zeros(()),
-                                        temperature=temperature, chunk_tokens=chunk_tokens, buffers=buffers)
+            _, stats, _ = hidden_objective(student_hidden, weight, response_ids,
+                                           lambda stats, block: (stats.logp.new_zeros(()), {}),
+                                           temperature=temperature, chunk_tokens=chunk_tokens, buffers=buffers)
             for i, r in enumerate(rows):
                 logp[r] = stats.logp[i, : len(responses[i])].clone()  # [|y_r|]
         if teacher is not None:

@@ -55,6 +55,7 @@ from selfdistill.collectives import Collectives
 from selfdistill.config import ConfigError, TrainConfig, config_from_dict
 from selfdistill.data import Problem
 from selfdistill.forward import (
+    PackedBatch,
     base_model,
     check_output_layer,
     output_weight,
@@ -62,7 +63,7 @@ from selfdistill.forward import (
 )
 from selfdistill.grading import Grader
 from selfdistill.models import load_model
-from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, group_advantages, token_weights
+from selfdistill.objectives import OBJECTIVES, BlockObjective, group_advantages, token_weights
 from selfdistill.parallel import make_parallel
 from selfdistill.prompts import PromptBuilder
 from selfdistill.provenance import record_environment
@@ -76,7 +77,7 @@ from selfdistill.scoring import (
     score_rollouts,
 )
 from selfdistill.teacher import Teacher
-from selfdistill.tokenstats import FusedBuffers, TokenStats, hidden_objective
+from selfdistill.tokenstats import FusedBuffers, FusedResult, hidden_objective
 from selfdistill.training_setup import (
     check_process_split,
     check_prompts,
@@ -90,15 +91,42 @@ RewardFn = Callable[[list[str], list[Problem]], list[float]]
 
 @dataclass
 class StepLog:
-    values: dict[str, float] = field(default_factory=dict)
-    weights: dict[str, float] = field(default_factory=dict)
+    """A step's logged statistics as sums over tokens and the token counts they are over, by name: the logged
+    value is `sums[name] / tokens[name]` (summed over the processes first, `Collectives.weighted_means`)."""
 
-    def add(self, name: str, value: float, weight: float = 1.0) -> None:
-        self.values[name] = self.values.get(name, 0.0) + float(value) * weight
-        self.weights[name] = self.weights.get(name, 0.0) + weight
+    sums: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, float] = field(default_factory=dict)
+
+    def add(self, sums: dict[str, float], tokens: float) -> None:
+        """One micro-batch's sums over its `tokens` tokens."""
+        for name, total in sums.items():
+            self.sums[name] = self.sums.get(name, 0.0) + total
+            self.tokens[name] = self.tokens.get(name, 0.0) + tokens
 
     def means(self) -> dict[str, float]:
-        return {k: v / self.weights[k] if self.weights[k] else 0.0 for k, v in self.values.items()}
+        """This process's means."""
+        return {name: total / self.tokens[name] if self.tokens[name] else 0.0 for name, total in self.sums.items()}
+
+
+@dataclass(frozen=True)
+class Update:
+    """One optimizer update's share of a rollout step: its rows and where their inputs come from."""
+
+    group: RolloutGroup  # the step's rollouts (this process's)
+    rows: list[int]  # the rows this update trains on
+    advantages: Tensor  # [B] the group advantages of the whole step
+    scored: ScoredRollouts | None  # the scoring pass (behaviour log-probs, teacher states); None: exactly on-policy
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward pass: rows of an update with everything the fused pass needs for them."""
+
+    rows: list[int]
+    student: PackedBatch  # student_prompt ⊕ response, on the device
+    objective: BlockObjective  # the objective of these rows: mask, advantages, token weights, behaviour log-probs
+    teacher_hidden: Tensor | None = None  # [b,T,d] the teacher's, in the compute dtype; None: no teacher
+    teacher_weight: Tensor | None = None  # [V,d]
 
 
 class Trainer:
@@ -120,6 +148,7 @@ class Trainer:
         self.config = config
         self.reward_fn = reward_fn
         self.objective = OBJECTIVES[config.objective.name]
+        self.divergence = config.objective.divergence_spec()  # the statistics' divergence, None when not needed
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -260,12 +289,12 @@ class Trainer:
             return self.prompts.student_ids(problem)
         return self.prompts.teacher_ids(problem, sibling=group.texts[siblings[0]])
 
-    def _pack_student_rows(self, group: RolloutGroup, rows: list[int]):
+    def _pack_student_rows(self, group: RolloutGroup, rows: list[int]) -> PackedBatch:
         """`student_prompt ⊕ response` of `rows`, packed (`pack_student`) on the device."""
         return self.pack_student([self.prompts.student_ids(group.problems[group.prompt_of_row[r]]) for r in rows],
                                  [group.responses[r] for r in rows], pad_id=self.pad_id).to(self.device)
 
-    def _student_hidden(self, student) -> Tensor:
+    def _student_hidden(self, student: PackedBatch) -> Tensor:
         """The student's response hidden states `[b,T,d]` in the compute dtype."""
         with self._compute():
             hidden = response_hidden_states(self.model, student)  # [b,T,d]
@@ -280,143 +309,42 @@ class Trainer:
             hidden, weight = self.teacher.hidden_states(teacher)  # [b,T,d], [V,d]
         return hidden.to(self.compute_dtype), weight.to(self.compute_dtype)
 
-    def _update(self, group: RolloutGroup, step_log: StepLog, update_rows: list[int] | None = None,
-                scored: ScoredRollouts | None = None) -> float:
-        """Accumulate into `.grad` the gradient of the loss over `update_rows` (default: every row), normalized
-        by those rows' token / sequence counts summed over processes; returns the loss. Group advantages are
-        over the whole step's rows. With `scored` the behaviour log-probs (the surrogate's `old_logp`) and the
-        teacher's hidden states come from it; without, the update is on-policy and the teacher runs here."""
-        cfg = self.config
-        G = cfg.rollout.group_size
-        group_adv = group_advantages(group.rewards, G, std_normalize=self.objective.std_normalize)  # [B]
-        update_rows = list(range(len(group.responses))) if update_rows is None else update_rows
-        lengths = torch.tensor([len(group.responses[r]) for r in update_rows], dtype=torch.float32)  # [b_update]
-        counts = self.collectives.sum(torch.stack([lengths.sum(), torch.tensor(float(len(lengths)))]))  # [2]
-        global_tokens, global_sequences = counts.tolist()
-        aggregation = cfg.objective.aggregation or self.objective.aggregation
-        spec = cfg.objective.divergence_spec()
-        total_loss = torch.zeros((), device=self.device)
-        # fsdp2: the student's output layer gathered whole for each micro-batch, the backward pass reduce-scatters its
-        # gradient; a teacher copy's (when the teacher runs here) only until the fused pass is done, which forms
-        # every gradient of the output layer in its forward pass. ddp: no-ops.
-        teacher_copy = self.teacher.copy if self.teacher is not None and scored is None else None
-        for rows in micro_batches(update_rows, cfg.optim.micro_batch_size):
-            with self.parallel.whole_output_layers(self.model):
-                with self.parallel.whole_output_layers(teacher_copy):
-                    loss, stats, mask = self._micro_batch_loss(group, rows, step_log, scored, group_adv=group_adv,
-                                                               global_tokens=global_tokens,
-                                                               global_sequences=global_sequences,
-                                                               aggregation=aggregation, spec=spec)
-                loss.backward()
-            total_loss += loss.detach().float()
-            n = float(mask.sum())
-            step_log.add("entropy", float((stats.entropy * mask).sum()) / max(n, 1), n)
-            if stats.teacher_entropy is not None:
-                step_log.add("teacher_entropy", float((stats.teacher_entropy * mask).sum()) / max(n, 1), n)
-                step_log.add("teacher_logp_gap", float(((stats.teacher_logp - stats.logp) * mask).sum()) / max(n, 1), n)
-            if stats.divergence is not None:
-                step_log.add("divergence", float((stats.divergence * mask).sum()) / max(n, 1), n)
-        return float(self.collectives.sum(total_loss))
-
-    def _micro_batch_loss(self, group: RolloutGroup, rows: list[int], step_log: StepLog,
-                          scored: ScoredRollouts | None, *, group_adv: Tensor, global_tokens: float,
-                          global_sequences: float, aggregation: str, spec) -> tuple[Tensor, TokenStats, Tensor]:
-        """The loss of micro-batch `rows` through the fused output layer (not yet backpropagated), its token
-        statistics and its response mask `[b,T]`; the output weight's gradient is added into its `.grad` when the
-        loss is backpropagated."""
-        cfg = self.config
-        knobs = cfg.objective.knobs
-        weight = output_weight(self.model)
-        # The two [V,d] matrices get their gradients into .grad in place, without a second [V,d] tensor per
-        # micro-batch: the output layer's from the fused path (weight_grad_out), the embedding's as a sparse
-        # gradient of the rows looked up (see `prepare_model`), added into the dense .grad made here.
-        for matrix in {id(w): w for w in (weight, self.model.get_input_embeddings().weight)}.values():
-            if matrix.requires_grad and matrix.grad is None:
-                matrix.grad = torch.zeros_like(matrix)
-        weight_grad = weight.grad if weight.requires_grad else None
-        # bfloat16 compute of the output layer too: a bfloat16 copy of the (float32) weight for the fused path
-        # (in float32 `.to` returns the weight itself); its gradient still goes, in float32, into weight.grad.
-        compute_weight = weight.to(self.compute_dtype)  # [V,d]
-        student = self._pack_student_rows(group, rows)
-        mask = student.response_mask  # [b,T]
-        tokens = student.response_ids  # [b,T]
-        weights = token_weights(mask, mode=aggregation, global_tokens=global_tokens,
-                                global_sequences=global_sequences, norm_length=cfg.rollout.max_new_tokens)
-        adv = group_adv[rows].to(self.device)  # [b]
-        old_logp = None if scored is None else scored.behaviour_logp(rows, tokens.shape[1])  # [b,T]
-        teacher_hidden = teacher_weight = None
-        if self.teacher is not None and scored is not None:
-            teacher_hidden = scored.teacher_states(rows, tokens.shape[1])  # [b,T,d]
-            teacher_weight = scored.teacher_weight  # [V,d]
-        elif self.teacher is not None:
-            teacher_hidden, teacher_weight = self._teacher_states(group, rows)  # [b,T,d], [V,d]
-
-        def block_loss(stats: TokenStats, block: slice, mask=mask, adv=adv, weights=weights,
-                       old_logp=old_logp) -> Tensor:
-            batch = ObjectiveBatch(stats=stats, mask=mask[block], group_adv=adv[block], step=self.step,
-                                   old_logp=None if old_logp is None else old_logp[block])
-            loss, diagnostics = self.objective(batch, **knobs)
-            n = float(mask[block].sum())
-            for name, value in diagnostics.items():
-                step_log.add(name, value.item(), n)
-            return (loss * weights[block]).sum()
-
-        hidden = self._student_hidden(student)  # [b,T,d]
-        loss, stats = hidden_objective(hidden, compute_weight, tokens, block_loss,
-                                       temperature=cfg.rollout.temperature, teacher_hidden=teacher_hidden,
-                                       teacher_weight=teacher_weight,
-                                       divergence=spec, chunk_tokens=cfg.optim.chunk_tokens or None,
-                                       buffers=self.fused_buffers, weight_grad_out=weight_grad)
-        if old_logp is not None:  # k3 estimate of KL(behaviour ‖ current) on the sampled tokens, as TRL and verl log
-            log_ratio = (stats.logp.detach() - old_logp) * mask  # [b,T]
-            n = float(mask.sum())
-            step_log.add("approx_kl", float(((log_ratio.exp() - 1.0 - log_ratio) * mask).sum()) / max(n, 1), n)
-        return loss, stats, mask
-
     def train_step(self) -> dict[str, Any]:
         """One rollout step: `optim.ppo_epochs × optim.mini_batches` optimizer updates (one by default); returns
         the step's metrics. `loss` and `grad_norm` are means over the updates, `skipped` counts skipped updates,
         and the diagnostics (entropy, clip_fraction, ...) are token-weighted means over every update."""
         t0 = time.perf_counter()
-        picked = self._step_problems()
-        group = self._rollouts(picked)
+        group = self._rollouts(self._step_problems())
         t_rollout = time.perf_counter() - t0
+        optim = self.config.optim
+        if optim.ppo_epochs * optim.mini_batches == 1:  # exactly on-policy: ratio 1, no scoring pass
+            updates = [self._on_policy(group)]
+        else:
+            scored, advantages = self._score_rollouts(group), self._advantages(group)
+            updates = [Update(group, rows, advantages, scored)
+                       for epoch in range(optim.ppo_epochs) for rows in self._update_batches(group, epoch)]
+        t_scoring = time.perf_counter() - t0 - t_rollout
         step_log = StepLog()
         lr = self.scheduler.get_last_lr()[0]
-        optim = self.config.optim
-        if optim.ppo_epochs * optim.mini_batches == 1:
-            t_scoring = 0.0
-            results = [self._optimizer_update(group, step_log)]  # exactly on-policy: ratio 1, no scoring pass
-        else:
-            scored = self._score_rollouts(group)
-            t_scoring = time.perf_counter() - t0 - t_rollout
-            results = [self._optimizer_update(group, step_log, rows, scored)
-                       for _ in range(optim.ppo_epochs) for rows in self._update_batches(group)]
+        results = [self._optimizer_update(update, step_log) for update in updates]
         losses, grad_norms, skips = zip(*results, strict=True)
-        loss, grad_norm, skipped = sum(losses) / len(losses), sum(grad_norms) / len(grad_norms), sum(skips)
+        skipped = sum(skips)
         if skipped < len(results):  # once per rollout step, as verl; TRL's schedule counts optimizer steps
             self.scheduler.step()
             if self.teacher is not None:
                 self.teacher.update()
         self.step += 1
         self.cursor += self.config.rollout.prompts_per_step
-        lengths = torch.tensor([len(r) for r in group.responses], dtype=torch.float32)
-        local = torch.tensor([group.rewards.sum(), len(group.rewards), lengths.sum(), sum(group.truncated)],
-                             dtype=torch.float64)
-        reward_sum, rows, length_sum, truncated = self.collectives.sum(local).tolist()
         metrics = {
             "step": self.step,
-            "loss": loss,
-            "reward": reward_sum / rows,
-            "accuracy": reward_sum / rows,
-            "response_length": length_sum / rows,
-            "truncation_rate": truncated / rows,
-            "grad_norm": grad_norm,
+            "loss": sum(losses) / len(losses),
+            **self._rollout_metrics(group),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": lr,
             "skipped": int(skipped),
             "updates": len(results),
             "processes": self.world,
-            **self.collectives.weighted_means(step_log.values, step_log.weights),  # over every process's tokens
+            **self.collectives.weighted_means(step_log.sums, step_log.tokens),  # over every process's tokens
             "seconds_rollout": t_rollout,
             "seconds_scoring": t_scoring,
             "seconds": time.perf_counter() - t0,
@@ -425,23 +353,45 @@ class Trainer:
             self._log(metrics, group)
         return metrics
 
+    def _advantages(self, group: RolloutGroup) -> Tensor:
+        """The group advantages `[B]` of the step's rows (over each prompt's G rows)."""
+        return group_advantages(group.rewards, self.config.rollout.group_size,
+                                std_normalize=self.objective.std_normalize)  # [B]
+
+    def _on_policy(self, group: RolloutGroup) -> Update:
+        """The step's one exactly on-policy update: every row, no scoring pass."""
+        return Update(group, list(range(len(group.responses))), self._advantages(group), scored=None)
+
+    def _rollout_metrics(self, group: RolloutGroup) -> dict[str, float]:
+        """The mean reward, response length and truncation rate over every process's rollouts."""
+        lengths = torch.tensor([len(r) for r in group.responses], dtype=torch.float32)
+        local = torch.tensor([group.rewards.sum(), len(group.rewards), lengths.sum(), sum(group.truncated)],
+                             dtype=torch.float64)
+        reward_sum, rows, length_sum, truncated = self.collectives.sum(local).tolist()
+        return {"reward": reward_sum / rows, "response_length": length_sum / rows,
+                "truncation_rate": truncated / rows}
+
     # -- several updates per rollout step (optim.ppo_epochs × optim.mini_batches)
 
-    def _update_batches(self, group: RolloutGroup) -> list[list[int]]:
-        """This process's rows in `optim.mini_batches` parts, one optimizer update each (`minibatches`)."""
-        return minibatches(len(group.responses), self.config.rollout.group_size, self.config.optim.mini_batches)
+    def _update_batches(self, group: RolloutGroup, epoch: int) -> list[list[int]]:
+        """This process's rows in `optim.mini_batches` parts for `epoch`, one optimizer update each (`minibatches`),
+        shuffled per epoch unless `optim.shuffle_minibatches` is off (seeded by the run's seed, the step and the
+        epoch: the same parts on every process and after a resume)."""
+        optim = self.config.optim
+        seed = seed_for(optim.seed, self.step, epoch) if optim.shuffle_minibatches else None
+        return minibatches(len(group.responses), self.config.rollout.group_size, optim.mini_batches, seed=seed)
 
     @torch.no_grad()
     def _score_rollouts(self, group: RolloutGroup) -> ScoredRollouts:
-        """`score_rollouts` with this run's student, teacher and packing, over the same micro-batches as the
-        updates (so the first update's ratio is exactly 1)."""
+        """`score_rollouts` with this run's student, teacher and packing, over the same micro-batches as the first
+        epoch's updates (so the first update's ratio is exactly 1)."""
         cfg = self.config
 
         def student(rows: list[int]) -> tuple[Tensor, Tensor]:
             packed = self._pack_student_rows(group, rows)
             return self._student_hidden(packed), packed.response_ids  # [b,T,d], [b,T]
 
-        batches = [micro for part in self._update_batches(group)
+        batches = [micro for part in self._update_batches(group, epoch=0)
                    for micro in micro_batches(part, cfg.optim.micro_batch_size)]
         with self.parallel.whole_output_layers(self.model, None if self.teacher is None else self.teacher.copy):
             return score_rollouts(
@@ -457,24 +407,109 @@ class Trainer:
                 buffers=self.fused_buffers,
             )
 
-    def _optimizer_update(self, group: RolloutGroup, step_log: StepLog, update_rows: list[int] | None = None,
-                          scored: ScoredRollouts | None = None) -> tuple[float, float, bool]:
-        """One optimizer step on `update_rows` (default: every row, on-policy): the gradients (`_update`),
-        summed over processes and clipped; a non-finite loss or gradient skips it, weights and optimizer state
-        untouched. Returns (loss, gradient norm before clipping, skipped). The LR schedule and the EMA teacher
-        are advanced by `train_step`, once per rollout step."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self._update(group, step_log, update_rows, scored)
+    # -- one optimizer update: micro-batches → fused pass → backward → reduce, clip, step
+
+    def _optimizer_update(self, update: Update, step_log: StepLog) -> tuple[float, float, bool]:
+        """One optimizer step on `update.rows`: the gradients (`_update`), summed over processes and clipped; a
+        non-finite loss or gradient skips it, weights and optimizer state untouched. Returns (loss, gradient norm
+        before clipping, skipped). The LR schedule and the EMA teacher are advanced by `train_step`, once per
+        rollout step. The gradients are cleared after the update, so the next one starts from none."""
+        loss = self._update(update, step_log)
         self.parallel.reduce_gradients(self.params, self.collectives)  # ddp: summed here; fsdp2: in backward
         max_norm = self.config.optim.max_grad_norm or float("inf")
         grad_norm = self.parallel.clip_gradients(self.params, max_norm)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)  # weights and optimizer state untouched
-        else:
+        if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, skipped
+
+    def _update(self, update: Update, step_log: StepLog) -> float:
+        """Accumulate into `.grad` the gradient of the loss over `update.rows`, normalized by those rows' token and
+        sequence counts summed over processes, one micro-batch at a time; returns the loss (summed over
+        processes)."""
+        lengths = torch.tensor([len(update.group.responses[r]) for r in update.rows], dtype=torch.float32)  # [b]
+        counts = self.collectives.sum(torch.stack([lengths.sum(), torch.tensor(float(len(lengths)))]))  # [2]
+        global_tokens, global_sequences = counts.tolist()
+        total_loss = torch.zeros((), device=self.device)
+        # fsdp2: the student's output layer gathered whole for each micro-batch, the backward pass reduce-scatters
+        # its gradient; a teacher copy's (when the teacher runs here) only until the fused pass is done, which
+        # forms every gradient of the output layer in its forward pass. ddp: no-ops.
+        teacher_copy = self.teacher.copy if self.teacher is not None and update.scored is None else None
+        for rows in micro_batches(update.rows, self.config.optim.micro_batch_size):
+            with self.parallel.whole_output_layers(self.model):
+                with self.parallel.whole_output_layers(teacher_copy):
+                    micro = self._micro_batch(update, rows, global_tokens, global_sequences)
+                    result = self._fused_pass(micro)
+                result.loss.backward()
+            total_loss += result.loss.detach().float()
+            step_log.add(*self._micro_batch_metrics(micro, result))
+        return float(self.collectives.sum(total_loss))
+
+    def _micro_batch(self, update: Update, rows: list[int], global_tokens: float,
+                     global_sequences: float) -> MicroBatch:
+        """Rows `rows` of `update` packed, with their objective (mask, advantages, token weights from the update's
+        global counts, behaviour log-probs) and their teacher's hidden states: from the scoring pass when there
+        was one, else run now."""
+        cfg = self.config
+        student = self._pack_student_rows(update.group, rows)
+        mask = student.response_mask  # [b,T]
+        width = mask.shape[1]
+        weights = token_weights(mask, mode=cfg.objective.aggregation or self.objective.aggregation,
+                                global_tokens=global_tokens, global_sequences=global_sequences,
+                                norm_length=cfg.rollout.max_new_tokens)  # [b,T]
+        scored = update.scored
+        objective = BlockObjective(self.objective, cfg.objective.knobs, mask=mask,
+                                   group_adv=update.advantages[rows].to(self.device), token_weights=weights,
+                                   old_logp=None if scored is None else scored.behaviour_logp(rows, width),
+                                   step=self.step)
+        if self.teacher is None:
+            return MicroBatch(rows, student, objective)
+        if scored is not None:
+            return MicroBatch(rows, student, objective, scored.teacher_states(rows, width), scored.teacher_weight)
+        return MicroBatch(rows, student, objective, *self._teacher_states(update.group, rows))
+
+    def _fused_pass(self, micro: MicroBatch) -> FusedResult:
+        """The student's hidden states, then the output layer, the statistics and the objective fused
+        (`hidden_objective`); the loss is not yet backpropagated. The output weight's gradient is added into its
+        `.grad` during this call (`weight_grad_out`)."""
+        weight = output_weight(self.model)
+        # The two [V,d] matrices get their gradients into .grad in place, without a second [V,d] tensor per
+        # micro-batch: the output layer's from the fused path (weight_grad_out), the embedding's as a sparse
+        # gradient of the rows looked up (see `prepare_model`), added into the dense .grad made here.
+        for matrix in {id(w): w for w in (weight, self.model.get_input_embeddings().weight)}.values():
+            if matrix.requires_grad and matrix.grad is None:
+                matrix.grad = torch.zeros_like(matrix)
+        # bfloat16 compute of the output layer too: a bfloat16 copy of the (float32) weight for the fused path
+        # (in float32 `.to` returns the weight itself); its gradient still goes, in float32, into weight.grad.
+        compute_weight = weight.to(self.compute_dtype)  # [V,d]
+        cfg = self.config
+        return hidden_objective(self._student_hidden(micro.student), compute_weight, micro.student.response_ids,
+                                micro.objective, temperature=cfg.rollout.temperature,
+                                teacher_hidden=micro.teacher_hidden, teacher_weight=micro.teacher_weight,
+                                divergence=self.divergence, chunk_tokens=cfg.optim.chunk_tokens or None,
+                                buffers=self.fused_buffers,
+                                weight_grad_out=weight.grad if weight.requires_grad else None)
+
+    @staticmethod
+    def _micro_batch_metrics(micro: MicroBatch, result: FusedResult) -> tuple[dict[str, float], float]:
+        """What a micro-batch logs, as sums over its tokens (read from the device once), and its token count:
+        the student's entropy, the teacher's entropy and log-prob gap, the divergence, the k3 estimate of
+        KL(behaviour ‖ current) on the sampled tokens when the update is off-policy (as TRL and verl log it),
+        and the objective's diagnostics (already token sums, `BlockObjective`)."""
+        stats, mask, old_logp = result.stats, micro.objective.mask, micro.objective.old_logp  # [b,T] each
+        sums = {"entropy": (stats.entropy * mask).sum()}
+        if stats.teacher_entropy is not None:
+            sums["teacher_entropy"] = (stats.teacher_entropy * mask).sum()
+            sums["teacher_logp_gap"] = ((stats.teacher_logp - stats.logp) * mask).sum()
+        if stats.divergence is not None:
+            sums["divergence"] = (stats.divergence * mask).sum()
+        if old_logp is not None:
+            log_ratio = (stats.logp - old_logp) * mask  # [b,T]
+            sums["approx_kl"] = ((log_ratio.exp() - 1.0 - log_ratio) * mask).sum()
+        sums.update(result.diagnostics)
+        values = torch.stack([value.float().reshape(()) for value in sums.values()]).tolist()
+        return dict(zip(sums, values, strict=True)), float(mask.sum())
 
     # -- logging and checkpoints
 

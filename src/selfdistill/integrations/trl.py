@@ -24,7 +24,8 @@ changes these things, nothing else:
    DDP, DeepSpeed and FSDP see a forward pass), and `selfdistill.tokenstats.hidden_objective`, the fused output
    layer our own trainer uses: log-probs, entropies and, where the method has one, the full-vocabulary divergence,
    formed block by block from the hidden states and the two output weights, with `OBJECTIVES[name]` applied to
-   each block. No `[B,T,V]` logits exist, for the student or the teacher. The output weight is gathered as TRL's
+   each block through `objectives.BlockObjective`, as in our trainer. No `[B,T,V]` logits exist, for the student
+   or the teacher. The output weight is gathered as TRL's
    own fused output layer gathers it (ZeRO-3: `GatheredParameters` for the duration; FSDP2: `full_tensor()`), and
    the gradient is taken inside the forward pass. A model whose head is not plain `h @ W.T` (a bias, a logit
    scale or soft-cap, a prompt-learning adapter, ...) takes the full-logits path (`token_stats` on the model's
@@ -33,7 +34,7 @@ changes these things, nothing else:
    disabled, no second copy), `live` (the current weights, no gradient) or `ema` (a copy moved toward the student
    after each optimizer step by `selfdistill.integrations.ema.ShardedEma`: a float32 average of this process's
    shard of each weight, saved with each checkpoint and restored on resume).
-4. The step the objective sees (`ObjectiveBatch.step`, e.g. REOPOLD's phase switch) is the number of rollout
+4. The step the objective sees (`BlockObjective.step`, e.g. REOPOLD's phase switch) is the number of rollout
    batches completed, as in our trainer: `global_step × gradient_accumulation_steps / (steps_per_generation ×
    num_iterations)` (`global_step // num_iterations` at TRL's defaults).
 
@@ -85,9 +86,16 @@ from selfdistill.data import Problem
 from selfdistill.forward import PackedBatch, base_model, check_output_layer, output_weight, response_hidden_states
 from selfdistill.grading import Grader
 from selfdistill.integrations.ema import ShardedEma
-from selfdistill.objectives import OBJECTIVES, ObjectiveBatch, token_weights
+from selfdistill.objectives import OBJECTIVES, BlockObjective, token_weights
 from selfdistill.prompts import TEMPLATES, MissingContextError, PromptTooLongError, fill
-from selfdistill.tokenstats import DEFAULT_CHUNK_TOKENS, FusedBuffers, TokenStats, hidden_objective, token_stats
+from selfdistill.tokenstats import (
+    DEFAULT_CHUNK_TOKENS,
+    FusedBuffers,
+    FusedResult,
+    TokenStats,
+    hidden_objective,
+    token_stats,
+)
 
 SUPPORTED_TRL = ("1.16",)
 """TRL minor versions this route is tested with (the `trl` extra pins `trl>=1.16,<1.17`)."""
@@ -276,11 +284,10 @@ EMA_TEACHER_FILE = "selfdistill_ema_teacher.pt"
 @dataclass
 class ObjectiveTerms:
     """One micro-batch through the objective: the loss to backpropagate (normalized for the whole optimizer step,
-    see the module's docstring), the per-token loss `[B,T]` (detached), the statistics, the mask `[B,T]` and the
-    diagnostics (token-weighted means over the micro-batch)."""
+    see the module's docstring), the statistics, the mask `[B,T]` and the diagnostics (token-weighted means over
+    the micro-batch)."""
 
     loss: Tensor
-    per_token: Tensor
     stats: TokenStats
     mask: Tensor
     diagnostics: dict[str, Tensor]
@@ -573,7 +580,7 @@ class SelfDistillTrainer(GRPOTrainer):
         return (mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]).float()  # [B,T]
 
     def rollout_step(self) -> int:
-        """Rollout batches completed before the current optimizer step (`ObjectiveBatch.step`, as our trainer counts
+        """Rollout batches completed before the current optimizer step (`BlockObjective.step`, as our trainer counts
         it): `global_step // num_iterations` when each optimizer step takes one generation batch (TRL's default)."""
         args = self.args
         return self.state.global_step * args.gradient_accumulation_steps // (args.steps_per_generation
@@ -629,8 +636,8 @@ class SelfDistillTrainer(GRPOTrainer):
         """The output weight as one tensor: an FSDP2 shard gathered (its gradient goes back to the shards)."""
         return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
 
-    def _fused_objective(self, unwrapped, batch: PackedBatch, teacher_hidden: Tensor | None, teacher, weights: Tensor,
-                         objective_batch: ObjectiveBatch) -> tuple[Tensor, Tensor, TokenStats, dict[str, Tensor]]:
+    def _fused_objective(self, unwrapped, batch: PackedBatch, teacher_hidden: Tensor | None, teacher,
+                         objective: BlockObjective) -> FusedResult:
         """Inside the student's forward: its hidden states, then `hidden_objective` (the loss and its gradient,
         block by block, with the output weights gathered where they are sharded)."""
         hidden = self._backbone(unwrapped, batch)  # [B,T,d]
@@ -638,30 +645,13 @@ class SelfDistillTrainer(GRPOTrainer):
         teacher_weight = None
         if teacher is not None:
             teacher_weight = self._full_weight(output_weight(base_model(self.accelerator.unwrap_model(teacher))))
-        mask = objective_batch.mask  # [B,T]
-        per_token_blocks: list[Tensor] = []
-        diagnostic_sums: dict[str, Tensor] = {}
-
-        def block_loss(stats: TokenStats, rows: slice) -> Tensor:
-            block = replace(objective_batch, stats=stats, mask=mask[rows], group_adv=objective_batch.group_adv[rows],
-                            old_logp=None if objective_batch.old_logp is None else objective_batch.old_logp[rows])
-            per_token, diagnostics = self.objective(block, **self.objective_knobs)  # [b,T]
-            tokens = mask[rows].sum()
-            for name, value in diagnostics.items():
-                diagnostic_sums[name] = diagnostic_sums.get(name, 0.0) + value.detach().float() * tokens
-            per_token_blocks.append(per_token.detach())
-            return (per_token * weights[rows]).sum()
-
         dtype = self._compute_dtype(weight)
         with maybe_gather_lm_head_ctx(weight, teacher_weight), torch.autocast(hidden.device.type, enabled=False):
-            loss, stats = hidden_objective(
-                hidden.to(dtype), weight.to(dtype), batch.response_ids, block_loss, temperature=self.temperature,
+            return hidden_objective(
+                hidden.to(dtype), weight.to(dtype), batch.response_ids, objective, temperature=self.temperature,
                 teacher_hidden=None if teacher_hidden is None else teacher_hidden.to(dtype),
                 teacher_weight=None if teacher_weight is None else teacher_weight.to(dtype),
                 divergence=self.divergence, chunk_tokens=self.args.fused_chunk_tokens, buffers=self._fused_buffers)
-        tokens = mask.sum().clamp(min=1.0)
-        diagnostics = {name: total / tokens for name, total in diagnostic_sums.items()}
-        return loss, torch.cat(per_token_blocks), stats, diagnostics
 
     def _response_logits(self, model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                          completion_mask: Tensor) -> Tensor:
@@ -701,16 +691,18 @@ class SelfDistillTrainer(GRPOTrainer):
         """The objective on one micro-batch. full_logits: take the full-logits path (None: only when the model's
         head needs it, `full_logits_reason`); both give the same numbers."""
         mask = self._loss_mask(inputs)  # [B,T]
-        objective_batch = ObjectiveBatch(stats=None, mask=mask, group_adv=inputs["advantages"].float(),
-                                         old_logp=inputs.get("old_per_token_logps"), step=self.rollout_step())
         weights = self._loss_weights(inputs, mask)  # [B,T]
+        objective = BlockObjective(self.objective, self.objective_knobs, mask=mask,
+                                   group_adv=inputs["advantages"].float(), token_weights=weights,
+                                   old_logp=inputs.get("old_per_token_logps"), step=self.rollout_step())
         if full_logits is None:
             full_logits = self.full_logits_reason is not None
-        terms = self._logits_terms if full_logits else self._hidden_terms
-        return terms(model, inputs, objective_batch, weights)
+        loss, stats, diagnostic_sums = (self._logits_terms if full_logits else self._hidden_terms)(
+            model, inputs, objective)
+        tokens = mask.sum().clamp(min=1.0)
+        return ObjectiveTerms(loss, stats, mask, {name: total / tokens for name, total in diagnostic_sums.items()})
 
-    def _hidden_terms(self, model, inputs: dict[str, Any], objective_batch: ObjectiveBatch,
-                      weights: Tensor) -> ObjectiveTerms:
+    def _hidden_terms(self, model, inputs: dict[str, Any], objective: BlockObjective) -> FusedResult:
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]  # [B,T] each
         teacher_hidden = separate_teacher = None
         if self.objective.needs_teacher:  # first, so its activations are gone before the student's forward
@@ -721,13 +713,10 @@ class SelfDistillTrainer(GRPOTrainer):
             separate_teacher = self.teacher_model  # None: the student's own output layer (live, LoRA frozen)
         batch = self._packed(inputs["prompt_ids"], inputs["prompt_mask"], completion_ids, completion_mask)
         unwrapped = self.accelerator.unwrap_model(model)
-        loss, per_token, stats, diagnostics = self._forward_redirection(
-            model, unwrapped, self._fused_objective, unwrapped, batch, teacher_hidden, separate_teacher, weights,
-            objective_batch)
-        return ObjectiveTerms(loss, per_token, stats, objective_batch.mask, diagnostics)
+        return FusedResult(*self._forward_redirection(model, unwrapped, self._fused_objective, unwrapped, batch,
+                                                      teacher_hidden, separate_teacher, objective))
 
-    def _logits_terms(self, model, inputs: dict[str, Any], objective_batch: ObjectiveBatch,
-                      weights: Tensor) -> ObjectiveTerms:
+    def _logits_terms(self, model, inputs: dict[str, Any], objective: BlockObjective) -> FusedResult:
         completion_ids = inputs["completion_ids"]  # [B,T]
         completion_mask = inputs["completion_mask"]  # [B,T]
         teacher_logits = teacher_own = None
@@ -747,9 +736,8 @@ class SelfDistillTrainer(GRPOTrainer):
                             chunk_tokens=self.args.stats_chunk_tokens)  # every field [B,T]
         if teacher_own is not None:  # the formulas token_stats applies to teacher logits given beside the student's
             stats = replace(stats, teacher_logp=teacher_own.logp, teacher_entropy=teacher_own.entropy)
-        per_token, diagnostics = self.objective(replace(objective_batch, stats=stats), **self.objective_knobs)  # [B,T]
-        loss = (per_token * weights).sum()
-        return ObjectiveTerms(loss, per_token.detach(), stats.detach(), objective_batch.mask, diagnostics)
+        loss, diagnostic_sums = objective(stats, slice(None))  # the whole micro-batch as one block
+        return FusedResult(loss, stats.detach(), diagnostic_sums)
 
     def _compute_loss(self, model, inputs: dict[str, Any]) -> Tensor:
         mode = "train" if self.model.training else "eval"

@@ -46,6 +46,7 @@ from selfdistill.objectives.policy import (
 )
 from selfdistill.objectives.registry import (
     OBJECTIVES,
+    BlockObjective,
     Objective,
     ObjectiveBatch,
     loss_knobs,
@@ -57,6 +58,7 @@ __all__ = [
     "AGGREGATIONS",
     "OBJECTIVES",
     "AntisdKnobs",
+    "BlockObjective",
     "ClipKnobs",
     "DasdDirection",
     "DasdDivergenceKnobs",

@@ -139,6 +139,34 @@ class Objective:
         return "none" if without == with_advantage else "part"
 
 
+@dataclass(frozen=True)
+class BlockObjective:
+    """One micro-batch's objective as the fused kernel (`tokenstats.hidden_objective`) calls it, a block of rows at
+    a time: the block's statistics in, `(loss, diagnostics)` out, nothing else touched.
+
+    loss: the block's per-token loss times `token_weights` (the aggregation, with the counts of the whole update),
+    summed. diagnostics: the method's diagnostics, each times the block's token count, so that the kernel's sum
+    over the blocks divided by the micro-batch's token count is their token-weighted mean.
+    """
+
+    objective: Objective
+    knobs: dict[str, Any]
+    mask: Tensor  # [b,T]
+    group_adv: Tensor  # [b]
+    token_weights: Tensor  # [b,T]
+    old_logp: Tensor | None = None  # [b,T]; None: exactly on-policy
+    step: int = 0
+
+    def __call__(self, stats: TokenStats, rows: slice) -> tuple[Tensor, Diagnostics]:
+        mask = self.mask[rows]  # [r,T]
+        batch = ObjectiveBatch(stats=stats, mask=mask, group_adv=self.group_adv[rows], step=self.step,
+                               old_logp=None if self.old_logp is None else self.old_logp[rows])
+        per_token, diagnostics = self.objective(batch, **self.knobs)  # [r,T]
+        tokens = mask.sum()
+        return (per_token * self.token_weights[rows]).sum(), {
+            name: value.detach().float() * tokens for name, value in diagnostics.items()}
+
+
 def loss_knobs(loss: Callable[..., object]) -> dict[str, object]:
     """The keyword-only parameters of a loss function and their defaults: the method's knobs."""
     return {name: p.default for name, p in inspect.signature(loss).parameters.items()

@@ -13,12 +13,12 @@ vocabulary. Three paths compute the same numbers (tested equal, values and gradi
   - `hidden_token_stats`: chunked, the chunk's logits recomputed in the backward pass. Works with
     any downstream loss, at the price of one extra matmul.
   - `hidden_objective`: the fused path. The caller passes the loss of a block of rows as a function
-    of that block's statistics; the gradient with respect to each block's logits is taken while
-    the block is in memory, during the forward pass, so the backward pass only rescales stored
-    gradients. The student's logits of a block of rows are held whole when they fit in
-    `chunk_tokens` positions, else formed a few positions at a time in both passes (one extra
-    student matmul); the teacher's are always formed a few positions at a time (one extra teacher
-    matmul). This is what the trainer uses.
+    of that block's statistics, returning the loss and its diagnostics; the gradient with respect to
+    each block's logits is taken while the block is in memory, during the forward pass, so the
+    backward pass only rescales stored gradients. The student's logits of a block of rows are held
+    whole when they fit in `chunk_tokens` positions, else formed a few positions at a time in both
+    passes (one extra student matmul); the teacher's are always formed a few positions at a time (one
+    extra teacher matmul). This is what the trainer uses.
 
 Logits are divided by `temperature` before any softmax (the sampling temperature).
 
@@ -32,6 +32,7 @@ from selfdistill.tokenstats.fused import (
     AUTO_BLOCK_BYTES,
     SUBCHUNK_TOKENS,
     BlockLoss,
+    FusedResult,
     auto_chunk_tokens,
     hidden_objective,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "BlockLoss",
     "DivergenceSpec",
     "FusedBuffers",
+    "FusedResult",
     "TokenStats",
     "auto_chunk_tokens",
     "divergence_terms",

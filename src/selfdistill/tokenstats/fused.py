@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,12 +32,26 @@ from selfdistill.tokenstats.subchunk import FusedBuffers, analytic_backward_appl
 # (55 positions at V = 151,936; 170 at SmolLM2's 49,152), so the block's memory does not grow with the vocabulary.
 AUTO_BLOCK_BYTES = 32 << 20
 
-BlockLoss = Callable[[TokenStats, slice], Tensor]
-"""Maps the statistics of rows `rows` (a slice of the batch) to their contribution to the scalar loss.
+Diagnostics = dict[str, Tensor]
 
-The contribution of the whole batch must be the sum of the contributions of its row blocks, which
-holds for every objective here: they are per-rollout, and `aggregate` normalizes with global counts.
+BlockLoss = Callable[[TokenStats, slice], tuple[Tensor, Diagnostics]]
+"""Maps the statistics of rows `rows` (a slice of the batch) to `(loss, diagnostics)`: the block's contribution
+to the scalar loss, and scalar diagnostics that add up over blocks (sums, not means), the same names for every
+block. It must have no side effects: the kernel sums both over the blocks and returns them.
+
+The loss of the whole batch must be the sum of the contributions of its row blocks, which holds for every
+objective here: they are per-rollout, and `aggregate` normalizes with global counts.
+(`objectives.BlockObjective` is the one the trainers pass.)
 """
+
+
+class FusedResult(NamedTuple):
+    """What `hidden_objective` returns: the scalar loss (differentiable in the hidden states and the weight), the
+    detached statistics of the whole batch, and the block losses' diagnostics summed over the blocks (detached)."""
+
+    loss: Tensor
+    stats: TokenStats
+    diagnostics: Diagnostics
 
 
 # Softmax-sized work inside a block is done at most this many positions at a time, in a workspace of five
@@ -141,19 +156,30 @@ def _block_forward(setup: _Setup, block: _Block) -> TokenStats:
 
 def _block_loss(
     stats: TokenStats, block: _Block, block_loss: BlockLoss, want_grad: bool
-) -> tuple[Tensor, dict[str, Tensor] | None]:
-    """The block's loss, and its gradient `[n]` with respect to each differentiable statistic it depends on, by
-    name (cheap: `[rows,T]` tensors). The gradients are None when there is no gradient pass to make."""
+) -> tuple[Tensor, Diagnostics, dict[str, Tensor] | None]:
+    """The block's loss and diagnostics, and the loss's gradient `[n]` with respect to each differentiable
+    statistic it depends on, by name (cheap: `[rows,T]` tensors). The gradients are None when there is no
+    gradient pass to make."""
     with torch.enable_grad():
         fields = {name: getattr(stats, name) for name in STAT_FIELDS}  # each [n] or None
         fields = {name: None if x is None else x.view(block.shape).requires_grad_(name in DIFFERENTIABLE_FIELDS)
                   for name, x in fields.items()}  # each [rows,T]
-        loss = block_loss(TokenStats(**fields), block.rows)
+        loss, diagnostics = block_loss(TokenStats(**fields), block.rows)
+        diagnostics = {name: value.detach() for name, value in diagnostics.items()}
         if not (want_grad and loss.requires_grad):
-            return loss, None
+            return loss, diagnostics, None
         leaves = {name: fields[name] for name in DIFFERENTIABLE_FIELDS if fields[name] is not None}
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)  # each [rows,T] or None
-    return loss, {name: g.reshape(-1) for name, g in zip(leaves, grads, strict=True) if g is not None}
+    return loss, diagnostics, {name: g.reshape(-1) for name, g in zip(leaves, grads, strict=True) if g is not None}
+
+
+def _add_diagnostics(totals: Diagnostics, block: Diagnostics, first: bool) -> None:
+    """Add a block's diagnostics into `totals` in place; every block must report the same names."""
+    if not first and block.keys() != totals.keys():
+        raise ValueError(f"the block loss reported diagnostics {sorted(block)} for one block and {sorted(totals)} "
+                         "for another; a block loss must report the same names for every block")
+    for name, value in block.items():
+        totals[name] = totals[name] + value.float() if name in totals else value.float().clone()
 
 
 def _logits_gradient(setup: _Setup, block: _Block, j: int, grads: dict[str, Tensor]) -> Tensor:
@@ -218,7 +244,7 @@ class _FusedHiddenObjective(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, tokens, block_loss, options):
-        temperature, divergence, rows_per_block, buffers, weight_grad_out = options
+        temperature, divergence, rows_per_block, buffers, weight_grad_out, diagnostics = options
         B, T, d = hidden.shape
         need_hidden_grad = ctx.needs_input_grad[0]
         need_weight_grad = ctx.needs_input_grad[1] or weight_grad_out is not None
@@ -235,7 +261,9 @@ class _FusedHiddenObjective(torch.autograd.Function):
         for start in range(0, B, rows_per_block):
             block = _make_block(setup, hidden, teacher_hidden, tokens, slice(start, min(start + rows_per_block, B)))
             stats = _block_forward(setup, block)  # each [n]
-            loss, stat_grads = _block_loss(stats, block, block_loss, need_hidden_grad or need_weight_grad)
+            loss, block_diagnostics, stat_grads = _block_loss(stats, block, block_loss,
+                                                              need_hidden_grad or need_weight_grad)
+            _add_diagnostics(diagnostics, block_diagnostics, first=start == 0)
             if stat_grads is not None:
                 _block_gradient(setup, block, stat_grads, None if grad_hidden is None else grad_hidden.view(B * T, d),
                                 grad_weight)
@@ -277,16 +305,17 @@ def hidden_objective(
     chunk_tokens: int | None = None,
     buffers: FusedBuffers | None = None,
     weight_grad_out: Tensor | None = None,
-) -> tuple[Tensor, TokenStats]:
+) -> FusedResult:
     """Fused output layer + statistics + loss, over blocks of whole rows.
 
     hidden: `[B,T,d]` student final hidden states at the positions that predict `tokens` `[B,T]`.
     weight: `[V,d]` output-layer weight (no bias, no logit soft-capping).
-    block_loss: the loss of a block of rows from its `TokenStats` (see `BlockLoss`).
-    Returns the scalar loss (differentiable in `hidden` and `weight`) and the detached statistics
-    of the whole batch. Rows are grouped so that a block holds at most `chunk_tokens` positions,
-    whose student logits `[rows·T, V]` are held for the block; when a single row has more positions than
-    that, the logits are streamed: formed a sub-chunk at a time, twice, and the block is the whole batch.
+    block_loss: a block of rows' loss and diagnostics from its `TokenStats` (see `BlockLoss`).
+    Returns a `FusedResult`: the scalar loss (differentiable in `hidden` and `weight`), the detached statistics of
+    the whole batch, and the diagnostics summed over the blocks. Rows are grouped so that a block holds at most
+    `chunk_tokens` positions, whose student logits `[rows·T, V]` are held for the block; when a single row has more
+    positions than that, the logits are streamed: formed a sub-chunk at a time, twice, and the block is the whole
+    batch.
     chunk_tokens: None picks `auto_chunk_tokens(V)` (32 MiB of float32 logits).
     buffers: reused between calls when given (see `FusedBuffers`).
     weight_grad_out: a `[V,d]` tensor (e.g. `weight.grad`) into which the loss's gradient with respect to
@@ -305,9 +334,10 @@ def hidden_objective(
     rows_per_block = chunk_tokens // max(1, tokens.shape[1])  # 0: streamed
     if weight_grad_out is not None and weight_grad_out.shape != weight.shape:
         raise ValueError(f"weight_grad_out has shape {tuple(weight_grad_out.shape)}, the weight {tuple(weight.shape)}")
-    options = (temperature, divergence, rows_per_block, buffers, weight_grad_out)
+    diagnostics: Diagnostics = {}  # filled by the forward pass (an autograd Function returns tensors only)
+    options = (temperature, divergence, rows_per_block, buffers, weight_grad_out, diagnostics)
     loss, *fields = _FusedHiddenObjective.apply(
         hidden, weight, teacher_hidden, teacher_weight, tokens, block_loss, options
     )
     stats = TokenStats(*(None if f.numel() == 0 and f.dim() == 1 else f for f in fields))
-    return loss, stats
+    return FusedResult(loss, stats, diagnostics)
