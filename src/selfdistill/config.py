@@ -455,6 +455,22 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return _build(TrainConfig, values, "")
 
 
+def run_values(settings: Any, *, model: dict[str, Any], data: dict[str, Any], objective: dict[str, Any],
+               optim: dict[str, Any], logging: dict[str, Any]) -> dict[str, Any]:
+    """The nested values of a TrainConfig for a driver's run (the demo, a study run): the rollout section and the
+    schedule from the fields every driver's settings share (`prompts_per_step`, `group_size`, `temperature`,
+    `max_new_tokens`, `steps`, `lr`), a frozen teacher unless `objective` names another, and the sections given."""
+    return {
+        "model": model,
+        "data": data,
+        "rollout": {"prompts_per_step": settings.prompts_per_step, "group_size": settings.group_size,
+                    "temperature": settings.temperature, "max_new_tokens": settings.max_new_tokens},
+        "objective": {"teacher": "frozen", **objective},
+        "optim": {"steps": settings.steps, "lr": settings.lr, **optim},
+        "logging": logging,
+    }
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`["objective.beta=0.5", "optim.steps=3"]` → nested dict; values are parsed as YAML scalars."""
     nested: dict[str, Any] = {}

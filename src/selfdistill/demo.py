@@ -81,21 +81,17 @@ class DemoSettings:
 
 
 def _train_config(settings: DemoSettings, model_path: str, run_dir: Path):
-    from selfdistill.config import config_from_dict
+    from selfdistill.config import config_from_dict, run_values
 
-    return config_from_dict({
-        "model": {"path": model_path, "lora_rank": settings.lora_rank, "lora_alpha": 2.0 * settings.lora_rank},
-        "data": {"dataset": f"synthetic:{DEMO_TASK}", "num_problems": settings.train_problems,
-                 "task_options": dict(DEMO_TASK_OPTIONS), "template": DEMO_TEMPLATE,
-                 "system_prompt": DEMO_SYSTEM_PROMPT},
-        "rollout": {"prompts_per_step": settings.prompts_per_step, "group_size": settings.group_size,
-                    "temperature": settings.temperature, "max_new_tokens": settings.max_new_tokens},
-        "objective": {"name": settings.method, "teacher": "frozen"},
-        "optim": {"steps": settings.steps, "lr": settings.lr, "warmup_steps": 0, "micro_batch_size": 4,
-                  "seed": settings.seed},
-        "logging": {"output_dir": str(run_dir), "sample_every": 1, "samples_per_step": 2, "tensorboard": True},
-    })
-
+    return config_from_dict(run_values(
+        settings,
+        model={"path": model_path, "lora_rank": settings.lora_rank, "lora_alpha": 2.0 * settings.lora_rank},
+        data={"dataset": f"synthetic:{DEMO_TASK}", "num_problems": settings.train_problems,
+              "task_options": dict(DEMO_TASK_OPTIONS), "template": DEMO_TEMPLATE, "system_prompt": DEMO_SYSTEM_PROMPT},
+        objective={"name": settings.method},
+        optim={"warmup_steps": 0, "micro_batch_size": 4, "seed": settings.seed},
+        logging={"output_dir": str(run_dir), "sample_every": 1, "samples_per_step": 2, "tensorboard": True},
+    ))
 
 
 def run_demo(settings: DemoSettings, out: Path | None = None) -> Path:

@@ -62,19 +62,20 @@ def run_name(method: str, seed: int) -> str:
 
 def run_config(job: RunJob) -> dict[str, Any]:
     """The trainer config (as nested dicts) of a training job."""
+    from selfdistill.config import run_values
+
     settings = job.settings
     objective, optim, view = method_parts(job.method)
     template = settings.task.teacher_views(settings.warm_start.template)[view]
-    return {
-        "model": {"path": job.warm_start_dir},
-        "data": {"dataset": job.train_file, "num_problems": 0, "template": template, "max_prompt_tokens": 512},
-        "rollout": {"prompts_per_step": settings.prompts_per_step, "group_size": settings.group_size,
-                    "temperature": settings.temperature, "max_new_tokens": settings.max_new_tokens},
-        "objective": {**objective, "teacher": "frozen"},
-        "optim": {"steps": settings.steps, "lr": settings.lr, "min_lr_ratio": 1.0, "seed": job.seed,
-                  "micro_batch_size": settings.prompts_per_step * settings.group_size, **optim},
-        "logging": {"progress": False, "tensorboard": False, "sample_every": 5, "samples_per_step": 4},
-    }
+    return run_values(
+        settings,
+        model={"path": job.warm_start_dir},
+        data={"dataset": job.train_file, "num_problems": 0, "template": template, "max_prompt_tokens": 512},
+        objective=objective,
+        optim={"min_lr_ratio": 1.0, "seed": job.seed,
+               "micro_batch_size": settings.prompts_per_step * settings.group_size, **optim},
+        logging={"progress": False, "tensorboard": False, "sample_every": 5, "samples_per_step": 4},
+    )
 
 
 class StudyPremiseError(RuntimeError):
