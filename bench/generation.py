@@ -3,6 +3,7 @@
     python bench/generation.py                              # tiny + SmolLM2-135M, batch sizes 1..32, 64 tokens
     python bench/generation.py --quick                      # tiny model, batch sizes 1 and 4, 8 tokens, 1 repeat
     python bench/generation.py --models smollm2 --batch-sizes 8 32 --no-fixed-length --compile
+    python bench/generation.py --roofline                   # the decode roofline: bound vs ours, b = 1, 16, 64
 
 Workload, the same for every path of a model: P prompts (--prompts, student prompts of `number_sums` problems
 rendered by PromptBuilder with the "concise" template) x G samples each (--samples), so R = P x G rows, sampled at
@@ -42,6 +43,13 @@ equal. "ratio" is tokens/s over the loop's tokens/s for the same model (same pro
 tokens/s over ours' at the same rows per call. Each (model, path, batch size) is warmed up once, then timed --repeats
 times; the table shows the median.
 
+Roofline (--roofline): instead of the paths above, the bound on one decoding step that this machine's measured
+copy bandwidth and matrix throughput give (bench/_roofline.py says how), and `ours` against it: for each model,
+dtype (float32, bfloat16) and batch size b (--roofline-batches, default 1 16 64), b distinct prompts x 1 sample in
+one call of b rows, --max-new-tokens tokens each at fixed length; "of bound" is ours' tokens/s (prefill included)
+over the bound's. bfloat16 runs only where the CPU computes it natively (`selfdistill.precision.cpu_has_bf16`;
+elsewhere it is emulated, tens of times slower, and the row says so) unless --force-bf16.
+
 Threads: torch's default unless --threads. Run it on an otherwise idle machine. --quick overrides --models,
 --batch-sizes, --max-new-tokens and --repeats; --json PATH also writes every result (all repeat timings) to PATH.
 """
@@ -62,9 +70,11 @@ import torch
 import transformers
 from _generation_paths import TEMPERATURE, TOP_P, CallRecord, make_runner
 from _harness import error_line, markdown_table, ratio, time_runs
+from _roofline import DecodeShape, copy_bandwidth, decode_bound
 
 from selfdistill.data.generated import make_splits
 from selfdistill.models import SMOLLM2_DIRNAME, cache_dir, is_complete, load_model, smollm2_dir
+from selfdistill.precision import cpu_has_bf16
 from selfdistill.prompts import PromptBuilder
 
 MODELS = ("tiny", "smollm2")
@@ -252,6 +262,45 @@ def verdicts(results: list[Result]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def roofline(args: argparse.Namespace) -> list[str]:
+    """The roofline table (see the module docstring): one line per (model, dtype, batch size)."""
+    bandwidth = copy_bandwidth()
+    lines = [f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (256 MiB float32, read + write); "
+             f"native bfloat16 on this CPU: {'yes' if cpu_has_bf16() else 'no'}", ""]
+    rows = []
+    for model_name in args.models:
+        loaded = load(model_name)
+        if isinstance(loaded, str):
+            lines.append(loaded)
+            continue
+        model, tokenizer = loaded
+        shape = DecodeShape.of(model)
+        for dtype in (torch.float32, torch.bfloat16):
+            name = str(dtype).removeprefix("torch.")
+            if dtype == torch.bfloat16 and not (cpu_has_bf16() or args.force_bf16):
+                rows.append([model_name, name, "", "", "", "", "", "",
+                             "skipped: no native bfloat16 on this CPU (--force-bf16 runs it)"])
+                continue
+            model = model.to(dtype)
+            for batch in args.roofline_batches:
+                prompts = student_prompts(tokenizer, batch)
+                context = sum(map(len, prompts)) / batch + args.max_new_tokens / 2
+                bound = decode_bound(shape, batch, context, dtype, bandwidth)
+                run_args = argparse.Namespace(**{**vars(args), "samples": 1})
+                result = measure(model_name, "ours", model, tokenizer, prompts, batch_size=batch, args=run_args)
+                print(f"  roofline {model_name} {name} b={batch}: "
+                      f"{result.error or f'{result.tokens_per_s:,.1f} tokens/s'}", file=sys.stderr, flush=True)
+                ours = "" if result.error else f"{result.tokens_per_s:,.1f}"
+                share = "" if result.error else f"{result.tokens_per_s / bound.tokens_per_s(batch):.2f}"
+                rows.append([model_name, name, batch, f"{context:.0f}", f"{bound.gemm / 1e9:.1f}",
+                             f"{bound.tokens_per_s(batch):,.1f}", bound.limit, ours, share or result.error])
+        model = model.float()
+        del model, tokenizer
+    columns = ["model", "dtype", "batch", "mean context", "GEMM GFLOP/s at the step's shapes", "bound tokens/s",
+               "bound by", "ours tokens/s", "of bound"]
+    return [*lines, *markdown_table(columns, "llrrrrlrr", rows)]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -285,11 +334,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke check: tiny model, batch sizes 1 and 4, 8 tokens, 1 repeat"
     )
+    parser.add_argument("--roofline", action="store_true", help="the decode roofline table instead of the paths")
+    parser.add_argument("--roofline-batches", nargs="+", type=int, default=[1, 16, 64],
+                        help="batch sizes of --roofline")
+    parser.add_argument("--force-bf16", action="store_true",
+                        help="--roofline: run bfloat16 even where the CPU has no native bfloat16")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="print the traceback of a failed path")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batch_sizes, args.max_new_tokens, args.repeats = ["tiny"], [1, 4], 8, 1
+        args.roofline_batches = [1, 4]
     for name in ("prompts", "samples", "max_new_tokens", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -302,6 +357,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.roofline:
+        workload = (f"roofline workload: b distinct number_sums prompts x 1 sample in one call of b rows, "
+                    f"max_new_tokens {args.max_new_tokens} at fixed length, temperature {TEMPERATURE}, top_p {TOP_P}; "
+                    f"warm-up 1, median of {args.repeats}")
+        print("\n".join([header(args)[0], workload, "", *roofline(args)]))
+        return 0
     paths = list(args.paths)
     if args.compile:
         paths.insert(paths.index("ours") + 1 if "ours" in paths else len(paths), "ours+compile")
