@@ -5,7 +5,7 @@
 
 Writes src/selfdistill/study/assets/study-warmstart-<key>/ and its SHA-256 digests into
 src/selfdistill/study/assets/warm_starts.json, then prints the digest of model.safetensors. Commit both;
-tests/test_study.py checks them against the code.
+tests/study/test_warmstart.py checks them against the code.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Student / teacher prompts through a real chat tokenizer (SmolLM2-135M-Instruct), and packing."""
+"""Student / teacher prompts through a real chat tokenizer (SmolLM2-135M-Instruct)."""
 
 import copy
 import importlib.util
@@ -9,15 +9,8 @@ import torch
 from transformers import AutoTokenizer
 
 from selfdistill.data import Problem, load_benchmark
-from selfdistill.forward import pack, pack_shared
-from selfdistill.prompts import (
-    TEMPLATES,
-    MissingContextError,
-    PromptBuilder,
-    PromptTemplate,
-    PromptTooLongError,
-    fill,
-)
+from selfdistill.forward import pack
+from selfdistill.prompts import TEMPLATES, MissingContextError, PromptBuilder, PromptTemplate, PromptTooLongError, fill
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -175,9 +168,6 @@ def test_missing_context_is_an_error(tokenizer):
         PromptBuilder(tokenizer, template="opsd_v9")
 
 
-# --- packing ------------------------------------------------------------------------------
-
-
 def test_packed_responses_align_between_student_and_teacher(tokenizer, gsm8k_problems):
     builder = PromptBuilder(tokenizer)
     eos = tokenizer.eos_token_id
@@ -208,76 +198,6 @@ def test_packed_responses_align_between_student_and_teacher(tokenizer, gsm8k_pro
         mask = batch.response_mask.bool()
         assert torch.equal(predicted[mask], batch.response_ids[mask])
     assert torch.equal(student.response_ids, teacher.response_ids)
-
-
-def test_left_padding_does_not_shift_positions():
-    prompts = [[11, 12, 13, 14, 15], [21, 22]]
-    responses = [[31], [41, 42, 43]]
-    batch = pack(prompts, responses, pad_id=0)
-    assert batch.prompt_width == 5
-    assert batch.input_ids.tolist() == [[11, 12, 13, 14, 15, 31, 0, 0], [0, 0, 0, 21, 22, 41, 42, 43]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1]]
-    # Padding columns get a valid (non-negative) position too: embedding tables cannot take -1.
-    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 5, 5], [0, 0, 0, 0, 1, 2, 3, 4]]
-    real = batch.attention_mask.bool()
-    assert batch.position_ids[0][real[0]].tolist() == [0, 1, 2, 3, 4, 5]
-    assert batch.position_ids[1][real[1]].tolist() == [0, 1, 2, 3, 4]
-    assert batch.position_ids.dtype == torch.long and batch.input_ids.dtype == torch.long
-
-
-def test_pad_equal_to_eos_keeps_eos_in_the_mask():
-    eos = 2
-    responses = [[5, 6, eos], [7, eos, 8, eos], [eos]]  # a response may even contain eos mid-way
-    batch = pack([[1, 3], [1], [1, 4, 4]], responses, pad_id=eos)
-    assert batch.response_mask.sum(1).tolist() == [3.0, 4.0, 1.0]
-    assert batch.response_mask.dtype == torch.float32
-    last_real = batch.response_ids[0, 2]
-    assert last_real == eos and batch.response_mask[0, 2] == 1.0 and batch.response_mask[0, 3] == 0.0
-
-
-def test_pack_rejects_bad_input():
-    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
-        pack([[1], [2]], [[3]], pad_id=0)
-    with pytest.raises(ValueError, match="at least one token"):
-        pack([[]], [[3]], pad_id=0)
-    with pytest.raises(ValueError, match="empty batch"):
-        pack([], [], pad_id=0)
-    empty = pack([[1, 2]], [[]], pad_id=0)
-    assert empty.response_mask.shape == (1, 0) and empty.input_ids.tolist() == [[1, 2]]
-
-
-def test_pack_shared_keeps_each_distinct_prompt_once_and_lays_rows_out_as_pack():
-    eos = 2
-    prompts = [[11, 12, 13], [21], [11, 12, 13], [31, 32], [21], [11, 12, 13]]  # rows of one prompt apart
-    responses = [[5, eos], [6, 7, eos, 8], [eos], [9], [10, 11], [eos, eos, eos]]  # eos (= pad) inside
-    shared = pack_shared(prompts, responses, pad_id=eos)
-    full = pack(prompts, responses, pad_id=eos)
-    assert shared.prefix_ids.tolist() == [[11, 12, 13], [eos, eos, 21], [eos, 31, 32]]  # first-seen order
-    assert shared.prefix_of_row.tolist() == [0, 1, 0, 2, 1, 0]
-    assert shared.prompt_width == full.prompt_width == 3
-    # Row by row, the same tensors `pack` builds.
-    width = full.prompt_width
-    assert torch.equal(shared.prefix_ids[shared.prefix_of_row], full.input_ids[:, :width])
-    assert torch.equal(shared.prefix_position_ids[shared.prefix_of_row], full.position_ids[:, :width])
-    assert torch.equal(shared.row_attention_mask(), full.attention_mask)
-    assert torch.equal(shared.response_position_ids(), full.position_ids[:, width:])
-    assert torch.equal(shared.response_ids, full.response_ids)
-    assert torch.equal(shared.response_mask, full.response_mask)
-    assert shared.response_mask.sum(1).tolist() == [2.0, 4.0, 1.0, 1.0, 2.0, 3.0]  # eos counted, from lengths
-    assert shared.response_mask.dtype == torch.float32 and shared.prefix_of_row.dtype == torch.long
-
-
-def test_pack_shared_with_distinct_prompts_shares_nothing_and_rejects_bad_input():
-    shared = pack_shared([[1, 2], [1, 3], [2, 1]], [[4], [5], [6]], pad_id=0)  # same tokens, other order
-    assert shared.prefix_of_row.tolist() == [0, 1, 2] and shared.prefix_ids.shape == (3, 2)
-    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
-        pack_shared([[1], [2]], [[3]], pad_id=0)
-    with pytest.raises(ValueError, match="at least one token"):
-        pack_shared([[]], [[3]], pad_id=0)
-    with pytest.raises(ValueError, match="empty batch"):
-        pack_shared([], [], pad_id=0)
-    empty = pack_shared([[1, 2]], [[]], pad_id=0)
-    assert empty.response_mask.shape == (1, 0) and empty.row_attention_mask().tolist() == [[1, 1]]
 
 
 def test_prompt_ids_are_cached_per_problem_and_returned_as_copies(tokenizer, gsm8k_problems):

@@ -4,7 +4,7 @@ The trainer looks a method up by name, computes the statistics it declares it ne
 reduces the per-token loss in the method's aggregation mode (`objective.aggregation` in the config
 overrides it): it multiplies the loss by `token_weights` of each micro-batch, computed with the counts of
 the whole update (all micro-batches and processes), and sums. That is `aggregate` of the whole update,
-which is itself `(loss · token_weights(...)).sum()`; tests/test_objectives.py checks the two agree
+which is itself `(loss · token_weights(...)).sum()`; tests/objectives/test_policy.py checks the two agree
 (test_trainer_reduction_with_token_weights_is_aggregate_of_the_whole_batch). No if/elif on names.
 
 The built-in losses are in `losses` and `family`; a package of one's own adds a method with
