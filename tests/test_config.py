@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfdistill.config import ConfigError, ObjectiveConfig, config_from_dict, load_config, parse_overrides
+from selfdistill.config import ConfigError, ModelConfig, ObjectiveConfig, config_from_dict, load_config, parse_overrides
 from selfdistill.objectives import OBJECTIVES, KnobError, ObjectiveBatch
 from selfdistill.prompts import PromptTooLongError
 from selfdistill.tokenstats import TokenStats
@@ -148,3 +148,9 @@ def test_objective_name_is_the_field_and_method_a_deprecated_alias():
         config = load_config(REPO / "configs/tiny/dasd.yaml", ["objective.method=opsd"])
     assert config.objective.name == "opsd" and config.objective.knobs == {}
     assert load_config(REPO / "configs/tiny/dasd.yaml", ["objective.name=grpo"]).objective.name == "grpo"
+
+
+def test_model_dtype_takes_auto_and_names_the_key_otherwise():
+    assert ModelConfig(dtype="auto").dtype == "auto"
+    with pytest.raises(ConfigError, match="model.dtype: float32, bfloat16 or auto, got 'half'"):
+        ModelConfig(dtype="half")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfdistill.config import ConfigError, ModelConfig
 from selfdistill.precision import compute_dtype, cpu_flags, cpu_has_bf16
 
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\nbogomips\t: 4890.85\n"
@@ -37,12 +36,6 @@ def test_auto_on_a_cpu_follows_its_flags(monkeypatch):
     assert compute_dtype("auto", cpu) is torch.float32
     monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo=None: cpu_flags(SAPPHIRE_RAPIDS))
     assert compute_dtype("auto", cpu) is torch.bfloat16
-
-
-def test_the_config_takes_auto_and_names_the_key_otherwise():
-    assert ModelConfig(dtype="auto").dtype == "auto"
-    with pytest.raises(ConfigError, match="model.dtype: float32, bfloat16 or auto, got 'half'"):
-        ModelConfig(dtype="half")
 
 
 def test_a_run_with_auto_trains_in_the_resolved_dtype(tmp_path, capsys):
