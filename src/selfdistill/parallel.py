@@ -86,7 +86,8 @@ class FullyShardedParallel:
 
     # -- sharding a model
 
-    def copy_model(self, model: torch.nn.Module) -> torch.nn.Module:
+    @staticmethod
+    def copy_model(model: torch.nn.Module) -> torch.nn.Module:
         """A copy of `model`'s structure whose parameters are on the meta device (no memory; buffers are copied):
         `wrap(copy, like=model)` shards it and fills each process's shards from `model`'s, so no process ever
         holds the copy whole, nor a second whole model while loading."""
