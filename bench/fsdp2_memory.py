@@ -10,13 +10,14 @@ the whole process: Python, torch, the tokenizer, the rollouts and activations to
 step left out: a warm-up). The runs go one after the other, so each one has the machine's cores to itself. What
 sharding can halve per process: the weights, the teacher's copy, the gradients and the AdamW state (float32: 4 +
 4 + 4 + 8 bytes a parameter); what it cannot: activations, the fused output layer's buffers, the runtime.
-Under FSDP2 the weights are gathered whole while a step generates (see `FullyShardedParallel.generation`).
+Under FSDP2 the weights are gathered whole while a step generates (see `FullyShardedParallel.generation`); the
+set-up reads only each process's slices of the loaded model and never makes the teacher's copy whole.
 
 Both runs set glibc's `MALLOC_MMAP_THRESHOLD_` to 1 MiB (`--glibc-default` leaves glibc's dynamic threshold): by
 default glibc serves tensors of up to 32 MiB from its heap once a larger block was freed, and a heap does not
-shrink past live blocks, so the memory of the whole model that each process loads and then shards (and of
-every gathered layer) stays resident after it is freed, and resident memory measures the allocator rather than
-the tensors (with the default, FSDP2 measured no lower than DDP here). GPU memory is not affected.
+shrink past live blocks, so the memory of every gathered layer stays resident after it is freed, and resident
+memory measures the allocator rather than the tensors (with the default, FSDP2 measured no lower than DDP here,
+before the set-up read only each process's slices). GPU memory is not affected.
 """
 
 from __future__ import annotations

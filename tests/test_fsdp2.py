@@ -192,3 +192,25 @@ def test_sharded_packing_always_makes_both_decoder_calls():
     assert len(calls) == 3  # the unpadded batch of one-token responses makes one call only
     torch.testing.assert_close(wide[:, :1], narrow)
     assert teacher.keywords == {"min_response_width": 2}
+
+
+def test_teacher_copy_for_sharding_holds_no_weights_and_keeps_ties_buffers_and_grad_flags():
+    """fsdp2's teacher copy is made on the meta device (no memory): every parameter on meta, the tied embedding /
+    output matrix still one parameter, buffers (rotary frequencies) copied with their values, the student's
+    tensors untouched. (Its shards filled from the student's are checked by the equality tests above: a frozen or
+    EMA teacher with wrong values would change dasd's and opsd's losses.)"""
+    from selfdistill.models import load_model
+    from selfdistill.parallel import FullyShardedParallel
+
+    model, _ = load_model("tiny")
+    model.lm_head.weight.requires_grad_(False)
+    copy = FullyShardedParallel.copy_model(model)
+    assert all(p.is_meta for p in copy.parameters())
+    assert copy.get_output_embeddings().weight is copy.get_input_embeddings().weight
+    assert [(n, p.shape, p.requires_grad) for n, p in copy.named_parameters()] == \
+        [(n, p.shape, p.requires_grad) for n, p in model.named_parameters()]
+    buffers = dict(model.named_buffers())
+    assert buffers, "the tiny model has rotary buffers"
+    for name, b in copy.named_buffers():
+        assert not b.is_meta and torch.equal(b, buffers[name]) and b.data_ptr() != buffers[name].data_ptr()
+    assert not any(p.is_meta for p in model.parameters())

@@ -18,6 +18,7 @@ global token count).
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -33,7 +34,11 @@ class DataParallel:
 
     sharded = False
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def copy_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A copy of `model` with its own weights (a teacher's copy): a deep copy."""
+        return copy.deepcopy(model)
+
+    def wrap(self, model: torch.nn.Module, *, like: torch.nn.Module | None = None) -> torch.nn.Module:
         return model
 
     def whole_output_layers(self, *models: torch.nn.Module | None) -> contextlib.AbstractContextManager:
@@ -81,9 +86,20 @@ class FullyShardedParallel:
 
     # -- sharding a model
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Shard `model` in place (a peft wrapper is looked through); returns it. Must come after LoRA, the
-        teacher's copy and `check_output_layer`, which need the whole weights."""
+    @staticmethod
+    def copy_model(model: torch.nn.Module) -> torch.nn.Module:
+        """A copy of `model`'s structure whose parameters are on the meta device (no memory; buffers are copied):
+        `wrap(copy, like=model)` shards it and fills each process's shards from `model`'s, so no process ever
+        holds the copy whole, nor a second whole model while loading."""
+        memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                for p in model.parameters()}  # a tied parameter stays one parameter in the copy
+        return copy.deepcopy(model, memo)
+
+    def wrap(self, model: torch.nn.Module, *, like: torch.nn.Module | None = None) -> torch.nn.Module:
+        """Shard `model` in place (a peft wrapper is looked through); returns it. Must come after LoRA. With
+        `like` (a model sharded by `wrap` since `copy_model` copied it), `model` is that meta-device copy: its
+        shards are made on the meta device, then filled from `like`'s own shards, each process its slice
+        (converted to the copy's dtype, e.g. an EMA teacher's float32 average of a bfloat16 base)."""
         from torch.distributed.fsdp import fully_shard
 
         base = base_model(model)
@@ -101,6 +117,8 @@ class FullyShardedParallel:
         for unit in self._units(model):
             unit.set_gradient_divide_factor(1.0)  # summed: the loss is normalized by the global token count
             unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+        if like is not None:
+            self._fill_from(model, like)
         # FSDP picks its root at the first forward pass: make it the model (the pass generation runs), not a
         # decoder layer reached first through `get_decoder()`.
         with torch.no_grad():
@@ -108,6 +126,23 @@ class FullyShardedParallel:
         for unit in self._units(model):
             unit.reshard()
         return model
+
+    def _fill_from(self, model: torch.nn.Module, source: torch.nn.Module) -> None:
+        """Materialize `model`'s meta-device shards on the device with the values of `source`'s shards (the same
+        structure, sharded alike: each process copies its local slice). Buffers keep the values they were copied
+        with (`to_empty` would leave them uninitialized)."""
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        model.to_empty(device=self.device)
+        sources = dict(source.named_parameters())
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+            for name, p in model.named_parameters():
+                mine, theirs = local_shard(p), local_shard(sources[name])
+                if mine.shape != theirs.shape:
+                    raise RuntimeError(f"{name}: the copy's shard is {tuple(mine.shape)}, the source's "
+                                       f"{tuple(theirs.shape)}; copy_model and wrap must shard alike")
+                mine.copy_(theirs)
 
     @staticmethod
     def _units(model: torch.nn.Module) -> list:
@@ -129,14 +164,21 @@ class FullyShardedParallel:
     @contextlib.contextmanager
     def whole_output_layers(self, *models: torch.nn.Module | None) -> Iterator[None]:
         """Gather the embedding, final norm and output layer of each model given (the student, a teacher's copy)
-        for what runs inside: the decoder called directly and the fused output layer reading `output_weight`. A
-        backward pass inside reduce-scatters their gradients and reshards them; leaving reshards the rest."""
+        for what runs inside: the decoder called directly and the fused output layer reading `output_weight` (or the
+        model's own forward pass). A backward pass inside reduce-scatters their gradients and reshards them; leaving
+        reshards the rest."""
         units = [unit for model in models if model is not None for unit in self._output_units(model)]
+        roots = {id(base_model(model)) for model in models if model is not None}
+        heads = [unit for unit in units if id(unit) not in roots]  # untied output layers
+        for unit in heads:  # stay gathered even if the model's own forward runs inside (`check_output_layer`)
+            unit.set_reshard_after_forward(False, recurse=False)
         for unit in units:
             unit.unshard()
         try:
             yield
         finally:
+            for unit in heads:
+                unit.set_reshard_after_forward(True, recurse=False)
             for unit in units:
                 unit.reshard()
 
@@ -175,6 +217,11 @@ class FullyShardedParallel:
         if self.world == 1:  # nothing was gathered: the tensors are the CPU parameters themselves
             full = {name: t.clone() for name, t in full.items()}
         return full
+
+
+def local_shard(tensor: Tensor) -> Tensor:
+    """This process's slice of a sharded tensor (a DTensor), sharing its storage; a plain tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 STRATEGIES = {

@@ -6,27 +6,32 @@ gradient. `frozen` under LoRA disables the adapter, so no second copy of the wei
 weights; `ema` keeps an exponential moving average of the student. The forward pass itself
 (`response_hidden_states`, either batch layout) is `selfdistill.forward`'s.
 
-Under `distributed.strategy: fsdp2` the trainer shards the copy (frozen or EMA) exactly as the student
-(`parallel.FullyShardedParallel.wrap`): each process holds 1/N of it, with no gradient and no optimizer
-state, and the EMA average is updated shard by shard, on each process's own slice, never gathered whole.
+Under `distributed.strategy: fsdp2` the copy (frozen or EMA) is never whole: it is made on the meta device,
+sharded exactly as the student and filled from the student's shards (`parallel.FullyShardedParallel.copy_model`
+and `wrap`); each process holds 1/N of it, with no gradient and no optimizer state, and the EMA average is
+updated shard by shard, on each process's own slice, never gathered whole.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from selfdistill.forward import PackedBatch, SharedPrefixBatch, output_weight, response_hidden_states
+from selfdistill.parallel import local_shard
 
 
 class Teacher:
     """Runs the teacher forward pass over `teacher_prompt ⊕ response` without gradient."""
 
-    def __init__(self, mode: str, student: torch.nn.Module, *, ema_decay: float = 0.99) -> None:
+    def __init__(self, mode: str, student: torch.nn.Module, *, ema_decay: float = 0.99,
+                 copy_model: Callable[[torch.nn.Module], torch.nn.Module] = copy.deepcopy) -> None:
+        """`copy_model` makes the frozen / EMA copy of `student` (`distributed.strategy: fsdp2`: a meta-device
+        copy, sharded and filled from the student's shards by `FullyShardedParallel.wrap`)."""
         if mode not in ("frozen", "live", "ema"):
             raise ValueError(f"unknown teacher mode {mode!r}; choose frozen, live or ema")
         self.mode = mode
@@ -35,7 +40,7 @@ class Teacher:
         self.uses_adapter_switch = mode == "frozen" and hasattr(student, "disable_adapter")
         self.copy: torch.nn.Module | None = None
         if mode == "ema" or (mode == "frozen" and not self.uses_adapter_switch):
-            self.copy = copy.deepcopy(student).eval()
+            self.copy = copy_model(student).eval()
             if mode == "ema":
                 # The average accumulates in float32 whatever the student's dtype: with decay 0.99 a step moves
                 # the teacher by 1 % of the student's change, far below bfloat16's resolution (8 bits).
@@ -75,7 +80,7 @@ class Teacher:
         for t, s in zip(self.copy.parameters(), self.student.parameters(), strict=True):
             if s.requires_grad:  # frozen weights (the base under LoRA) are equal in both and stay so
                 # sharded (fsdp2): both are DTensors sharded alike; each process averages its own slice
-                _local(t).lerp_(_local(s).detach().to(t.dtype), 1.0 - self.ema_decay)
+                local_shard(t).lerp_(local_shard(s).detach().to(t.dtype), 1.0 - self.ema_decay)
 
     def state_dict(self) -> dict[str, Tensor] | None:  # (a sharded run saves `copy` with the checkpoint's shards)
         """Only the EMA teacher has state of its own (a frozen copy is rebuilt from the initial weights)."""
@@ -86,8 +91,3 @@ class Teacher:
             if state is None:
                 raise ValueError("resuming an ema-teacher run needs teacher.safetensors in the checkpoint")
             self.copy.load_state_dict(state, strict=False)
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """This process's slice of a sharded tensor (a DTensor), sharing its storage; a plain tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -179,16 +179,19 @@ class Trainer:
         self.parallel = make_parallel(config.distributed.strategy, device=self.device, world=self.world,
                                       compute_dtype=self.compute_dtype)
         self.model = prepare_model(self.model, config.model)
-        if not self.parallel.sharded:  # fsdp2: the whole model stays in host memory; its shards go to the device
+        if not self.parallel.sharded:  # fsdp2: `wrap` copies each process's shards to the device, nothing else
             self.model = self.model.to(self.device)
-        with self._compute():
-            check_output_layer(base_model(self.model))
-        self.teacher = Teacher(config.objective.teacher, self.model, ema_decay=config.objective.ema_decay) \
-            if self.objective.needs_teacher else None
+        # fsdp2: the teacher's copy is made on the meta device and filled from the student's shards once sharded
+        self.teacher = Teacher(config.objective.teacher, self.model, ema_decay=config.objective.ema_decay,
+                               copy_model=self.parallel.copy_model) if self.objective.needs_teacher else None
         # ddp: nothing changes; fsdp2: the student (and the teacher's copy, if any) sharded in place
         self.model = self.parallel.wrap(self.model)
         if self.teacher is not None and self.teacher.copy is not None:
-            self.teacher.copy = self.parallel.wrap(self.teacher.copy)
+            self.teacher.copy = self.parallel.wrap(self.teacher.copy, like=self.model)
+        # after sharding (fsdp2: the loaded model is read only in each process's slices; the probe forward gathers
+        # one layer at a time and reads the output weight gathered whole)
+        with self._compute(), self.parallel.whole_output_layers(self.model):
+            check_output_layer(base_model(self.model))
         self.pack_student, self.pack_teacher = choose_packing(self.model, shared_prefix=config.optim.shared_prefix,
                                                               has_teacher=self.teacher is not None,
                                                               sharded=self.parallel.sharded)
