@@ -1,4 +1,4 @@
-"""Worker of tests/test_fsdp2.py: trains the tiny model on replayed rollouts, one case after another, and writes what
+"""Worker of tests/test_parallel.py: trains the tiny model on replayed rollouts, one case after another, and writes what
 each optimizer update did (loss, gradient norm, the gathered weights after it) for the test to compare.
 
     python tests/sharded_worker.py --out DIR --record REPLAY_DIR --cases dasd,opsd      # 1 process: sample, record

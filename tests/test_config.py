@@ -154,3 +154,13 @@ def test_model_dtype_takes_auto_and_names_the_key_otherwise():
     assert ModelConfig(dtype="auto").dtype == "auto"
     with pytest.raises(ConfigError, match="model.dtype: float32, bfloat16 or auto, got 'half'"):
         ModelConfig(dtype="half")
+
+
+def test_strategy_is_validated_when_the_config_loads():
+    from selfdistill.config import STRATEGIES, ConfigError, config_from_dict
+    from selfdistill.parallel import STRATEGIES as BUILT
+
+    assert set(STRATEGIES) == set(BUILT)
+    assert config_from_dict({}).distributed.strategy == "ddp"
+    with pytest.raises(ConfigError, match=r"distributed\.strategy.*ddp, fsdp2"):
+        config_from_dict({"distributed": {"strategy": "zero3"}})
