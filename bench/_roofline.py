@@ -2,8 +2,9 @@
 
 Two probes of the machine, each timed over at least `seconds` of repeats at the thread count in use:
   copy bandwidth    `dst.copy_(src)` of a 256 MiB float32 tensor, counted as 2 x 256 MiB moved (read + write);
-  GEMM throughput   `x @ w` at the decode step's own shapes (rows = the batch, `[b,d] @ [d,4d]` and the output
-                    layer's `[b,d] @ [d,V]`), in the dtype, 2·m·k·n FLOPs each; the slower of the two is used.
+  GEMM throughput   `x @ w` of 1,024 rows through the model's MLP shape (`[1024,d] @ [d,intermediate]`), in the
+                    dtype, 2·m·k·n FLOPs: the compute roof (a product with few rows is limited by reading its
+                    weight, which the memory roof already counts).
 
 One decoding step of a batch of b rows at context length L must read every weight once (the output layer too; the
 embedding lookup reads b rows only, counted in the output layer when they are tied) and each row's KV cache, and
@@ -101,11 +102,15 @@ class Bound:
         return batch / self.seconds
 
 
+def compute_roof(shape: DecodeShape, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """FLOPs per second of a compute-bound product through the model's MLP shape in `dtype`."""
+    return gemm_throughput(1024, shape.hidden, shape.intermediate, dtype, seconds)
+
+
 def decode_bound(shape: DecodeShape, batch: int, context: float, dtype: torch.dtype, bandwidth: float,
-                 seconds: float = 0.5) -> Bound:
-    """The roofline bound of one decoding step of `batch` rows at mean context `context` in `dtype`."""
-    gemm = min(gemm_throughput(batch, shape.hidden, shape.intermediate, dtype, seconds),
-               gemm_throughput(batch, shape.hidden, shape.vocab, dtype, seconds))
+                 gemm: float) -> Bound:
+    """The roofline bound of one decoding step of `batch` rows at mean context `context` in `dtype`, from the
+    memory roof (`bandwidth`, bytes/s) and the compute roof (`gemm`, FLOPs/s)."""
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     memory_time = shape.bytes(batch, context, dtype_bytes) / bandwidth
     compute_time = shape.flops(batch, context) / gemm
