@@ -1,0 +1,146 @@
+"""The third study's claims, fixed before any run that judges them (issue #23, item 1): each claim, its matched
+control, the per-problem score it is judged on, the test and its threshold, the seeds, and the rule that turns
+the numbers into a verdict. The report names the commit of this file; changing a claim after the result runs
+means a new pre-registration, said as such.
+
+The rule (`judge`): for each claim, the paired difference a − b over every training seed × held-out problem,
+resampled by a crossed bootstrap (`statistics.paired_bootstrap`, seeds and problems both drawn):
+
+- `greater` / `less`: the one-sided bootstrap p-value of "a − b ≤ 0" (resp. "≥ 0");
+- `equivalent` ("keeps X"): two one-sided tests that |a − b| < `margin` (`statistics.equivalence`), so that a
+  "keeps" claim can fail.
+
+Holm's correction runs over the whole family (every claim in `CLAIMS`, the ones whose methods did not run
+counted with p = 1, so the family is the one registered here, not the one that happened to run). A claim
+**holds** when its Holm-adjusted p < `ALPHA`. Otherwise it is **reversed** when the 95 % interval lies wholly on
+the other side of 0 (directional claims) or wholly outside ±margin (equivalence claims), and **not shown**
+otherwise. Tuning of any knob uses `TUNING_SEEDS` and the validation slice, never `CLAIM_SEEDS` or the held-out
+and out-of-distribution sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from selfdistill.study.statistics import DEFAULT_RESAMPLES, Interval, equivalence, holm, paired_bootstrap
+
+ALPHA = 0.05
+"""Family-wise error rate of the claim family (Holm)."""
+CONFIDENCE = 0.95
+"""The reported interval of every difference."""
+CLAIM_SEEDS = (0, 1, 2, 3, 4)
+"""Training seeds the claims are judged on (at least 5)."""
+TUNING_SEEDS = (100, 101, 102)
+"""Training seeds any tuning (the DASD sweep included) uses, with the validation slice cut from the RL pool."""
+TESTS = ("greater", "less", "equivalent")
+HOLDS, REVERSED, NOT_SHOWN, NOT_RUN = "holds", "reversed", "not shown", "not run"
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One claim: method `a` against its matched control `b` on the per-problem score `metric`.
+
+    test: `greater` (a − b > 0), `less` (a − b < 0) or `equivalent` (|a − b| < margin). control: what `b` differs
+    from `a` in, and nothing else (the claim is about exactly that)."""
+
+    name: str
+    text: str
+    a: str
+    b: str
+    metric: str
+    test: str
+    control: str
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.test not in TESTS:
+            raise ValueError(f"{self.name}: test must be one of {TESTS}, got {self.test!r}")
+        if (self.test == "equivalent") != (self.margin > 0):
+            raise ValueError(f"{self.name}: an equivalence claim needs a positive margin, and only it has one")
+        if self.a == self.b:
+            raise ValueError(f"{self.name}: a claim compares two methods, got {self.a!r} twice")
+
+
+# Per-problem scores the study's evaluation writes for every run (each an [seeds, problems] array):
+#   avg            in-distribution Avg@k of the problem
+#   ood_breadth    out-of-distribution Avg@k, more candidates than in training
+#   ood_depth      out-of-distribution Avg@k, longer checks than in training
+#   epistemic      share of the problem's k responses that verbalize doubt (the optional E(y) marker)
+#   step_acc       share of the problem's check lines whose verdict is right
+CLAIMS: tuple[Hypothesis, ...] = (
+    # DASD's direction routing, against the controls that differ only in it.
+    Hypothesis("D1", "DASD raises out-of-distribution (breadth) Avg@k over GRPO reduced as DASD is",
+               "dasd", "grpo_token_mean", "ood_breadth", "greater",
+               control="GRPO with token-mean aggregation: DASD at beta = 0"),
+    Hypothesis("D2", "DASD raises out-of-distribution (depth) Avg@k over GRPO reduced as DASD is",
+               "dasd", "grpo_token_mean", "ood_depth", "greater",
+               control="GRPO with token-mean aggregation: DASD at beta = 0"),
+    Hypothesis("D3", "the entropy routing matters: DASD above DASD with omega shuffled within each rollout (OOD "
+               "breadth)", "dasd", "dasd_shuffled", "ood_breadth", "greater",
+               control="the same term, size and signal, omega permuted within each rollout"),
+    Hypothesis("D4", "DASD keeps in-distribution Avg@k (within 0.02 of GRPO reduced as DASD is)",
+               "dasd", "grpo_token_mean", "avg", "equivalent", margin=0.02,
+               control="GRPO with token-mean aggregation: DASD at beta = 0"),
+    Hypothesis("D5", "DASD keeps verbalized doubt (E(y) share within 0.05 of GRPO reduced as DASD is)",
+               "dasd", "grpo_token_mean", "epistemic", "equivalent", margin=0.05,
+               control="GRPO with token-mean aggregation: DASD at beta = 0"),
+    Hypothesis("D6", "always pulling (conform) lowers verbalized doubt against DASD",
+               "conform", "dasd", "epistemic", "less",
+               control="DASD's beta and signal with omega = +1 on every token"),
+    Hypothesis("D7", "always pushing (novelty) lowers StepAcc against DASD",
+               "novelty", "dasd", "step_acc", "less",
+               control="DASD's beta and signal with omega = -1 on every token"),
+    # Kim et al.: self-distillation from a rich context suppresses verbalized doubt and hurts OOD.
+    Hypothesis("K1", "OPSD lowers verbalized doubt against GRPO", "opsd", "grpo", "epistemic", "less",
+               control="the verifier's reward instead of the rich teacher (the paper's comparison)"),
+    Hypothesis("K2", "OPSD lowers out-of-distribution (depth) Avg@k against GRPO", "opsd", "grpo", "ood_depth",
+               "less", control="the verifier's reward instead of the rich teacher (the paper's comparison)"),
+    Hypothesis("K3", "a poorer context hurts less: OPSD with the answer-only teacher above OPSD with the full "
+               "search trace (OOD depth)", "opsd_weak", "opsd", "ood_depth", "greater",
+               control="the same method, the teacher shown the answer only instead of the trace"),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    claim: Hypothesis
+    verdict: str
+    interval: Interval | None  # the CONFIDENCE interval of a − b (None: not run)
+    p: float  # the test's own p-value (1 when not run)
+    p_holm: float  # Holm-adjusted over the family
+
+
+def _test(claim: Hypothesis, a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> tuple[Interval, float, str]:
+    """(the CONFIDENCE interval of a − b, the test's p-value, the verdict if it is not significant)."""
+    interval = paired_bootstrap(a, b, confidence=CONFIDENCE, resamples=resamples, seed=seed)
+    if claim.test == "equivalent":
+        _, p = equivalence(a, b, margin=claim.margin, alpha=ALPHA, resamples=resamples, seed=seed)
+        outside = interval.low >= claim.margin or interval.high <= -claim.margin
+        return interval, p, REVERSED if outside else NOT_SHOWN
+    if claim.test == "greater":
+        return interval, interval.below, REVERSED if interval.high < 0 else NOT_SHOWN
+    return interval, interval.above, REVERSED if interval.low > 0 else NOT_SHOWN
+
+
+def judge(scores: Mapping[tuple[str, str], np.ndarray], claims: tuple[Hypothesis, ...] = CLAIMS, *,
+          resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> list[Verdict]:
+    """Every claim's verdict by the module's rule. scores: `(method, metric) -> [seeds, problems]` per-problem
+    scores, the seeds in the same order for every method; a claim whose pair is missing is `not run`."""
+    tested: dict[str, tuple[Interval, float, str]] = {}
+    for claim in claims:
+        a, b = scores.get((claim.a, claim.metric)), scores.get((claim.b, claim.metric))
+        if a is not None and b is not None:
+            tested[claim.name] = _test(claim, a, b, resamples, seed)
+    adjusted = holm({claim.name: tested[claim.name][1] if claim.name in tested else 1.0 for claim in claims})
+    verdicts = []
+    for claim in claims:
+        if claim.name not in tested:
+            verdicts.append(Verdict(claim, NOT_RUN, None, 1.0, adjusted[claim.name]))
+            continue
+        interval, p, otherwise = tested[claim.name]
+        verdict = HOLDS if adjusted[claim.name] < ALPHA else otherwise
+        verdicts.append(Verdict(claim, verdict, interval, p, adjusted[claim.name]))
+    return verdicts
