@@ -45,10 +45,13 @@ class ModelSize:
     intermediate: int
     vocab: int | None  # None: the tokenizer's length
     workload: tuple[tuple[str, int], ...] = ()  # settings this size fixes whatever the command line says
+    kv_heads: int | None = None  # None: as many as the heads
+    architecture: str = "qwen2"  # "qwen2" or "llama" (SmolLM2's)
 
     def __str__(self) -> str:
         fixed = "".join(f", {name.replace('_', ' ')} {value}" for name, value in self.workload)
-        return f"hidden {self.hidden}, {self.layers} layers, vocabulary {self.vocab or 'of the tokenizer'}{fixed}"
+        return (f"{self.architecture}, hidden {self.hidden}, {self.layers} layers, "
+                f"vocabulary {self.vocab or 'of the tokenizer'}{fixed}")
 
 
 SIZES: dict[str, ModelSize] = {
@@ -58,6 +61,11 @@ SIZES: dict[str, ModelSize] = {
     # completion's float32 logits are 594 MiB here; SDFT's full_logits holds several copies of them)
     "long": ModelSize(hidden=64, layers=2, heads=4, intermediate=128, vocab=QWEN_VOCAB,
                       workload=(("max_new_tokens", 1024), ("prompts", 2), ("group_size", 2), ("micro_batch", 1))),
+    # SmolLM2-135M-Instruct's architecture (Llama: 576 wide, 30 layers, 9 heads of which 3 key/value, MLP 1,536,
+    # tied 49,152-token output layer) with random weights; the demo's model size. 4 prompts x 4 samples, 64 tokens.
+    "smollm2": ModelSize(hidden=576, layers=30, heads=9, intermediate=1536, vocab=49_152, kv_heads=3,
+                         architecture="llama",
+                         workload=(("max_new_tokens", 64), ("prompts", 4), ("group_size", 4), ("micro_batch", 8))),
 }
 
 
@@ -68,7 +76,7 @@ SIZES: dict[str, ModelSize] = {
 def build_model_dirs(sizes: list[str], root: Path) -> dict[str, str]:
     """Build the tiny tokenizer and one random Qwen2 model per size, saved as Hugging Face folders."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
     from transformers.utils import logging as transformers_logging
 
     from selfdistill.models import build_tiny_model, build_tiny_tokenizer
@@ -86,10 +94,11 @@ def build_model_dirs(sizes: list[str], root: Path) -> dict[str, str]:
             # is below its length (833), and sampled ids past it decode to the empty string on both sides.
             special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                        "pad_token_id": tokenizer.pad_token_id}
-            config = Qwen2Config(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
-                                 num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                                 num_key_value_heads=size.heads, max_position_embeddings=2048,
-                                 tie_word_embeddings=True, **special)
+            config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig}[size.architecture]
+            config = config_class(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+                                  num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                                  num_key_value_heads=size.kv_heads or size.heads, max_position_embeddings=2048,
+                                  tie_word_embeddings=True, **special)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
