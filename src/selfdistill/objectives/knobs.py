@@ -110,8 +110,10 @@ class DasdKnobs(DasdRoutingKnobs):
     """DASD: `Â_t = A_i + beta·ω_t·δ̄_t`, ω from the entropy router (`dasd_direction`), then the clipped surrogate;
     on push tokens the signal is `push_signal` (`"jsd"`: AntiSD's bounded JSD_push_beta ascent signal).
 
-    Defaults chosen by the study's sweep on the search task's in-distribution split (docs/study.md) [recon]:
-    beta = 0.03 (it was 1.0) and `push_signal="jsd"`, the bounded push (it was `"log_ratio"`).
+    Defaults chosen by the second study's sweep on the search task's in-distribution split (docs/study.md)
+    [recon]: beta = 0.03 (it was 1.0) and `push_signal="jsd"`, the bounded push (it was `"log_ratio"`). That sweep
+    shared its seeds and held-out set with the claims it then judged (issue #23): provisional until the third
+    study tunes them on its own seeds and a validation slice (`study.preregistration.TUNING_SEEDS`).
     """
 
     push_signal: str = "jsd"
