@@ -121,9 +121,8 @@ class Update:
 
 @dataclass
 class MicroBatch:
-    """One forward/backward pass: rows of an update with everything the fused pass needs for them."""
+    """One forward/backward pass: some rows of an update, with everything the fused pass needs for them."""
 
-    rows: list[int]
     student: PackedBatch  # student_prompt ⊕ response, on the device
     objective: BlockObjective  # the objective of these rows: mask, advantages, token weights, behaviour log-probs
     teacher_hidden: Tensor | None = None  # [b,T,d] the teacher's, in the compute dtype; None: no teacher
@@ -471,10 +470,10 @@ class Trainer:
                                    old_logp=None if scored is None else scored.behaviour_logp(rows, width),
                                    step=self.step)
         if self.teacher is None:
-            return MicroBatch(rows, student, objective)
+            return MicroBatch(student, objective)
         if scored is not None:
-            return MicroBatch(rows, student, objective, scored.teacher_states(rows, width), scored.teacher_weight)
-        return MicroBatch(rows, student, objective, *self._teacher_states(update.group, rows))
+            return MicroBatch(student, objective, scored.teacher_states(rows, width), scored.teacher_weight)
+        return MicroBatch(student, objective, *self._teacher_states(update.group, rows))
 
     def _fused_pass(self, micro: MicroBatch) -> FusedResult:
         """The student's hidden states, then the output layer, the statistics and the objective fused
@@ -505,12 +504,7 @@ class Trainer:
         KL(behaviour ‖ current) on the sampled tokens when the update is off-policy (as TRL and verl log it),
         and the objective's diagnostics (already token sums, `BlockObjective`)."""
         stats, mask, old_logp = result.stats, micro.objective.mask, micro.objective.old_logp  # [b,T] each
-        sums = {"entropy": (stats.entropy * mask).sum()}
-        if stats.teacher_entropy is not None:
-            sums["teacher_entropy"] = (stats.teacher_entropy * mask).sum()
-            sums["teacher_logp_gap"] = ((stats.teacher_logp - stats.logp) * mask).sum()
-        if stats.divergence is not None:
-            sums["divergence"] = (stats.divergence * mask).sum()
+        sums = stats.masked_sums(mask)
         if old_logp is not None:
             log_ratio = (stats.logp - old_logp) * mask  # [b,T]
             sums["approx_kl"] = ((log_ratio.exp() - 1.0 - log_ratio) * mask).sum()

@@ -284,13 +284,13 @@ EMA_TEACHER_FILE = "selfdistill_ema_teacher.pt"
 @dataclass
 class ObjectiveTerms:
     """One micro-batch through the objective: the loss to backpropagate (normalized for the whole optimizer step,
-    see the module's docstring), the statistics, the mask `[B,T]` and the diagnostics (token-weighted means over
-    the micro-batch)."""
+    see the module's docstring), the statistics, the mask `[B,T]` and the diagnostics as sums over the
+    micro-batch's tokens (`BlockObjective`)."""
 
     loss: Tensor
     stats: TokenStats
     mask: Tensor
-    diagnostics: dict[str, Tensor]
+    diagnostic_sums: dict[str, Tensor]
 
 
 class _EmaTeacherCallback(TrainerCallback):
@@ -699,8 +699,7 @@ class SelfDistillTrainer(GRPOTrainer):
             full_logits = self.full_logits_reason is not None
         loss, stats, diagnostic_sums = (self._logits_terms if full_logits else self._hidden_terms)(
             model, inputs, objective)
-        tokens = mask.sum().clamp(min=1.0)
-        return ObjectiveTerms(loss, stats, mask, {name: total / tokens for name, total in diagnostic_sums.items()})
+        return ObjectiveTerms(loss, stats, mask, diagnostic_sums)
 
     def _hidden_terms(self, model, inputs: dict[str, Any], objective: BlockObjective) -> FusedResult:
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]  # [B,T] each
@@ -742,18 +741,16 @@ class SelfDistillTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs: dict[str, Any]) -> Tensor:
         mode = "train" if self.model.training else "eval"
         terms = self.objective_terms(model, inputs)
-        self._log_statistics(mode, terms.stats, terms.mask, terms.diagnostics)
+        self._log_statistics(mode, terms)
         return terms.loss
 
-    def _log_statistics(self, mode: str, stats: TokenStats, mask: Tensor, diagnostics: dict[str, Tensor]) -> None:
-        """Token-weighted means over every process into TRL's metrics (averaged again at each `log`)."""
-        named = {"entropy": stats.entropy, "teacher_entropy": stats.teacher_entropy,
-                 "teacher_logp_gap": None if stats.teacher_logp is None else stats.teacher_logp - stats.logp,
-                 "divergence": stats.divergence}
-        rows = [(name, (value.detach() * mask).sum(), mask.sum()) for name, value in named.items() if value is not None]
-        n = mask.sum()
-        rows += [(name, value.detach().float() * n, n) for name, value in sorted(diagnostics.items())]
-        local = torch.stack([torch.stack([total, count]) for _, total, count in rows])  # [K,2]
+    def _log_statistics(self, mode: str, terms: ObjectiveTerms) -> None:
+        """Token-weighted means over every process into TRL's metrics (averaged again at each `log`): the
+        statistics' and the diagnostics' sums over the micro-batch's tokens, and the token count, summed over the
+        processes in one reduction."""
+        sums = {**terms.stats.masked_sums(terms.mask), **dict(sorted(terms.diagnostic_sums.items()))}
+        tokens = terms.mask.sum()
+        local = torch.stack([torch.stack([total.float(), tokens]) for total in sums.values()])  # [K,2]
         totals = self.accelerator.reduce(local, reduction="sum")  # [K,2]
-        for (name, _, _), (total, count) in zip(rows, totals.tolist(), strict=True):
+        for name, (total, count) in zip(sums, totals.tolist(), strict=True):
             self._metrics[mode][name].append(total / max(count, 1.0))

@@ -71,6 +71,15 @@ class TokenStats:
     def _fields(self) -> tuple[Tensor | None, ...]:
         return (self.logp, self.entropy, self.teacher_logp, self.teacher_entropy, self.divergence)
 
+    def masked_sums(self, mask: Tensor) -> dict[str, Tensor]:
+        """What the trainers log of the statistics, each summed over the tokens of `mask` `[B,T]` (detached): the
+        student's entropy, and where present the teacher's entropy, its log-prob gap to the student and the
+        divergence."""
+        named = {"entropy": self.entropy, "teacher_entropy": self.teacher_entropy,
+                 "teacher_logp_gap": None if self.teacher_logp is None else self.teacher_logp - self.logp,
+                 "divergence": self.divergence}
+        return {name: (value.detach() * mask).sum() for name, value in named.items() if value is not None}
+
 
 STAT_FIELDS = tuple(f.name for f in fields(TokenStats))
 """The statistics' names, in `TokenStats` order."""
