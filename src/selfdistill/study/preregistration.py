@@ -64,6 +64,11 @@ class Hypothesis:
             raise ValueError(f"{self.name}: a claim compares two methods, got {self.a!r} twice")
 
 
+# The controls several claims share (what b differs from a in).
+AT_BETA_ZERO = "GRPO with token-mean aggregation: DASD at beta = 0"
+PAPERS_COMPARISON = "the verifier's reward instead of the rich teacher (the paper's comparison)"
+
+
 # Per-problem scores the study's evaluation writes for every run (each an [seeds, problems] array):
 #   avg            in-distribution Avg@k of the problem
 #   ood_breadth    out-of-distribution Avg@k, more candidates than in training
@@ -74,19 +79,19 @@ CLAIMS: tuple[Hypothesis, ...] = (
     # DASD's direction routing, against the controls that differ only in it.
     Hypothesis("D1", "DASD raises out-of-distribution (breadth) Avg@k over GRPO reduced as DASD is",
                "dasd", "grpo_token_mean", "ood_breadth", "greater",
-               control="GRPO with token-mean aggregation: DASD at beta = 0"),
+               control=AT_BETA_ZERO),
     Hypothesis("D2", "DASD raises out-of-distribution (depth) Avg@k over GRPO reduced as DASD is",
                "dasd", "grpo_token_mean", "ood_depth", "greater",
-               control="GRPO with token-mean aggregation: DASD at beta = 0"),
+               control=AT_BETA_ZERO),
     Hypothesis("D3", "the entropy routing matters: DASD above DASD with omega shuffled within each rollout (OOD "
                "breadth)", "dasd", "dasd_shuffled", "ood_breadth", "greater",
                control="the same term, size and signal, omega permuted within each rollout"),
     Hypothesis("D4", "DASD keeps in-distribution Avg@k (within 0.02 of GRPO reduced as DASD is)",
                "dasd", "grpo_token_mean", "avg", "equivalent", margin=0.02,
-               control="GRPO with token-mean aggregation: DASD at beta = 0"),
+               control=AT_BETA_ZERO),
     Hypothesis("D5", "DASD keeps verbalized doubt (E(y) share within 0.05 of GRPO reduced as DASD is)",
                "dasd", "grpo_token_mean", "epistemic", "equivalent", margin=0.05,
-               control="GRPO with token-mean aggregation: DASD at beta = 0"),
+               control=AT_BETA_ZERO),
     Hypothesis("D6", "always pulling (conform) lowers verbalized doubt against DASD",
                "conform", "dasd", "epistemic", "less",
                control="DASD's beta and signal with omega = +1 on every token"),
@@ -95,9 +100,9 @@ CLAIMS: tuple[Hypothesis, ...] = (
                control="DASD's beta and signal with omega = -1 on every token"),
     # Kim et al.: self-distillation from a rich context suppresses verbalized doubt and hurts OOD.
     Hypothesis("K1", "OPSD lowers verbalized doubt against GRPO", "opsd", "grpo", "epistemic", "less",
-               control="the verifier's reward instead of the rich teacher (the paper's comparison)"),
+               control=PAPERS_COMPARISON),
     Hypothesis("K2", "OPSD lowers out-of-distribution (depth) Avg@k against GRPO", "opsd", "grpo", "ood_depth",
-               "less", control="the verifier's reward instead of the rich teacher (the paper's comparison)"),
+               "less", control=PAPERS_COMPARISON),
     Hypothesis("K3", "a poorer context hurts less: OPSD with the answer-only teacher above OPSD with the full "
                "search trace (OOD depth)", "opsd_weak", "opsd", "ood_depth", "greater",
                control="the same method, the teacher shown the answer only instead of the trace"),
