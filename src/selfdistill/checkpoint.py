@@ -46,17 +46,22 @@ def _is_lora(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_weights(model: torch.nn.Module, folder: Path, tokenizer: Any = None) -> None:
+def save_weights(model: torch.nn.Module, folder: Path, tokenizer: Any = None, *,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """The trainable weights: a peft adapter folder under LoRA; else a Hugging Face model folder (config,
-    `model.safetensors`, and the tokenizer when given) that `from_pretrained` opens."""
+    `model.safetensors`, and the tokenizer when given) that `from_pretrained` opens. `state_dict`: the whole
+    weights gathered by the caller (a sharded model's), written instead of the model's own tensors."""
+    tensors = {} if state_dict is None else {"state_dict": state_dict}
     if _is_lora(model):
-        model.save_pretrained(folder / "adapter", safe_serialization=True)
+        model.save_pretrained(folder / "adapter", safe_serialization=True, **tensors)
     elif hasattr(model, "save_pretrained"):
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, **tensors)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-    else:
+    elif state_dict is None:
         save_model(model, str(folder / "model.safetensors"))
+    else:
+        save_file(state_dict, str(folder / "model.safetensors"))
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
@@ -157,13 +162,18 @@ def load_checkpoint(
     """Restore weights, optimizer, scheduler and RNG states; returns the state and the EMA teacher."""
     load_weights(model, checkpoint)
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    teacher_file = checkpoint / "teacher.safetensors"
+    teacher = load_file(str(teacher_file)) if teacher_file.exists() else None
+    return _restore_progress(checkpoint, scheduler), teacher
+
+
+def _restore_progress(checkpoint: Path, scheduler: Any) -> TrainingState:
+    """What `_finish_checkpoint` wrote: the schedule and the RNG states restored; the step, cursor and config."""
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     torch.set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True)["torch"])
     payload = json.loads((checkpoint / "state.json").read_text())
     random.setstate(_tuplify(payload["python_random"]))
-    teacher_file = checkpoint / "teacher.safetensors"
-    teacher = load_file(str(teacher_file)) if teacher_file.exists() else None
-    return read_state(checkpoint), teacher
+    return read_state(checkpoint)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +211,7 @@ def save_sharded_checkpoint(
     dcp.save(shards, checkpoint_id=str(tmp / "sharded"))
     del shards
     if is_main:
-        _save_full_weights(model, full_state, tmp, tokenizer)
+        save_weights(model, tmp, tokenizer, state_dict=full_state)
         _finish_checkpoint(tmp, final, state, scheduler=scheduler, keep=keep, processes=dist.get_world_size())
     dist.barrier()
     return final if is_main else None
@@ -219,17 +229,6 @@ def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if teacher_model is not None:
         shards["teacher"] = get_model_state_dict(teacher_model)
     return shards
-
-
-def _save_full_weights(model: torch.nn.Module, full_state: dict[str, torch.Tensor], folder: Path,
-                       tokenizer: Any) -> None:
-    """`save_weights` from gathered tensors: the peft adapter under LoRA, else a Hugging Face model folder."""
-    if _is_lora(model):
-        model.save_pretrained(folder / "adapter", safe_serialization=True, state_dict=full_state)
-        return
-    model.save_pretrained(folder, safe_serialization=True, state_dict=full_state)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
 
 
 def load_sharded_checkpoint(
@@ -254,8 +253,4 @@ def load_sharded_checkpoint(
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     if teacher_model is not None:
         set_model_state_dict(teacher_model, shards["teacher"])
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    torch.set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True)["torch"])
-    payload = json.loads((checkpoint / "state.json").read_text())
-    random.setstate(_tuplify(payload["python_random"]))
-    return read_state(checkpoint)
+    return _restore_progress(checkpoint, scheduler)
