@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from _harness import trained_weights, training_problems
 
 from selfdistill.config import config_from_dict
 from selfdistill.forward import output_weight
@@ -39,15 +40,15 @@ def main(out: Path) -> None:
     })
     trainer = Trainer(config, reward_fn=lambda completions, problems: [(len(t) % 5) / 4 for t in completions])
     problems = []
-    before = {n: p.detach().to_local().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    before = trained_weights(trainer)
     gathered_dtypes = set()
-    real_update = trainer._micro_batch_loss
+    real_fused_pass = trainer._fused_pass
 
     def watched(*args, **kwargs):  # inside the gathered block: the output weight as the fused pass reads it
         gathered_dtypes.add(str(output_weight(trainer.model).dtype))
-        return real_update(*args, **kwargs)
+        return real_fused_pass(*args, **kwargs)
 
-    trainer._micro_batch_loss = watched
+    trainer._fused_pass = watched
     metrics = [trainer.train_step() for _ in range(3)]
     device = trainer.device
     for name, p in trainer.model.named_parameters():
@@ -57,12 +58,7 @@ def main(out: Path) -> None:
         if p.requires_grad and (p.dtype != torch.float32 or p.to_local().device.type != device.type):
             problems.append(f"{name}: {p.dtype} on {p.to_local().device}")
             break
-    state_dtypes = {str(s["exp_avg"].dtype) for s in trainer.optimizer.state.values()}
-    if state_dtypes != {"torch.float32"}:
-        problems.append(f"AdamW state in {state_dtypes}")
-    still = [n for n, p in trainer.model.named_parameters() if n in before and torch.equal(p.to_local(), before[n])]
-    if still:
-        problems.append(f"{len(still)} parameters did not move ({still[0]} ...)")
+    problems += training_problems(trainer, before)
     if any(m["skipped"] for m in metrics) or not all(math.isfinite(m["loss"]) for m in metrics):
         problems.append(f"skipped or non-finite: {[(m['loss'], m['skipped']) for m in metrics]}")
     expected = "torch.bfloat16" if device.type == "cuda" else "torch.float32"

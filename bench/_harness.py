@@ -185,6 +185,32 @@ def per_step_phases(snapshots: list[dict[str, float]], step_seconds: list[float]
 # a worker in its own process, JSON in and out
 
 
+def trained_weights(trainer) -> dict:
+    """A copy of each trained parameter of a `selfdistill.trainer.Trainer` (this process's shard under fsdp2), to
+    compare with after training (`training_problems`)."""
+    from selfdistill.parallel import local_shard
+
+    return {n: local_shard(p.detach()).clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def training_problems(trainer, before: dict) -> list[str]:
+    """What a few trainer steps got wrong, as lines: AdamW state not float32, trained parameters that did not move
+    since `before` (`trained_weights`)."""
+    import torch
+
+    from selfdistill.parallel import local_shard
+
+    problems = []
+    state_dtypes = {str(s["exp_avg"].dtype) for s in trainer.optimizer.state.values()}
+    if state_dtypes != {"torch.float32"}:
+        problems.append(f"AdamW state in {state_dtypes}")
+    still = [n for n, p in trainer.model.named_parameters()
+             if n in before and torch.equal(local_shard(p.detach()), before[n])]
+    if still:
+        problems.append(f"{len(still)} parameters did not move ({still[0]} ...)")
+    return problems
+
+
 def error_line(error: BaseException, limit: int | None = None) -> str:
     """`<type>: <message>` on one line (whitespace runs folded), cut to `limit` characters."""
     return f"{type(error).__name__}: {' '.join(str(error).split())}"[:limit]

@@ -48,7 +48,16 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from _harness import WORKER_FLAG, error_line, markdown_table, peak_rss_mib, run_worker, serve_worker
+from _harness import (
+    WORKER_FLAG,
+    error_line,
+    markdown_table,
+    peak_rss_mib,
+    run_worker,
+    serve_worker,
+    trained_weights,
+    training_problems,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKS = ("tiny", "smollm2", "eval", "trl", "fsdp2")
@@ -122,7 +131,7 @@ def _train(out: Path, *, model: str, method: str, teacher: str, dtype: str, step
     trainer = Trainer(config, reward_fn=length_reward)
     try:
         device = next(trainer.model.parameters()).device
-        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        before = trained_weights(trainer)
         metrics = [trainer.train_step() for _ in range(steps)]
         problems = []
         if any(m["skipped"] for m in metrics):
@@ -132,12 +141,7 @@ def _train(out: Path, *, model: str, method: str, teacher: str, dtype: str, step
         dtypes = {str(p.dtype) for p in trainer.params}
         if dtypes != {"torch.float32"}:
             problems.append(f"trained parameters in {dtypes}")
-        state_dtypes = {str(s["exp_avg"].dtype) for s in trainer.optimizer.state.values()}
-        if state_dtypes != {"torch.float32"}:
-            problems.append(f"AdamW state in {state_dtypes}")
-        still = [n for n, p in trainer.model.named_parameters() if n in before and torch.equal(p.detach(), before[n])]
-        if still:
-            problems.append(f"{len(still)} parameters did not move ({still[0]} ...)")
+        problems += training_problems(trainer, before)
         if device.type != ("cuda" if torch.cuda.is_available() else "cpu"):
             problems.append(f"model on {device}")
         losses = ", ".join(f"{m['loss']:.3g}" for m in metrics)
