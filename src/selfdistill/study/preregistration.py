@@ -20,7 +20,7 @@ and out-of-distribution sets.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +35,8 @@ CLAIM_SEEDS = (0, 1, 2, 3, 4)
 """Training seeds the claims are judged on (at least 5)."""
 TUNING_SEEDS = (100, 101, 102)
 """Training seeds any tuning (the DASD sweep included) uses, with the validation slice cut from the RL pool."""
+TUNED_KNOB = "beta"
+"""The knob the tuning runs choose (DASD's beta); the chosen value goes to every DASD-family claim run."""
 TESTS = ("greater", "less", "equivalent")
 HOLDS, REVERSED, NOT_SHOWN, NOT_RUN = "holds", "reversed", "not shown", "not run"
 
@@ -73,8 +75,9 @@ PAPERS_COMPARISON = "the verifier's reward instead of the rich teacher (the pape
 #   avg            in-distribution Avg@k of the problem
 #   ood_breadth    out-of-distribution Avg@k, more candidates than in training
 #   ood_depth      out-of-distribution Avg@k, longer checks than in training
-#   epistemic      share of the problem's k responses that verbalize doubt (the optional E(y) marker)
-#   step_acc       share of the problem's check lines whose verdict is right
+#   epistemic      the problem's marker rate: optional E(y) markers said per failed check followed by another
+#                  try, pooled over its k responses (NaN when none failed and retried: `complete_columns`)
+#   step_acc       share of the step lines of the problem's k responses that are verifiably right
 CLAIMS: tuple[Hypothesis, ...] = (
     # DASD's direction routing, against the controls that differ only in it.
     Hypothesis("D1", "DASD raises out-of-distribution (breadth) Avg@k over GRPO reduced as DASD is",
@@ -89,7 +92,7 @@ CLAIMS: tuple[Hypothesis, ...] = (
     Hypothesis("D4", "DASD keeps in-distribution Avg@k (within 0.02 of GRPO reduced as DASD is)",
                "dasd", "grpo_token_mean", "avg", "equivalent", margin=0.02,
                control=AT_BETA_ZERO),
-    Hypothesis("D5", "DASD keeps verbalized doubt (E(y) share within 0.05 of GRPO reduced as DASD is)",
+    Hypothesis("D5", "DASD keeps verbalized doubt (marker rate within 0.05 of GRPO reduced as DASD is)",
                "dasd", "grpo_token_mean", "epistemic", "equivalent", margin=0.05,
                control=AT_BETA_ZERO),
     Hypothesis("D6", "always pulling (conform) lowers verbalized doubt against DASD",
@@ -107,6 +110,25 @@ CLAIMS: tuple[Hypothesis, ...] = (
                "search trace (OOD depth)", "opsd_weak", "opsd", "ood_depth", "greater",
                control="the same method, the teacher shown the answer only instead of the trace"),
 )
+
+
+def choose_tuned(validation_avg: Mapping[str, Sequence[float]], knob_values: Mapping[str, float]) -> str:
+    """The tuning rule: the tuning method with the highest mean validation Avg@k over the tuning seeds; a tie
+    (equal means) goes to the smaller knob value (the weaker intervention)."""
+    if not validation_avg:
+        raise ValueError("no tuning results to choose from")
+    return max(validation_avg, key=lambda m: (float(np.mean(validation_avg[m])), -float(knob_values[m])))
+
+
+def complete_columns(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`a`, `b` ([seeds, problems]) without the problems that lack a score (NaN) in any seed of either: a
+    paired claim compares the problems both methods were scored on (e.g. the marker rate of a problem whose
+    samples never failed a check is undefined)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores must have one shape, got {a.shape} and {b.shape}")
+    keep = ~(np.isnan(a).any(axis=0) | np.isnan(b).any(axis=0))  # [problems]
+    return a[:, keep], b[:, keep]
 
 
 @dataclass(frozen=True)
@@ -133,12 +155,15 @@ def _test(claim: Hypothesis, a: np.ndarray, b: np.ndarray, resamples: int, seed:
 def judge(scores: Mapping[tuple[str, str], np.ndarray], claims: tuple[Hypothesis, ...] = CLAIMS, *,
           resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> list[Verdict]:
     """Every claim's verdict by the module's rule. scores: `(method, metric) -> [seeds, problems]` per-problem
-    scores, the seeds in the same order for every method; a claim whose pair is missing is `not run`."""
+    scores, the seeds in the same order for every method; a claim whose pair is missing, or shares no problem
+    scored in every seed (`complete_columns`), is `not run`."""
     tested: dict[str, tuple[Interval, float, str]] = {}
     for claim in claims:
         a, b = scores.get((claim.a, claim.metric)), scores.get((claim.b, claim.metric))
         if a is not None and b is not None:
-            tested[claim.name] = _test(claim, a, b, resamples, seed)
+            a, b = complete_columns(a, b)
+            if a.shape[1]:
+                tested[claim.name] = _test(claim, a, b, resamples, seed)
     adjusted = holm({claim.name: tested[claim.name][1] if claim.name in tested else 1.0 for claim in claims})
     verdicts = []
     for claim in claims:
