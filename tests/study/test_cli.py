@@ -29,7 +29,8 @@ def test_study_quick_end_to_end(tmp_path):
     subprocess.run([sys.executable, "-m", "selfdistill", "study", "--quick", "--out", str(out), "--no-progress"],
                    check=True, env=env, cwd=REPO, timeout=600)
     report = (out / "report.md").read_text()
-    assert "## Warm start" in report and "## Paired differences" in report
+    assert "## Warm start" in report and "## Registered claims" in report and "No tuning runs" in report
+    assert "| D1 |" in report and "**not run** |" in report  # --quick runs 3 methods: most claims are not run
     for name in PLOTS:
         assert 0 < (out / name).stat().st_size < 200_000
     settings = StudySettings.for_task("search", quick=True)
@@ -40,16 +41,20 @@ def test_study_quick_end_to_end(tmp_path):
         curve = json.loads((run / "eval.json").read_text())["held_out_curve"]
         assert [point["step"] for point in curve] == list(range(settings.eval_every, settings.steps,
                                                                  settings.eval_every))
-        assert all(0 <= point["ood_avg@n"] <= 1 and point["n"] == settings.curve_samples for point in curve)
+        assert all(0 <= point["ood_breadth_avg@n"] <= 1 and point["n"] == settings.curve_samples for point in curve)
         for row in rows:
             for name in ("loss", "reward", "entropy", "grad_norm"):
                 assert math.isfinite(row[name]), (method, name, row)
         evaluation = json.loads((run / "eval.json").read_text())
-        for split in (evaluation["student"]["summary"], evaluation["student"]["ood"]):
+        student = evaluation["student"]
+        for split in (student["summary"], student["ood"]["breadth"], student["ood"]["depth"]):
             assert split["n"] == settings.eval_samples and split["problems"] == settings.eval_limit
             assert 0 <= split["avg@n"] <= 1 and 0 <= split["step_acc"] <= 1
+        assert set(student["per_problem"]) == {"avg", "epistemic", "step_acc", "ood_breadth", "ood_depth"}
+        assert all(len(scores) == settings.eval_limit for scores in student["per_problem"].values())
         assert set(evaluation["student"]["token_entropy"]["entropy"]) == {"fork", "marker", "forced"}
     base = json.loads((out / "base" / "eval.json").read_text())
     assert set(base) >= {"student", "teacher_rich", "teacher_weak"}
     study = json.loads((out / "study.json").read_text())
-    assert study["warm_start_source"] == "shipped" and study["premise_holds"]
+    assert study["warm_start_source"] == "shipped" and study["premise_holds"] and len(study["premise"]) == 4
+    assert len(study["preregistration"]["sha256"]) == 64

@@ -1,4 +1,4 @@
-"""selfdistill.study.runner: run configs, the job plan, the premise check, the sweep and reproducible runs."""
+"""selfdistill.study.runner: run configs, the job plan, the premise checks, tuning and reproducible runs."""
 
 import json
 from pathlib import Path
@@ -6,20 +6,23 @@ from pathlib import Path
 import pytest
 
 from selfdistill.config import config_from_dict
-from selfdistill.study.report import build_report
+from selfdistill.study.preregistration import TUNING_SEEDS, choose_tuned
 from selfdistill.study.runner import (
     EVAL_FILE,
     RunJob,
     StudyPremiseError,
     check_premise,
+    choose_from_tuning,
     execute_job,
     plan_jobs,
+    plan_tuning_jobs,
     read_finished,
     run_config,
+    tuned_overrides,
 )
 from selfdistill.study.settings import METHODS, StudySettings
 from selfdistill.study.warmstart import warm_start_dir
-from tests.study.helpers import TINY_TASK, TINY_WARM_START, _fake_study
+from tests.study.helpers import TINY_TASK, TINY_WARM_START
 
 
 def _job(method: str, settings: StudySettings) -> RunJob:
@@ -34,7 +37,7 @@ def test_run_configs_of_teacher_views_and_ppo_epochs():
     assert weak["data"]["template"] == "answer_only" and weak["objective"] == {"name": "opsd", "teacher": "frozen"}
     ppo = run_config(_job("dasd_ppo4", settings))
     assert ppo["optim"]["ppo_epochs"] == 4 and ppo["objective"]["name"] == "dasd"
-    assert run_config(_job("opsd", settings))["rollout"]["max_new_tokens"] == 128
+    assert run_config(_job("opsd", settings))["rollout"]["max_new_tokens"] == 160
 
 
 def _base(student: float, **teachers: float) -> dict:
@@ -54,6 +57,23 @@ def test_premise_check_needs_every_used_teacher_view_to_beat_the_student_by_the_
     assert len(check_premise(_base(0.2, rich=0.7, weak=0.0), only_rich)) == 1
     with pytest.raises(StudyPremiseError, match="FAILS"):  # the other machine's first-task warm start
         check_premise(_base(0.257, rich=0.221), StudySettings.for_task("chains"))
+
+
+def test_premise_needs_checks_that_verify_and_a_student_above_chance():
+    settings = StudySettings(methods=("grpo", "opsd"), premise_margin=0.1, verification_margin=0.3)
+    base = _base(0.5, rich=0.9)
+    base["student"]["summary"].update(yes_on_answer=0.8, yes_on_wrong=0.3, verification_gap=0.5, chance_avg=0.33)
+    lines = check_premise(base, settings)
+    assert len(lines) == 3 and "= 0.500 (needs 0.3): holds" in lines[1] and "at random 0.330" in lines[2]
+    base["student"]["summary"].update(yes_on_answer=0.51, yes_on_wrong=0.51, verification_gap=0.0)
+    with pytest.raises(StudyPremiseError, match="checks verify.*FAILS"):  # the second study's warm start
+        check_premise(base, settings)
+    base["student"]["summary"].update(yes_on_answer=0.9, yes_on_wrong=None, verification_gap=None)
+    with pytest.raises(StudyPremiseError, match="no check line"):
+        check_premise(base, settings)
+    base["student"]["summary"].update(yes_on_wrong=0.1, verification_gap=0.8, chance_avg=0.5)
+    with pytest.raises(StudyPremiseError, match="must beat it.: FAILS"):  # 0.5 does not beat 0.5
+        check_premise(base, settings)
 
 
 def test_a_changed_knob_default_is_a_new_run(monkeypatch):
@@ -122,16 +142,28 @@ def test_plan_has_one_job_per_method_and_seed_and_reuses_only_matching_results(t
         StudySettings(methods=("grpo", "ppo"))
 
 
-def test_sweep_selects_on_the_in_distribution_split(tmp_path):
-    _fake_study(tmp_path, {
-        "grpo": [dict(avg=0.4), dict(avg=0.4)],
-        "dasd": [dict(avg=0.40, ood=0.20), dict(avg=0.42, ood=0.22)],
-        "dasd_beta0.1": [dict(avg=0.50, ood=0.10), dict(avg=0.52, ood=0.12)],  # best ID, worse OOD
-        "dasd_ppo2": [dict(avg=0.30, ood=0.40), dict(avg=0.32, ood=0.42)],  # best OOD: must not be chosen
-    })
-    text = build_report(tmp_path).read_text()
-    sweep = text[text.index("## DASD's sweep"):text.index("## Plots")]
-    assert "Selected on the in-distribution split: **dasd_beta0.1**" in sweep
-    assert "dasd_beta0.1 − dasd OOD Avg@4 = -0.100 ± 0.000" in sweep and "**does not hold**" in sweep
-    assert "| dasd_ppo2 (2) | ppo_epochs = 2 |" in sweep and "| dasd (2) | reference |" in sweep
-    assert "dasd_beta0.1" not in text[:text.index("## DASD's sweep")]  # kept out of the main tables
+def test_tuning_runs_use_their_own_seeds_and_the_validation_slice_and_feed_the_dasd_family(tmp_path):
+    settings = StudySettings(methods=("grpo", "dasd", "conform", "dasd_shuffled", "opsd"), seeds=2)
+    tuning = plan_tuning_jobs(settings, tmp_path, tmp_path / "warm", tmp_path / "train.jsonl")
+    assert {job.seed for job in tuning} == set(TUNING_SEEDS) and {job.evaluation for job in tuning} == {"validation"}
+    assert {job.method for job in tuning} == set(settings.tuning) and all("/tuning/" in job.folder for job in tuning)
+    assert not set(TUNING_SEEDS) & set(range(settings.seeds))
+    for job, result in zip(tuning, [0.40, 0.45, 0.45, 0.30] * len(TUNING_SEEDS), strict=True):
+        Path(job.folder).mkdir(parents=True)
+        (Path(job.folder) / EVAL_FILE).write_text(json.dumps({"key": job.key, "student": {"summary": {
+            "avg@n": result}}}))
+    record = choose_from_tuning(settings, tuning)
+    # dasd_beta0.1 and dasd_beta0.3 tie at 0.45: the smaller beta wins
+    assert record["chosen"] == "dasd_beta0.1" and record["tuned"] == {"beta": 0.1}
+    assert record["methods"]["dasd"] == {"validation_avg": [0.40] * 3, "beta": 0.03}
+    claims = plan_jobs(settings, tmp_path, tmp_path / "warm", tmp_path / "train.jsonl", record["tuned"])[1:]
+    given = {job.method: job.overrides for job in claims}
+    assert given == {"grpo": {}, "dasd": {"beta": 0.1}, "conform": {"beta": 0.1}, "dasd_shuffled": {"beta": 0.1},
+                     "opsd": {}}
+    assert {job.evaluation for job in claims} == {"test"}
+    dasd = next(job for job in claims if job.method == "dasd")
+    assert run_config(dasd)["objective"] == {"name": "dasd", "beta": 0.1, "teacher": "frozen"}
+    assert tuned_overrides("dasd_beta1", {"beta": 0.1}) == {}  # a method that sets the knob keeps its own
+    assert choose_from_tuning(settings, []) == {"methods": {}, "chosen": None, "tuned": {}}
+    with pytest.raises(ValueError):
+        choose_tuned({}, {})

@@ -4,6 +4,7 @@ generation, verification, StepAcc, markers, forks, guided traces, splits.
 The checks re-read problems and traces with this file's own regular expressions and arithmetic, so a
 bug in the generator cannot hide behind the same bug in the checker."""
 
+import math
 import random
 import re
 from collections import Counter
@@ -16,7 +17,8 @@ from selfdistill.data import SYNTHETIC_TASKS, Problem, search_checks
 from selfdistill.data.search import (
     SEARCH_CHECKS,
     SEARCH_IN_DISTRIBUTION,
-    SEARCH_OUT_OF_DISTRIBUTION,
+    SEARCH_OOD_BREADTH,
+    SEARCH_OOD_DEPTH,
     SearchPuzzle,
     sample_search_puzzle,
 )
@@ -44,7 +46,7 @@ PROBLEM = re.compile(
 OPERATION = re.compile(r"(Add|Subtract|Multiply by) (\d+)\. ")
 
 
-LINE = re.compile(r"(?:(\w+), )?try (\d+): (.+) (yes|no)")
+LINE = re.compile(r"(?:(\w+), )?try (\d+): (.+) vs (\d+) (yes|no)")
 
 
 SYMBOL = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
@@ -71,8 +73,18 @@ def in_distribution():
 
 
 @pytest.fixture(scope="module")
-def out_of_distribution():
-    return search_checks(400, seed=11, **SEARCH_OUT_OF_DISTRIBUTION)
+def breadth():
+    return search_checks(400, seed=11, **SEARCH_OOD_BREADTH)
+
+
+@pytest.fixture(scope="module")
+def depth():
+    return search_checks(400, seed=11, **SEARCH_OOD_DEPTH)
+
+
+@pytest.fixture(scope="module")
+def out_of_distribution(breadth, depth):
+    return breadth[:200] + depth[:200]
 
 
 def test_registered_seeded_and_distinct():
@@ -86,7 +98,7 @@ def test_registered_seeded_and_distinct():
     assert [p.id for p in first] == [f"search_checks-5-{i}" for i in range(60)]
     random.seed(9)
     state = random.getstate()
-    search_checks(30, seed=1, **SEARCH_OUT_OF_DISTRIBUTION)
+    search_checks(30, seed=1, marker_rate=0.5, **SEARCH_OOD_BREADTH)
     assert random.getstate() == state
 
 
@@ -100,11 +112,11 @@ def test_every_solution_is_a_true_search_ending_at_the_one_passing_candidate(spl
         assert boxed == f"\\boxed{{{problem.answer}}}"
         tried = []
         for index, line in enumerate(lines):
-            marker, candidate, arithmetic, verdict = LINE.fullmatch(line).groups()
+            marker, candidate, arithmetic, stated_target, verdict = LINE.fullmatch(line).groups()
             candidate = int(candidate)
             values = run(candidate, ops, modulus)
             expected = ", ".join(f"{values[i]}{op}{n}={values[i + 1]}" for i, (op, n) in enumerate(ops))
-            assert arithmetic == expected
+            assert arithmetic == expected and int(stated_target) == target
             assert verdict == ("yes" if candidate == int(problem.answer) else "no")
             assert (marker is not None) == (index > 0)
             tried.append(candidate)
@@ -128,7 +140,7 @@ def test_first_try_is_uninformed_so_the_student_format_must_search(in_distributi
     assert set(failures) == {0, 1, 2, 3}
 
 
-def test_markers_follow_exactly_the_failed_checks():
+def test_markers_follow_only_failed_checks_and_are_optional_at_the_asked_rate():
     problems = search_checks(200, seed=2, markers=("wait", "maybe", "check"))
     seen = Counter()
     for problem in problems:
@@ -138,11 +150,20 @@ def test_markers_follow_exactly_the_failed_checks():
             assert previous.endswith(" no") and opening in ("wait", "maybe", "check")
             seen[opening] += 1
         failed = problem.solution.count(" no\n")
-        assert epistemic_markers(problem.solution) == failed  # E(y) counts one marker per failed check
+        assert epistemic_markers(problem.solution) == failed  # rate 1: one marker per failed check
     assert set(seen) == {"wait", "maybe", "check"}
+    said = chances = 0
+    for problem in search_checks(600, seed=2, marker_rate=0.5):
+        analysis = analyse_completion(problem, problem.solution)
+        assert analysis.misplaced_markers == 0
+        assert analysis.recoveries + analysis.unmarked_retries == analysis.failed_checks
+        said, chances = said + analysis.recoveries, chances + analysis.failed_checks
+    assert chances > 400 and abs(said / chances - 0.5) < 0.06
+    with pytest.raises(ValueError, match="marker_rate"):
+        search_checks(3, seed=0, marker_rate=1.5)
 
 
-def test_out_of_distribution_is_harder_along_the_search(in_distribution, out_of_distribution, tokenizer):
+def test_out_of_distribution_is_wider_in_breadth_and_longer_in_depth(in_distribution, breadth, depth, tokenizer):
     def measure(problems):
         listed = [len(read_problem(p.problem)[3]) for p in problems]
         ops = [len(read_problem(p.problem)[1]) for p in problems]
@@ -151,12 +172,15 @@ def test_out_of_distribution_is_harder_along_the_search(in_distribution, out_of_
         return listed, ops, checks, tokens
 
     id_listed, id_ops, id_checks, id_tokens = measure(in_distribution)
-    ood_listed, ood_ops, ood_checks, ood_tokens = measure(out_of_distribution)
-    assert min(ood_listed) > max(id_listed) and min(ood_ops) >= max(id_ops) + 1
-    assert mean(ood_checks) > mean(id_checks) + 1.0, (mean(id_checks), mean(ood_checks))
-    assert mean(ood_tokens) > 2 * mean(id_tokens), (mean(id_tokens), mean(ood_tokens))
-    assert max(ood_checks) > max(id_checks)
-    assert {p.problem for p in in_distribution}.isdisjoint(p.problem for p in out_of_distribution)
+    wide_listed, wide_ops, wide_checks, wide_tokens = measure(breadth)
+    deep_listed, deep_ops, deep_checks, deep_tokens = measure(depth)
+    assert min(wide_listed) > max(id_listed) and set(wide_ops) == set(id_ops)
+    assert mean(wide_checks) > mean(id_checks) + 1.0 and max(wide_checks) > max(id_checks)
+    assert set(deep_listed) == set(id_listed) and min(deep_ops) > max(id_ops)
+    assert abs(mean(deep_checks) - mean(id_checks)) < 0.3
+    assert mean(wide_tokens) > 1.5 * mean(id_tokens) and mean(deep_tokens) > 1.2 * mean(id_tokens)
+    for ood in (breadth, depth):
+        assert {p.problem for p in in_distribution}.isdisjoint(p.problem for p in ood)
 
 
 def test_invalid_options_and_puzzles_are_rejected():
@@ -168,6 +192,7 @@ def test_invalid_options_and_puzzles_are_rejected():
         lambda: search_checks(3, seed=0, modulus=2),
         lambda: search_checks(3, seed=0, markers=()),
         lambda: search_checks(3, seed=0, markers=("oops",)),
+        lambda: search_checks(3, seed=0, marker_rate=-0.1),
         lambda: search_checks(-1, seed=0),
     ]:
         with pytest.raises(ValueError):
@@ -181,9 +206,13 @@ def test_invalid_options_and_puzzles_are_rejected():
     with pytest.raises(ValueError):
         puzzle.trace([1, 3], ["wait"])  # ends at a failing candidate (1*2=2 passes, 3*2=6 does not)
     with pytest.raises(ValueError):
-        puzzle.trace([3, 1], [])  # a failed check without a marker
+        puzzle.trace([3, 1], [])  # a failed check needs an opening (a marker, or None for none)
     with pytest.raises(ValueError):
-        SearchStudyTask(ood_candidates=(4, 6))  # overlaps the in-distribution breadth
+        SearchStudyTask(breadth_candidates=(4, 6))  # overlaps the in-distribution breadth
+    with pytest.raises(ValueError):
+        SearchStudyTask(depth_length=(2, 3))  # overlaps the in-distribution length
+    with pytest.raises(ValueError, match="marker_rate"):
+        SearchStudyTask(marker_rate=2.0)
     with pytest.raises(ValueError):
         parse_search_puzzle("Work modulo 10. Start with 4. Add 7. What is the result?")
 
@@ -208,7 +237,7 @@ def test_corrupted_lines_lower_step_acc_by_exactly_one_line():
         return "\n".join(edited)
 
     flip_digit = lambda line: re.sub(  # noqa: E731  the last result
-        r"=(\d) (yes|no)$", lambda m: f"={(int(m.group(1)) + 1) % 10} {m.group(2)}", line
+        r"=(\d) vs", lambda m: f"={(int(m.group(1)) + 1) % 10} vs", line
     )
     flip_verdict = lambda line: line[:-3] + " yes" if line.endswith(" no") else line[:-4] + " no"  # noqa: E731
     wrong_left = lambda line: re.sub(r": (\d)", lambda m: f": {(int(m.group(1)) + 1) % 10}", line)  # noqa: E731
@@ -224,7 +253,9 @@ def test_corrupted_lines_lower_step_acc_by_exactly_one_line():
     puzzle = parse_search_puzzle(problem.problem)
     bogus = "\n".join([puzzle.check_line(outsider), *lines])  # a true check of a value not listed
     assert analyse_completion(problem, bogus).step_acc == pytest.approx(n / (n + 1))
-    after_answer = problem.solution + "\nwait, try 1: 1+1=2 no"
+    after_answer = problem.solution + "\nwait, try 1: 1+1=2 vs 3 no"
+    wrong_target = corrupt(0, lambda line: re.sub(r"vs (\d)", lambda m: f"vs {(int(m.group(1)) + 1) % 10}", line))
+    assert analyse_completion(problem, wrong_target).step_acc == pytest.approx((n - 1) / n)
     assert analyse_completion(problem, after_answer).step_acc == pytest.approx(n / (n + 1))
     assert analyse_completion(problem, "\\boxed{3}").step_acc is None
 
@@ -235,7 +266,7 @@ def test_pooled_step_acc_and_answer_grading():
     assert pooled_step_acc(analyses) == 1.0
     wrong = analyse_completion(problems[0], problems[0].solution.rsplit("\n", 1)[0] + "\n\\boxed{99}")
     assert not wrong.answer_correct and wrong.step_acc == 1.0
-    pooled = pooled_step_acc([*analyses, analyse_completion(problems[0], "try 5: nonsense no")])
+    pooled = pooled_step_acc([*analyses, analyse_completion(problems[0], "try 5: nonsense vs 1 no")])
     assert pooled == pytest.approx(sum(a.steps for a in analyses) / (sum(a.steps for a in analyses) + 1))
     assert pooled_step_acc([]) is None
 
@@ -247,10 +278,12 @@ def test_recoveries_unmarked_retries_and_misplaced_markers():
     analysis = analyse_completion(problem, unmarked)
     assert analysis.step_acc == 1.0  # StepAcc reads arithmetic and verdicts, not markers
     assert analysis.unmarked_retries == 1 and analysis.recoveries == analysis.failed_checks - 1
+    assert analysis.marker_rate == pytest.approx((analysis.failed_checks - 1) / analysis.failed_checks)
     misplaced = "\n".join(["maybe, " + lines[0], *lines[1:]])
     assert analyse_completion(problem, misplaced).misplaced_markers == 1
     not_a_marker = "\n".join([lines[0], lines[1].replace("wait", "okay", 1), *lines[2:]])
     assert analyse_completion(problem, not_a_marker).recoveries == analysis.failed_checks - 1
+    assert analyse_completion(problem, "\\boxed{1}").marker_rate is None
 
 
 def test_tiny_tokenizer_round_trips_traces_and_spells_each_value_as_one_token(
@@ -271,7 +304,7 @@ def test_fork_and_marker_tokens_line_up_with_the_choices(tokenizer, in_distribut
         listed = read_problem(problem.problem)[3]
         expected_forks, expected_markers, tried = [], [], []
         for line in problem.solution.split("\n")[:-1]:
-            marker, candidate, _, _ = LINE.fullmatch(line).groups()
+            marker, candidate, _, _, _ = LINE.fullmatch(line).groups()
             if len(set(listed) - set(tried)) >= 2:
                 expected_forks.append(candidate)
             else:
@@ -311,19 +344,16 @@ def test_completion_kinds_mark_choice_points_even_when_the_pick_is_wrong(tokeniz
     assert picked == [str(wrong[0]), str(wrong[0]), str(wrong[1])]
 
 
-def test_rich_and_weak_teacher_prompts_show_the_shortcut_and_only_the_answer(tokenizer):
+def test_rich_teacher_sees_the_full_search_and_weak_only_the_answer(tokenizer):
     problem = next(p for p in search_checks(100, seed=7) if p.solution.count("\n") >= 3)
     failed_lines = [line for line in problem.solution.split("\n") if line.endswith(" no")]
-    direct = parse_search_puzzle(problem.problem).direct_solution()
-    assert direct.count("\n") == 1 and direct.endswith(f"yes\n\\boxed{{{problem.answer}}}")
-
     rich, rich_template = teacher_view(problem, "rich")
     weak, weak_template = teacher_view(problem, "weak")
-    assert problem.solution.count("\n") >= 3, "the original problem keeps its search trace"
+    assert rich == weak == problem
     rich_text = PromptBuilder(tokenizer, template=rich_template).teacher_text(rich)
     weak_text = PromptBuilder(tokenizer, template=weak_template).teacher_text(weak)
     student_text = PromptBuilder(tokenizer, template=rich_template).student_text(rich)
-    assert direct in rich_text and not any(line in rich_text for line in failed_lines)
+    assert problem.solution in rich_text and all(line in rich_text for line in failed_lines)
     check_line = re.compile(r"try \d: ")
     assert not check_line.search(weak_text) and f"final answer to this problem is: {problem.answer}" in weak_text
     assert not check_line.search(student_text) and "boxed{" + problem.answer not in student_text
@@ -332,20 +362,28 @@ def test_rich_and_weak_teacher_prompts_show_the_shortcut_and_only_the_answer(tok
         teacher_view(problem, "sibling")
 
 
-def test_study_splits_are_disjoint_sized_and_out_of_distribution_is_wider():
-    task = SearchStudyTask(n_eval=20, n_ood=20, n_rl=40, n_sft=60)
-    held_out, ood, rl, sft = task.splits()
-    assert [len(part) for part in (held_out, ood, rl, sft)] == [20, 20, 40, 60]
-    texts = [p.problem for part in (held_out, ood, rl, sft) for p in part]
-    ids = [p.id for part in (held_out, ood, rl, sft) for p in part]
+def test_study_splits_are_disjoint_sized_with_a_validation_slice_and_two_ood_sets():
+    task = SearchStudyTask(n_eval=20, n_ood=20, n_validation=10, n_rl=40, n_sft=60)
+    splits = task.splits()
+    held_out, ood, rl, sft, validation = splits
+    assert [len(part) for part in (held_out, ood["breadth"], ood["depth"], validation, rl, sft)] == [
+        20, 20, 20, 10, 40, 60]
+    parts = (held_out, ood["breadth"], ood["depth"], validation, rl, sft)
+    texts = [p.problem for part in parts for p in part]
+    ids = [p.id for part in parts for p in part]
     assert len(set(texts)) == len(texts) and len(set(ids)) == len(ids)
-    assert all(p.id.startswith("search_checks_ood-") for p in ood)
+    assert all(p.id.startswith("search_checks_breadth-") for p in ood["breadth"])
+    assert all(p.id.startswith("search_checks_depth-") for p in ood["depth"])
     low, high = SEARCH_IN_DISTRIBUTION["candidates"]
-    assert all(low <= len(read_problem(p.problem)[3]) <= high for p in held_out + rl + sft)
-    assert all(len(read_problem(p.problem)[3]) > high for p in ood)
-    assert task.splits()[0] == held_out and SearchStudyTask(n_eval=20, n_rl=5, n_sft=5).splits()[0] == held_out
-    assert task.to_json()["ood_candidates"] == list(SEARCH_OUT_OF_DISTRIBUTION["candidates"])
+    assert all(low <= len(read_problem(p.problem)[3]) <= high for p in held_out + rl + sft + list(validation))
+    assert all(len(read_problem(p.problem)[3]) > high for p in ood["breadth"])
+    assert all(len(read_problem(p.problem)[1]) > SEARCH_IN_DISTRIBUTION["length"][1] for p in ood["depth"])
+    # each part stays the same when the parts after it change size
+    smaller = SearchStudyTask(n_eval=20, n_ood=20, n_validation=10, n_rl=5, n_sft=5).splits()
+    assert smaller.held_out == held_out and smaller.validation == validation and smaller.rl_train == rl[:5]
+    assert task.to_json()["breadth_candidates"] == list(SEARCH_OOD_BREADTH["candidates"])
     assert isinstance(held_out[0], Problem) and set(EPISTEMIC_MARKERS) >= set(task.markers)
+    assert task.chance_avg(held_out) == pytest.approx(mean(1 / len(read_problem(p.problem)[3]) for p in held_out))
 
 
 def test_guided_trace_follows_the_guidance():
@@ -363,18 +401,19 @@ def test_guided_trace_follows_the_guidance():
     assert abs(sum(first) / len(first) - (0.8 + 0.2 / 3)) < 0.03
 
 
-def test_sft_examples_student_targets_the_search_and_teacher_sees_a_view():
+def test_sft_examples_student_and_rich_copy_the_search_weak_goes_for_the_answer():
     rng = random.Random(1)
-    problem = TASK.splits().sft_train[0]
+    problem = next(p for p in TASK.splits().sft_train if p.solution.count("\n") >= 2)
     view, shown, target = TASK.sft_example(problem, False, rng)
     assert view is None and shown == problem and target == problem.solution
-    views = set()
-    for _ in range(40):
+    views = Counter()
+    for _ in range(200):
         view, shown, target = TASK.sft_example(problem, True, rng)
-        views.add(view)
-        assert shown.solution == parse_search_puzzle(problem.problem).direct_solution()
-        assert analyse_completion(problem, target).answer_correct
-    assert views == {"rich", "weak"}
+        views[view] += 1
+        assert shown == problem and analyse_completion(problem, target).answer_correct
+        if view == "rich":
+            assert target == problem.solution
+    assert set(views) == {"rich", "weak"} and 60 < views["weak"] < 140
     # the first task's examples draw nothing from the generator (its shipped warm start stays the same)
     chains = StudyTask(n_eval=2, n_rl=2, n_sft=2)
     state = rng.getstate()
@@ -393,11 +432,35 @@ def test_drill_steps_are_true_operations_modulo_ten():
 
 def test_trace_metrics_of_worked_solutions_and_of_a_wrong_line():
     problems = TASK.splits().held_out
-    records = [SimpleNamespace(problem_id=p.id, completion=p.solution) for p in problems]
+    records = [SimpleNamespace(problem_id=p.id, completion=p.solution, correct=1.0) for p in problems]
     metrics = TASK.trace_metrics(problems, records)
-    assert metrics["step_acc"] == 1.0
-    assert metrics["recoveries_per_response"] == metrics["failed_checks_per_response"]
+    assert metrics["step_acc"] == 1.0 and metrics["unlisted_share"] == 0.0
+    assert metrics["recoveries_per_response"] <= metrics["failed_checks_per_response"]
+    if metrics["yes_on_wrong"] is not None:  # true checks: yes exactly on the answer
+        assert metrics["yes_on_answer"] == 1.0 and metrics["yes_on_wrong"] == 0.0 and metrics["verification_gap"] == 1.0
     puzzle = parse_search_puzzle(problems[0].problem)
     wrong = puzzle.direct_solution().replace(" yes", " no")
     metrics = TASK.trace_metrics(problems[:1], [SimpleNamespace(problem_id=problems[0].id, completion=wrong)])
     assert metrics["step_acc"] == 0.0 and metrics["first_try_right"] == 1.0
+    assert metrics["yes_on_answer"] == 0.0 and metrics["yes_on_wrong"] is None and metrics["verification_gap"] is None
+
+
+def test_verification_gap_counts_yes_on_the_answer_against_yes_on_wrong_listed_candidates():
+    problem = next(p for p in TASK.splits().held_out if len(parse_search_puzzle(p.problem).candidates) >= 3)
+    puzzle = parse_search_puzzle(problem.problem)
+    wrong = [c for c in puzzle.candidates if c != puzzle.answer]
+    outsider = next(v for v in range(10) if v not in puzzle.candidates)
+    says_yes = puzzle.check_line(wrong[0]).replace(" no", " yes")  # a wrong candidate passed: a failed verification
+    completions = [f"{says_yes}\n\\boxed{{{wrong[0]}}}",
+                   f"{puzzle.check_line(wrong[1])}\n{puzzle.check_line(puzzle.answer)}\n\\boxed{{{puzzle.answer}}}",
+                   f"{puzzle.check_line(outsider)}\n\\boxed{{{outsider}}}"]
+    records = [SimpleNamespace(problem_id=problem.id, completion=c, correct=float(i == 1))
+               for i, c in enumerate(completions)]
+    metrics = TASK.trace_metrics([problem], records)
+    assert metrics["yes_on_answer"] == 1.0 and metrics["yes_on_wrong"] == 0.5 and metrics["verification_gap"] == 0.5
+    assert metrics["unlisted_share"] == pytest.approx(1 / 4)
+    scores = TASK.per_problem([problem], records)
+    assert scores["avg"] == [pytest.approx(1 / 3)] and scores["step_acc"] == [pytest.approx(2 / 4)]
+    assert scores["epistemic"] == [0.0]  # one retry after a failure, without a marker
+    silent = TASK.per_problem([problem], records[:1])  # no failure followed by another try: no chance to say one
+    assert math.isnan(silent["epistemic"][0])

@@ -10,8 +10,8 @@ from tests.study.helpers import TINY_TASK
 
 
 def test_splits_are_disjoint_and_stable_when_later_parts_grow():
-    held_out, ood, rl, sft = TINY_TASK.splits()
-    assert (len(held_out), len(ood), len(rl), len(sft)) == (4, 0, 6, 12)
+    held_out, ood, rl, sft, validation = TINY_TASK.splits()
+    assert (len(held_out), len(ood), len(rl), len(sft), len(validation)) == (4, 0, 6, 12, 0)
     texts = [{p.problem for p in part} for part in (held_out, rl, sft)]
     assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
     bigger = StudyTask(n_eval=4, n_rl=6, n_sft=40).splits()

@@ -12,9 +12,11 @@ from selfdistill.prompts import PromptBuilder
 from selfdistill.study.settings import TASKS, StudySettings, WarmStartSettings
 from selfdistill.study.task import StudyTask
 from selfdistill.study.warmstart import (
+    CONVERGENCE_FIELDS,
     FIRST_LOSSES,
     SHIPPED_DIR,
     ShippedWarmStartError,
+    drill_accuracy,
     drill_loss,
     drill_sequences,
     file_digests,
@@ -82,6 +84,62 @@ def test_drill_loss_counts_result_tokens_only(tokenizer):
     assert float(loss) == pytest.approx(sum(expected) / len(expected), rel=1e-4)
 
 
+class _Oracle(torch.nn.Module):
+    """Predicts each next token of the sequence it is given (it reads ahead), except that it says `wrong` after
+    every "*" operation: drill_accuracy must count exactly the products as wrong."""
+
+    def __init__(self, vocab: int, tokenizer, wrong: bool) -> None:
+        super().__init__()
+        self.vocab, self.wrong = vocab, wrong
+        self.times = tokenizer.encode("*", add_special_tokens=False)[0]
+        self.equals = tokenizer.encode("=", add_special_tokens=False)[0]
+
+    def forward(self, input_ids):
+        ids = input_ids[0].tolist()
+        logits = torch.zeros(1, len(ids), self.vocab)
+        for j in range(len(ids) - 1):
+            logits[0, j, ids[j + 1]] = 1.0
+            if self.wrong and ids[j] == self.equals and self.times in ids[max(0, j - 3):j]:
+                logits[0, j, ids[j + 1]] = 0.0
+                logits[0, j, (ids[j + 1] + 1) % self.vocab] = 1.0
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=logits)
+
+
+def test_drill_accuracy_counts_facts_whose_result_is_predicted(tokenizer):
+    task = StudyTask()
+    assert drill_accuracy(_Oracle(len(tokenizer), tokenizer, False), tokenizer, task, num_facts=200,
+                          max_lines=5) == 1.0
+    sequences, _ = drill_sequences(tokenizer, task, random.Random(7_919), num_facts=200, max_lines=5)
+    text = "".join(tokenizer.decode(ids) for ids in sequences)
+    products = len(re.findall(r"\d\*\d+=", text))
+    accuracy = drill_accuracy(_Oracle(len(tokenizer), tokenizer, True), tokenizer, task, num_facts=200, max_lines=5)
+    assert 0 < products < 200 and accuracy == pytest.approx(1 - products / 200)
+
+
+def test_drill_to_convergence_stops_once_the_held_out_drill_reaches_the_target(tmp_path, monkeypatch):
+    import selfdistill.study.warmstart as warmstart
+
+    settings = WarmStartSettings(**{**TINY_WARM_START.__dict__, "drill_target": 0.9, "drill_check_every": 2,
+                                    "drill_check_facts": 16, "drill_max_steps": 9})
+    assert settings.total_steps == 3 + 9
+    measured = iter([0.1, 0.5, 0.95, 1.0])
+    monkeypatch.setattr(warmstart, "drill_accuracy", lambda *args, **kwargs: next(measured))
+    record = read_warm_start_record(warm_start_dir(TINY_TASK, settings, cache=tmp_path))
+    # drill_steps (2) of stage 2 first, then a check every 2 steps until one reaches 0.9
+    assert record["drill_checks"] == {"5": 0.1, "7": 0.5, "9": 0.95} and record["steps_trained"] == 9
+    monkeypatch.undo()
+    never = WarmStartSettings(**{**settings.__dict__, "drill_target": 1.0, "drill_max_steps": 4})
+    log: list = []
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    losses = train_warm_start(model, tokenizer, TINY_TASK, TINY_TASK.splits().sft_train, never, drill_log=log)
+    assert len(losses) == 3 + 4 and [step for step, _ in log] == [5, 7]  # the cap ends it (accuracy < 1)
+    with pytest.raises(ValueError, match="drill_max_steps"):
+        WarmStartSettings(drill_target=0.9, drill_steps=600, drill_max_steps=100)
+
+
 def test_warm_start_is_cached_by_its_settings(tmp_path):
     steps_seen = []
     folder = warm_start_dir(TINY_TASK, TINY_WARM_START, cache=tmp_path, on_step=lambda s, loss: steps_seen.append(s))
@@ -137,14 +195,16 @@ def test_the_package_ships_the_study_warm_start_of_the_current_code(task_name):
     assert set(index[key]["sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json", "warm_start.json"}
     assert (folder / "model.safetensors").stat().st_size < 4_000_000
     record = read_warm_start_record(folder)
-    assert record["settings"] == WarmStartSettings().__dict__ and record["task"] == task.to_json()
+    expected = {k: v for k, v in settings.__dict__.items() if settings.drill_target is not None
+                or k not in CONVERGENCE_FIELDS}  # a record from before the convergence knobs lacks them
+    assert {k: record["settings"].get(k) for k in expected} == expected and record["task"] == task.to_json()
     model, tokenizer = load_model(folder)
     assert sum(p.numel() for p in model.parameters()) == record["parameters"]
     built = build_tiny_tokenizer()  # the warm start trains with this one; the study loads the saved one
     problems = task.splits().held_out[:8]
     for template in {settings.template, *task.teacher_views(settings.template).values()}:
         for role in ("student", "teacher"):
-            ids = [getattr(PromptBuilder(tok, template=template), f"{role}_ids")(task.teacher_problem(p))
+            ids = [getattr(PromptBuilder(tok, template=template), f"{role}_ids")(p)
                    for p in problems for tok in (tokenizer, built)]
             assert ids[0::2] == ids[1::2]
     # the weights were trained with the built tokenizer (the saved one gains an unused <|endoftext|>)

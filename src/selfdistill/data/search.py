@@ -1,12 +1,14 @@
 """The `search_checks` task: find which of a few listed candidates x satisfies a short operation
 chain modulo 10 ("Start with x. Multiply by 3. Add 4. The result is 7."). The worked solution is a
-search: try a candidate, check it line by line, and on a failed check say "wait" and try another.
-The order of the candidates is the free choice; every check line is verifiable arithmetic.
+search: try a candidate, check it on one line that ends by setting the value reached beside the target
+("... 5+4=9 vs 7 no"), and after a failed check try another, sometimes saying "wait" first (the
+epistemic marker is optional: the writer chooses whether to verbalize doubt). The order of the
+candidates is the free choice; every check line is verifiable arithmetic.
 
 The puzzle (`SearchPuzzle`, drawn by `sample_search_puzzle`) is built from the operation chains'
 instructions and steps (`selfdistill.data.synthetic`); `search_checks` renders puzzles as problems.
-`SEARCH_IN_DISTRIBUTION` and `SEARCH_OUT_OF_DISTRIBUTION` are the study's two configurations; its
-readers and analysers are in `selfdistill.study.search_task`.
+`SEARCH_IN_DISTRIBUTION`, `SEARCH_OOD_BREADTH` and `SEARCH_OOD_DEPTH` are the study's three
+configurations; its readers and analysers are in `selfdistill.study.search_task`.
 """
 
 from __future__ import annotations
@@ -24,12 +26,18 @@ SEARCH_CHECKS = "search_checks"
 SEARCH_MODULUS = 10
 SEARCH_IN_DISTRIBUTION: dict[str, Any] = {"candidates": (2, 4), "length": (1, 2)}
 """Options of `search_checks` for training and the in-distribution held-out set."""
-SEARCH_OUT_OF_DISTRIBUTION: dict[str, Any] = {"candidates": (5, 6), "length": (3, 3)}
-"""Options of `search_checks` for the out-of-distribution set: more candidates to search through and
-longer check lines than any in-distribution problem."""
+SEARCH_OOD_BREADTH: dict[str, Any] = {"candidates": (5, 6), "length": (1, 2)}
+"""Out of distribution in breadth: more candidates to search through than any in-distribution problem,
+check lines as long as in distribution."""
+SEARCH_OOD_DEPTH: dict[str, Any] = {"candidates": (2, 4), "length": (3, 3)}
+"""Out of distribution in depth: as many candidates as in distribution, longer check lines than any
+in-distribution problem."""
 SEARCH_MARKERS = ("wait",)
-"""The epistemic marker that opens the line after a failed check (by default one word, so it is
-forced; several words make the marker a second, inconsequential, choice)."""
+"""The epistemic marker that may open the line after a failed check (one word by default; several
+words make the marker's wording a second, inconsequential, choice)."""
+SEARCH_MARKER_RATE = 1.0
+"""Default chance that the line after a failed check opens with a marker (the study uses 0.5, so that
+saying it is the model's choice)."""
 _SEARCH_DRAW_TRIES = 50
 
 
@@ -104,16 +112,17 @@ class SearchPuzzle:
         return " ".join(parts)
 
     def check_line(self, x: int, marker: str | None = None) -> str:
-        """One verified check: "try 5: 5*3=5, 5+4=9 no", or after a failed check "wait, try 8: ... yes"."""
+        """One verified check: "try 5: 5*3=5, 5+4=9 vs 7 no" (the value reached beside the target, then the
+        verdict), or after a failed check "wait, try 8: ... vs 7 yes" when a marker opens it."""
         arithmetic = ", ".join(step.line() for step in self.check_steps(x))
         verdict = "yes" if self.passes(x) else "no"
         opening = f"{marker}, " if marker is not None else ""
-        return f"{opening}try {x}: {arithmetic} {verdict}"
+        return f"{opening}try {x}: {arithmetic} vs {self.target} {verdict}"
 
-    def trace(self, order: Sequence[int], markers: Sequence[str]) -> str:
+    def trace(self, order: Sequence[int], markers: Sequence[str | None]) -> str:
         """The search trace that tries `order` (listed, distinct, ending at the answer, which alone
-        passes): one check line each, the i-th failed check followed by `markers[i]`, then the boxed
-        answer."""
+        passes): one check line each, the line after the i-th failed check opened by `markers[i]` (None:
+        no marker), then the boxed answer."""
         if not order or order[-1] != self.answer:
             raise ValueError(f"the order must end at the answer {self.answer}, got {list(order)}")
         if len(set(order)) != len(order) or not set(order) <= set(self.candidates):
@@ -163,6 +172,18 @@ def sample_search_puzzle(
     raise ValueError(f"no puzzle with {candidates} candidates found in {_SEARCH_DRAW_TRIES} draws")
 
 
+def draw_marker(rng: random.Random, markers: Sequence[str], marker_rate: float) -> str | None:
+    """The opening of a line after a failed check: a marker drawn from `markers` with probability
+    `marker_rate`, else None. Always two draws from `rng` when the rate is strictly between 0 and 1."""
+    if marker_rate >= 1.0:
+        return rng.choice(markers)
+    if marker_rate <= 0.0:
+        return None
+    said = rng.random() < marker_rate
+    marker = rng.choice(markers)
+    return marker if said else None
+
+
 def _int_range(value: int | tuple[int, int], name: str, minimum: int) -> tuple[int, int]:
     low, high = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
     if not minimum <= low <= high:
@@ -179,23 +200,25 @@ def search_checks(
     length: int | tuple[int, int] = SEARCH_IN_DISTRIBUTION["length"],
     modulus: int = SEARCH_MODULUS,
     markers: Sequence[str] = SEARCH_MARKERS,
+    marker_rate: float = SEARCH_MARKER_RATE,
 ) -> list[Problem]:
     """`n` distinct search problems whose worked solutions try candidates until one checks out.
 
     Problem: "Work modulo 10. Start with x. Add 5. Multiply by 9. The result is 9. Which of 4, 6 and
     8 is x?"; solution (the student-format search trace; candidates tried in an order drawn at random):
-    "try 8: 8+5=3, 3*9=7 no\\nwait, try 4: 4+5=9, 9*9=1 no\\nwait, try 6: 6+5=1, 1*9=9 yes\\n\\boxed{6}";
-    answer "6". The number of failed checks is uniform in 0..k-1 for k candidates, and each failed
-    check is followed by a marker. `SearchPuzzle.direct_solution()` is the search-free solution
-    ("try 6: 6+5=1, 1*9=9 yes\\n\\boxed{6}"), the teacher's rich context (see
-    `selfdistill.study.search_task.teacher_view`). `SEARCH_IN_DISTRIBUTION` and
-    `SEARCH_OUT_OF_DISTRIBUTION` are the two configurations of the study.
+    "try 8: 8+5=3, 3*9=7 vs 9 no\\nwait, try 4: 4+5=9, 9*9=1 vs 9 no\\ntry 6: 6+5=1, 1*9=9 vs 9 yes\\n\\boxed{6}";
+    answer "6". The number of failed checks is uniform in 0..k-1 for k candidates, and the line after
+    each failed check opens with a marker with probability `marker_rate`.
+    `SearchPuzzle.direct_solution()` is the search-free solution ("try 6: 6+5=1, 1*9=9 vs 9 yes\\n
+    \\boxed{6}"). `SEARCH_IN_DISTRIBUTION`, `SEARCH_OOD_BREADTH` and `SEARCH_OOD_DEPTH` are the study's
+    configurations.
 
     candidates: how many values are listed (the breadth of the search), an int or an inclusive range.
     length: operations per check (steps on each check line), an int or an inclusive range.
     modulus: all arithmetic is modulo it; 10 keeps every value one digit (one token of the tiny
-        tokenizer). markers: the words that open the line after a failed check, drawn at random when
-        several; each must be one of SPEC's epistemic markers (`EPISTEMIC_MARKERS`).
+        tokenizer). markers: the words that may open the line after a failed check, drawn at random
+        when several; each must be one of SPEC's epistemic markers (`EPISTEMIC_MARKERS`).
+    marker_rate: the chance, in [0, 1], that a line after a failed check opens with a marker.
     """
     low_k, high_k = _int_range(candidates, "candidates", 2)
     low_len, high_len = _int_range(length, "length", 1)
@@ -206,6 +229,8 @@ def search_checks(
     markers = tuple(markers)
     if not markers or any(marker not in EPISTEMIC_MARKERS for marker in markers):
         raise ValueError(f"markers must be a non-empty choice from {EPISTEMIC_MARKERS}, got {markers!r}")
+    if not 0.0 <= marker_rate <= 1.0:
+        raise ValueError(f"marker_rate must lie in [0, 1], got {marker_rate!r}")
     rng = random.Random(seed)
 
     def draw() -> tuple[str, str, str]:
@@ -215,7 +240,7 @@ def search_checks(
         order = list(puzzle.candidates)
         rng.shuffle(order)
         order = order[: order.index(puzzle.answer) + 1]
-        failure_markers = [rng.choice(markers) for _ in order[:-1]]
+        failure_markers = [draw_marker(rng, markers, marker_rate) for _ in order[:-1]]
         return puzzle.problem_text(), puzzle.trace(order, failure_markers), str(puzzle.answer)
 
     return distinct_problems(SEARCH_CHECKS, n, seed, draw)

@@ -7,7 +7,7 @@ import argparse
 
 def _study(args: argparse.Namespace) -> int:
     from selfdistill.study.runner import StudyPremiseError, run_study
-    from selfdistill.study.settings import METHODS, SWEEP_METHODS, StudySettings
+    from selfdistill.study.settings import METHODS, StudySettings
 
     overrides = {}
     if args.methods:
@@ -17,9 +17,8 @@ def _study(args: argparse.Namespace) -> int:
             print(f"error: unknown methods {unknown}; choose from {', '.join(METHODS)}")
             return 2
         overrides["methods"] = tuple(methods)
-    if args.sweep:
-        base = overrides.get("methods") or StudySettings.for_task(args.task, quick=args.quick).methods
-        overrides["methods"] = tuple(dict.fromkeys([*base, "dasd", *SWEEP_METHODS]))
+    if args.no_tuning:
+        overrides["tuning"] = ()
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
     if args.steps is not None:
@@ -38,25 +37,31 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    from selfdistill.study.settings import DEFAULT_METHODS, METHODS, SWEEP_METHODS, TASKS  # light: no torch
+    from selfdistill.study.preregistration import TUNING_SEEDS  # light: numpy only
+    from selfdistill.study.settings import DEFAULT_METHODS, METHODS, TASKS, TUNING_METHODS  # light: no torch
 
     study = commands.add_parser(
         "study",
         help="the method study: GRPO, OPSD, DASD, EGRSD, ... from one warm start, several seeds, with a report",
-        description="Train every method from the same warm start of a tiny model (shipped with the package) on a "
-                    "synthetic task, after checking that its teacher prompt beats its student prompt; evaluate "
-                    "held-out (and out-of-distribution) Avg@k / pass@k, E(y), StepAcc and entropy, and write report.md "
-                    "with tables and plots. Finished runs in --out are reused. Exit status 3: the premise failed.",
+        description="The pre-registered study (selfdistill/study/preregistration.py): from the same warm start of a "
+                    "tiny model (shipped with the package), after checking its premise (the teacher prompt beats the "
+                    "student prompt, the student's checks verify, the student beats chance), tuning runs choose DASD's "
+                    "beta on a validation slice, then every method trains on the claim seeds and is evaluated "
+                    "held-out and out of distribution; report.md judges the registered claims (paired bootstrap, "
+                    "Holm) with tables and plots. Finished runs in --out are reused. "
+                    "Exit status 3: the premise failed.",
     )
     study.add_argument("--task", choices=sorted(TASKS), default="search",
                        help="search: search with verified checks, with an out-of-distribution split (default); "
                             "chains: operation chains (the first study)")
     study.add_argument("--quick", action="store_true",
-                       help="3 methods, 1 seed, 6 steps, 16 problems per held-out set: checks the pipeline end to end "
-                            "in about 3 minutes; its numbers mean little")
-    study.add_argument("--sweep", action="store_true",
-                       help="add DASD's open choices (" + ", ".join(SWEEP_METHODS) + ") to the methods")
-    study.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick: 1)")
+                       help="3 methods, 1 seed, 6 steps, no tuning, 16 problems per held-out set: checks the pipeline "
+                            "end to end in about 3 minutes; its numbers mean little")
+    study.add_argument("--no-tuning", action="store_true",
+                       help="skip the tuning runs (default, search: " + " ".join(TUNING_METHODS["search"])
+                            + " on seeds " + ", ".join(map(str, TUNING_SEEDS))
+                            + " and the validation slice; none with --quick): DASD keeps the library's defaults")
+    study.add_argument("--seeds", type=int, help="claim seeds per method (default 5; --quick: 1)")
     study.add_argument("--methods", nargs="+",
                        help="methods to run, space- or comma-separated, from: " + ", ".join(METHODS)
                             + " (default, search: " + " ".join(DEFAULT_METHODS["search"]) + "; chains: "

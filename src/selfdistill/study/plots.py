@@ -1,7 +1,7 @@
-"""The study's PNG plots, drawn from `StudyResults` (main methods only: DASD's sweep variants get a table).
+"""The study's PNG plots, drawn from `StudyResults` (the claim runs; the tuning runs get a table).
 
-Training curves (rollout entropy, reward) per optimizer step; held-out curves (Avg@n, E(y) per response
-and, on the search task, out-of-distribution Avg@n) from step 0 = the warm start through the evaluations
+Training curves (rollout entropy, reward) per optimizer step; held-out curves (Avg@n, the marker rate
+and, on the search task, each out-of-distribution set's Avg@n) from step 0 = the warm start through the evaluations
 during training to the final one; pass@k after training; teacher-forced entropy by token kind.
 Each line is the mean over seeds, with a min–max band when there are several.
 """
@@ -14,9 +14,9 @@ from typing import Any
 
 from selfdistill.study.results import CURVE_SCALARS, StudyResults, curve_band, held_out_band
 
-# Every plot file; "ood_avg_at_k.png" only on a task with an out-of-distribution split.
-PLOTS = ("entropy.png", "reward.png", "avg_at_k.png", "epistemic.png", "ood_avg_at_k.png", "pass_at_k.png",
-         "token_entropy.png")
+# Every plot file; "ood_<set>_avg_at_k.png" only on a task with out-of-distribution sets.
+PLOTS = ("entropy.png", "reward.png", "avg_at_k.png", "marker_rate.png", "ood_breadth_avg_at_k.png",
+         "ood_depth_avg_at_k.png", "pass_at_k.png", "token_entropy.png")
 
 
 def _colors(methods: Sequence[str]) -> dict[str, Any]:
@@ -50,7 +50,7 @@ class _Plotter:
 
     def __init__(self, results: StudyResults, folder: Path) -> None:
         self.results, self.folder = results, folder
-        self.methods = results.main_methods
+        self.methods = results.methods
         self.colors = _colors(self.methods)
         self.seeds = max(len(results.runs[m]) for m in self.methods)
         self.band_note = f"band: min–max over {self.seeds} seeds" if self.seeds > 1 else "1 seed"
@@ -138,12 +138,14 @@ def write_plots(results: StudyResults, folder: Path) -> list[tuple[Path, str]]:
     avg = f"Avg@k (k = {curve_n} during training, {n} at the end)" if curve_n != n else f"Avg@{n}"
     plots = [
         (plotter.held_out("avg@n", "avg_at_k.png", f"held-out {avg}"), f"held-out Avg@{n} during training"),
-        (plotter.held_out("epistemic_per_response", "epistemic.png", "held-out E(y) per response"),
-         "held-out E(y) (epistemic markers per response) during training"),
     ]
-    if results.has_ood:
-        plots.append((plotter.held_out("ood_avg@n", "ood_avg_at_k.png", f"out-of-distribution {avg}"),
-                      f"out-of-distribution Avg@{n} during training"))
+    if "marker_rate" in results.base_scalars():
+        plots.append((plotter.held_out("marker_rate", "marker_rate.png", "held-out marker rate"),
+                      "held-out marker rate (markers said per failed check followed by another try) during training"))
+    for split in results.ood_sets:
+        plots.append((plotter.held_out(f"ood_{split}_avg@n", f"ood_{split}_avg_at_k.png",
+                                       f"out-of-distribution ({split}) {avg}"),
+                      f"out-of-distribution ({split}) Avg@{n} during training"))
     plots += [
         (plotter.training("entropy", "entropy.png", "mean token entropy of rollouts (nats)"),
          "entropy during training"),

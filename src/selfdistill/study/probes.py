@@ -77,9 +77,9 @@ def token_entropy(
 ) -> TokenEntropy:
     """Entropy of the model's next-token distribution along each worked solution (teacher forcing).
 
-    role "student": the prompt is the problem alone; "teacher": `builder`'s teacher prompt of
-    `task.teacher_problem(problem)` (what the privileged teacher sees), while the response is the
-    problem's own worked solution in either role. EOS counts as a forced token.
+    role "student": the prompt is the problem alone; "teacher": `builder`'s teacher prompt of the
+    problem (what the privileged teacher sees), while the response is the problem's own worked solution
+    in either role. EOS counts as a forced token.
     """
     if role not in ("student", "teacher"):
         raise ValueError(f"role must be student or teacher, got {role!r}")
@@ -90,7 +90,7 @@ def token_entropy(
     try:
         for start in range(0, len(problems), batch_size):
             chunk = problems[start : start + batch_size]
-            prompts = [builder.student_ids(p) if role == "student" else builder.teacher_ids(task.teacher_problem(p))
+            prompts = [builder.student_ids(p) if role == "student" else builder.teacher_ids(p)
                        for p in chunk]
             responses, kinds = [], []
             for problem in chunk:

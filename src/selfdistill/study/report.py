@@ -1,9 +1,10 @@
 """The study's report: read a study folder, write report.md and PNG plots into it (`build_report`).
 
-Sections: the warm start (the base model under every prompt, and the premise check), held-out results in
-and (on the search task) out of distribution, min–max over seeds, paired differences seed by seed, the
-claims judged from them (`claims`), DASD's sweep when it ran, the plots (`plots`), budget and timing.
-Loading and aggregation live in `results`; the main tables and plots show the main methods only.
+Sections: the pre-registration (the commit and digest of `preregistration.py` the runs were made under), the
+warm start (the base model under every prompt, and the premise checks), the tuning runs and the value they
+chose, the registered claims judged by `preregistration.judge`, the results in and out of distribution with
+the chance baselines (a listed candidate at random; the warm start) in every table, the plots, budget and
+timing. Loading and aggregation live in `results`.
 """
 
 from __future__ import annotations
@@ -13,32 +14,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from selfdistill.study.claims import Claim, claims_section, judge
 from selfdistill.study.plots import write_plots
+from selfdistill.study.preregistration import ALPHA, CONFIDENCE, TUNED_KNOB, judge
 from selfdistill.study.results import (
     FINAL_WINDOW,
     Spread,
     StudyResults,
     load_results,
     markdown_table,
-    metric_label,
-    paired_difference,
-    verdict,
 )
-from selfdistill.study.settings import METHODS
 
 REPORT_FILE = "report.md"
 TASK_TITLES = {"search": "search with verified checks", "chains": "operation chains"}
-# Pairs (a, b) reported as paired differences a − b when both methods were run.
-COMPARISONS = (("opsd", "grpo"), ("opsd_weak", "grpo"), ("opsd", "opsd_weak"), ("dasd", "grpo"), ("dasd", "opsd"),
-               ("dasd", "conform"), ("dasd", "novelty"), ("conform", "grpo"), ("novelty", "grpo"),
-               ("egrsd", "grpo"), ("rlsd", "grpo"), ("cl_egrsd", "grpo"), ("dasd_divergence", "grpo"),
-               ("opsd_clip", "grpo"))
 PROMPT_LABELS = {"student": "student (problem only)",
-                 "teacher_rich": "teacher, rich view (problem + worked solution)",
+                 "teacher_rich": "teacher, rich view (problem + full search trace)",
                  "teacher_weak": "teacher, weak view (problem + answer only)"}
 KIND_NOTES = {"fork": "the candidate tried next among untried ones", "marker": "epistemic markers",
               "free": "free-choice operands", "forced": "every other response token"}
+OOD_NOTES = {"breadth": "more candidates listed than in training, check lines as long",
+             "depth": "as many candidates as in training, longer check lines"}
 
 # A table column: (header, scalars key, digits).
 Column = tuple[str, str, int]
@@ -71,7 +65,9 @@ def _warm_start_section(results: StudyResults) -> str:
     settings, task = record["settings"], study["settings"]["task"]
     n = results.n
     columns = _present(results, [(f"Avg@{n}", "avg", 3), ("pass@1", "pass@1", 3), (f"pass@{n}", f"pass@{n}", 3),
-                                 ("E(y)/response", "epistemic_per_response", 3), ("StepAcc", "step_acc", 3),
+                                 ("marker rate", "marker_rate", 3), ("yes on answer", "yes_on_answer", 3),
+                                 ("yes on wrong", "yes_on_wrong", 3), ("unlisted tries", "unlisted_share", 3),
+                                 ("StepAcc", "step_acc", 3),
                                  *[(f"H {kind}", f"H_{kind}", 3) for kind in results.token_kinds],
                                  ("length (tokens)", "length", 1)])
     rows = [[PROMPT_LABELS.get(prompt, prompt)] + [_cell(_base_spreads(results, prompt), m, d) for _, m, d in columns]
@@ -100,8 +96,12 @@ def _warm_start_section(results: StudyResults) -> str:
         "",
         markdown_table(["prompt", *[header for header, _, _ in columns]], rows),
         "",
-        "Premise (each teacher view the methods use must beat the student prompt by "
-        f"{study['settings']['premise_margin']:g} Avg@{n}):",
+        "Marker rate: markers said per failed check followed by another try (the marker is optional). "
+        "Yes on answer / yes on wrong: the share of the student's check lines on the answer / on a wrong listed "
+        "candidate that end in \"yes\" (their difference is the verification gap); unlisted tries: the share of "
+        "check lines whose candidate is not on the list.",
+        "",
+        "Premise (checked before any run; the study stops when one fails):",
         "",
         *[f"- {line}" for line in premise_lines],
     ])
@@ -123,18 +123,97 @@ def _warm_start_source(study: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# the pre-registration, the tuning and the claims
+
+
+def _preregistration_section(results: StudyResults) -> str:
+    record = results.study.get("preregistration", {})
+    commit = record.get("commit") or "not in a git checkout"
+    dirty = " (with uncommitted changes to it!)" if record.get("modified") else ""
+    return "\n".join([
+        "## Pre-registration",
+        "",
+        f"The claims, their controls, metrics, tests and thresholds, the seeds and the tuning rule are fixed in "
+        f"`selfdistill/study/preregistration.py`, last changed by commit `{commit}`{dirty}; the runs were made "
+        f"with that file's SHA-256 `{record.get('sha256', '?')}`. Claim runs: seeds 0..{results.seed_count - 1}; "
+        "tuning runs: the tuning seeds on the validation slice cut from the RL pool (never the held-out or "
+        "out-of-distribution sets).",
+    ])
+
+
+def _tuning_section(results: StudyResults) -> str:
+    tuning = results.tuning
+    if not tuning.get("chosen"):
+        return "## Tuning\n\nNo tuning runs: every method used the library's defaults."
+    n = results.n
+    rows = [[method, f"{entry[TUNED_KNOB]:g}", Spread(entry["validation_avg"]).text(),
+             ", ".join(f"{v:.3f}" for v in entry["validation_avg"])]
+            for method, entry in tuning["methods"].items()]
+    return "\n".join([
+        "## Tuning",
+        "",
+        f"DASD's {TUNED_KNOB} chosen on the validation slice (the rule: the highest mean validation Avg@{n} over "
+        "the tuning seeds; a tie goes to the smaller value):",
+        "",
+        markdown_table(["tuning run", TUNED_KNOB, f"validation Avg@{n}", "per seed"], rows),
+        "",
+        f"Chosen: **{tuning['chosen']}**; every DASD-family claim run (dasd, its shuffled, conform and novelty "
+        f"controls) used {TUNED_KNOB} = {tuning['tuned'][TUNED_KNOB]:g}.",
+    ])
+
+
+def _claims_section(results: StudyResults) -> str:
+    scores = results.per_problem_scores()
+    if not scores:
+        return ("## Registered claims\n\nThe runs carry no per-problem scores (the chains task has none): the "
+                "registered claims are not judged.")
+    verdicts = judge(scores)
+    rows = []
+    for v in verdicts:
+        claim = v.claim
+        test = claim.test if claim.test != "equivalent" else f"equivalent (±{claim.margin:g})"
+        numbers = ["–"] * 3 if v.interval is None else [
+            f"{v.interval.estimate:+.3f}", f"[{v.interval.low:+.3f}, {v.interval.high:+.3f}]", f"{v.p:.4f}"]
+        rows.append([claim.name, claim.text, f"{claim.a} − {claim.b}", claim.metric, test, *numbers,
+                     f"{v.p_holm:.4f}", f"**{v.verdict}**"])
+    return "\n".join([
+        "## Registered claims",
+        "",
+        f"Each claim against its matched control, on per-problem scores paired by seed and problem (a crossed "
+        f"bootstrap over seeds and problems, {CONFIDENCE:.0%} intervals of a − b). A claim holds when its "
+        f"Holm-adjusted p (over the whole registered family) is below {ALPHA}; it is reversed when the interval "
+        "lies wholly on the other side (outside ±margin for a \"keeps\" claim), not shown otherwise; not run when "
+        "a method of the pair did not run.",
+        "",
+        markdown_table(["claim", "text", "a − b", "metric", "test", "estimate", f"{CONFIDENCE:.0%} interval", "p",
+                        "p (Holm)", "verdict"], rows),
+        "",
+        "Controls: " + "; ".join(f"{v.claim.name}: {v.claim.control}" for v in verdicts) + ".",
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
 # results tables
 
 
-def _method_table(results: StudyResults, columns: Sequence[Column], *, training: bool) -> str:
-    """Base row, then a row per main method (with its seed count); `training` adds the training-log columns."""
+def _chance_row(results: StudyResults, columns: Sequence[Column], prefix: str) -> list[str] | None:
+    chance = results.base_scalars().get(f"{prefix}chance_avg")
+    if chance is None:
+        return None
+    return ["a listed candidate at random", *[f"{chance:.3f}" if m == f"{prefix}avg" else "–" for _, m, _ in columns]]
+
+
+def _method_table(results: StudyResults, columns: Sequence[Column], *, training: bool, prefix: str = "") -> str:
+    """The chance row (where the task has one), the base row, then a row per method (with its seed count);
+    `training` adds the training-log columns."""
     base_row = ["base (warm start)", *[_cell(_base_spreads(results), m, d) for _, m, d in columns]]
     header = ["method", *[h for h, _, _ in columns]]
     if training:
         header += ["train H first → final", "train reward final"]
         base_row += ["–", "–"]
-    rows = [base_row]
-    for method in results.main_methods:
+    chance_row = _chance_row(results, columns, prefix)
+    rows = ([chance_row + (["–", "–"] if training else [])] if chance_row else []) + [base_row]
+    for method in results.methods:
         s = results.spreads(method)
         row = [f"{method} ({len(results.runs[method])})", *[_cell(s, m, d) for _, m, d in columns]]
         if training:
@@ -144,103 +223,19 @@ def _method_table(results: StudyResults, columns: Sequence[Column], *, training:
     return markdown_table(header, rows)
 
 
+def _columns(results: StudyResults, prefix: str = "") -> list[Column]:
+    n = results.n
+    return _present(results, [(f"Avg@{n}", f"{prefix}avg", 3),
+                              *[(f"pass@{k}", f"{prefix}pass@{k}", 3) for k in _pass_ks(n)],
+                              ("marker rate", f"{prefix}marker_rate", 3),
+                              ("E(y)/resp", f"{prefix}epistemic_per_response", 3),
+                              ("verif. gap", f"{prefix}verification_gap", 3), ("StepAcc", f"{prefix}step_acc", 3),
+                              ("length", f"{prefix}length", 1)])
+
+
 def _in_distribution(results: StudyResults) -> str:
-    n = results.n
-    columns = _present(results, [(f"Avg@{n}", "avg", 3), *[(f"pass@{k}", f"pass@{k}", 3) for k in _pass_ks(n)],
-                                 ("E(y)/resp", "epistemic_per_response", 3), ("E(y)/1k", "epistemic_per_1k", 2),
-                                 ("StepAcc", "step_acc", 3), ("length", "length", 1),
-                                 *[(f"H {kind}", f"H_{kind}", 3) for kind in results.token_kinds]])
+    columns = _columns(results) + _present(results, [(f"H {kind}", f"H_{kind}", 3) for kind in results.token_kinds])
     return _method_table(results, columns, training=True)
-
-
-def _out_of_distribution(results: StudyResults) -> str:
-    n = results.n
-    columns = _present(results, [(f"Avg@{n}", "ood_avg", 3), (f"pass@{n}", f"ood_pass@{n}", 3),
-                                 ("E(y)/resp", "ood_epistemic_per_response", 3), ("StepAcc", "ood_step_acc", 3),
-                                 ("length", "ood_length", 1)])
-    return _method_table(results, columns, training=False)
-
-
-def _range_table(results: StudyResults) -> str:
-    n = results.n
-    metrics = [m for m in ("avg", f"pass@{n}", "ood_avg", "epistemic_per_response", "step_acc",
-                           f"H_{results.choice_kind}", "train_entropy_final")
-               if m in results.base_scalars() or m.startswith("train_")]
-    rows = []
-    for method in results.main_methods:
-        s = results.spreads(method)
-        rows.append([method, *[s[m].range_text() if m in s else "–" for m in metrics]])
-    return markdown_table(["method", *[f"{metric_label(m, n)} min–max" for m in metrics]], rows)
-
-
-def _comparison_table(results: StudyResults) -> str:
-    n = results.n
-    metrics = ("avg", "ood_avg", "epistemic_per_response", "step_acc", "length", f"H_{results.choice_kind}",
-               "train_entropy_final")
-    rows = []
-    for a, b in COMPARISONS:
-        if a not in results.runs or b not in results.runs:
-            continue
-        for metric in metrics:
-            diff = paired_difference(results.runs[a], results.runs[b], metric)
-            if diff is not None:
-                rows.append([f"{a} − {b}", metric_label(metric, n), f"{diff.mean:+.3f}", f"{diff.std:.3f}",
-                             diff.per_seed_text(), verdict(diff)])
-    if not rows:
-        return "_No method pairs to compare._"
-    return markdown_table(["pair", "metric", "mean diff", "std", "per seed", "reading"], rows)
-
-
-# ----------------------------------------------------------------------------------------------
-# DASD's sweep
-
-
-def _changes(method: str) -> str:
-    """What a sweep variant changes from `dasd`, read from its METHODS entry."""
-    entry = {key: value for key, value in METHODS[method].items() if key != "name"}
-    entry.update(entry.pop("optim", {}))
-    return ", ".join(f"{key} = {value}" for key, value in entry.items()) or "reference"
-
-
-def _dasd_defaults() -> str:
-    """The library's DASD knobs that the sweep varies, as the code now has them."""
-    from selfdistill.objectives import OBJECTIVES
-
-    defaults = OBJECTIVES["dasd"].knob_defaults()
-    return ", ".join(f"{knob} = {defaults[knob]}" for knob in ("beta", "quantile", "push_signal"))
-
-
-def _sweep_section(results: StudyResults) -> str:
-    """DASD and its sweep variants side by side; the variant is chosen in distribution, judged out of it."""
-    variants = results.sweep_methods
-    n = results.n
-    columns = _present(results, [(f"ID Avg@{n}", "avg", 3), (f"OOD Avg@{n}", "ood_avg", 3),
-                                 ("E(y)/resp", "epistemic_per_response", 3), ("StepAcc", "step_acc", 3)])
-    columns.append(("clip fraction (mean over steps)", "train_clip_fraction", 3))
-    candidates = [m for m in ("dasd",) if m in results.runs] + variants
-    rows = []
-    for method in candidates:
-        s = results.spreads(method)
-        rows.append([f"{method} ({len(results.runs[method])})", _changes(method),
-                     *[_cell(s, m, d) for _, m, d in columns]])
-    chosen = max(candidates, key=lambda m: results.spreads(m)["avg"].mean)
-    lines = ["## DASD's sweep", "",
-             f"Each variant changes one of DASD's open choices from the reference, the library's `dasd` "
-             f"({_dasd_defaults()}, 1 PPO epoch); they are left out of the tables and plots above.", "",
-             markdown_table(["method", "changes", *[h for h, _, _ in columns]], rows), "",
-             f"Selected on the in-distribution split: **{chosen}** (the highest mean ID Avg@{n}, "
-             f"{results.spreads(chosen)['avg'].text()}). No choice is selected on the out-of-distribution split."]
-    if chosen == "dasd":
-        lines += ["", "The reference itself is selected: no variant beats the library's defaults in distribution."]
-        return "\n".join(lines)
-    if not results.has_ood:
-        lines += ["", "This task has no out-of-distribution split, so the selection is not judged out of it."]
-        return "\n".join(lines)
-    result = judge(Claim("S", f"{chosen} above dasd out of distribution", chosen, "dasd", "ood_avg", +1), results)
-    numbers = "" if result.diff is None else f" {result.diff.diff_text()} (per seed {result.diff.per_seed_text()});"
-    lines += ["", f"Judged out of distribution: {chosen} − dasd OOD Avg@{n} ={numbers} the claim that it beats "
-              f"dasd out of distribution: **{result.verdict}** ({result.note})."]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,9 +245,10 @@ def _sweep_section(results: StudyResults) -> str:
 def _timing_section(results: StudyResults) -> str:
     settings = results.study["settings"]
     runs = [run.evaluation for method_runs in results.runs.values() for run in method_runs]
-    ood = f" ({settings['ood_max_new_tokens']} out of distribution)" if results.has_ood else ""
+    ood = f" ({settings['ood_max_new_tokens']} out of distribution)" if results.ood_sets else ""
     every = settings.get("eval_every", 0)
     curve = f"Held-out curves: every {every} steps during training." if every else "No held-out curve during training."
+    tuning_runs = sum(len(entry["validation_avg"]) for entry in results.tuning.get("methods", {}).values())
     return "\n".join([
         "## Budget and timing",
         "",
@@ -260,11 +256,11 @@ def _timing_section(results: StudyResults) -> str:
         f"samples = {settings['steps'] * settings['prompts_per_step'] * settings['group_size']} rollouts, AdamW "
         f"lr {settings['lr']:g} (constant), full fine-tuning, frozen teacher (the warm start), temperature "
         f"{settings['temperature']}, at most {settings['max_new_tokens']} new tokens per rollout and held-out "
-        f"sample{ood}. {curve}",
+        f"sample{ood}. {curve} {len(runs)} claim runs and {tuning_runs} tuning runs.",
         "",
         f"Wall time of this invocation: **{results.study['wall_seconds'] / 60:.1f} min** with "
         f"{results.study['workers']} worker process(es) (runs reused from an earlier invocation cost nothing here). "
-        f"Per run on average: training {statistics.fmean(r['train_seconds'] for r in runs):.0f} s, evaluations "
+        f"Per claim run on average: training {statistics.fmean(r['train_seconds'] for r in runs):.0f} s, evaluations "
         f"during training {statistics.fmean(r.get('curve_eval_seconds', 0.0) for r in runs):.0f} s, final "
         f"evaluation {statistics.fmean(r['eval_seconds'] for r in runs):.0f} s.",
     ])
@@ -279,46 +275,44 @@ def _results_sections(results: StudyResults) -> list[str]:
         "## In distribution",
         "",
         f"Cells are {spread_note}; the number after each method is its count of seeds. Avg@{n} is the mean "
-        f"accuracy of the {n} samples per problem; pass@k is the unbiased estimator. E(y): epistemic markers per "
-        "response and per 1,000 response tokens. "
-        + ("StepAcc: the share of check-line steps that are right. " if results.task == "search" else "")
+        f"accuracy of the {n} samples per problem; pass@k is the unbiased estimator. The first rows are the "
+        "chance baselines: a listed candidate boxed at random (where the task lists candidates) and the warm "
+        "start. E(y)/resp: epistemic markers per response. "
+        + ("StepAcc: the share of check-line steps that are right; verif. gap: P(yes | answer tried) − P(yes | "
+           "wrong candidate tried). " if results.task == "search" else "")
         + "H <kind>: teacher-forced entropy along the held-out worked solutions. Train H: mean rollout entropy at "
         f"step 1 and over the last {FINAL_WINDOW} steps; train reward: last {FINAL_WINDOW} steps.",
         "",
         _in_distribution(results),
     ]
-    if results.has_ood:
-        sections += ["", "## Out of distribution", "",
-                     "Harder problems than any seen in training (more candidates, longer check lines), with a "
-                     "longer length limit; same cells as above.", "", _out_of_distribution(results)]
-    return sections + ["", "Min–max over seeds:", "", _range_table(results)]
+    for split in results.ood_sets:
+        prefix = f"ood_{split}_"
+        sections += ["", f"## Out of distribution: {split}", "",
+                     f"{OOD_NOTES.get(split, split)}; a longer length limit; same cells as above.", "",
+                     _method_table(results, _columns(results, prefix), training=False, prefix=prefix)]
+    return sections
 
 
 def build_report(folder: str | Path) -> Path:
     """Write report.md and the plots into the study folder; returns the report's path."""
     results = load_results(folder)
-    if not results.main_methods:
-        raise ValueError(f"{results.folder}: no finished runs of a main method to report (DASD's sweep variants "
-                         "are reported against dasd and the others)")
+    if not results.methods:
+        raise ValueError(f"{results.folder}: no finished claim runs to report")
     plots = write_plots(results, results.folder)
     title = TASK_TITLES.get(results.task, results.task)
     text = "\n".join([
-        f"# Method study on {title} ({results.task} task): {', '.join(results.main_methods)}",
+        f"# Method study on {title} ({results.task} task): {', '.join(results.methods)}",
+        "",
+        _preregistration_section(results),
         "",
         _warm_start_section(results),
         "",
+        _tuning_section(results),
+        "",
+        _claims_section(results),
+        "",
         *_results_sections(results),
         "",
-        "## Paired differences (same seed: same data order and rollout seeds)",
-        "",
-        "\"higher/lower in every seed\" means all per-seed differences share a sign and the mean exceeds twice "
-        "its standard error; anything else is not distinguishable from seed noise at this scale.",
-        "",
-        _comparison_table(results),
-        "",
-        claims_section(results),
-        "",
-        *([_sweep_section(results), ""] if results.sweep_methods else []),
         "## Plots",
         "",
         *[line for path, caption in plots for line in (f"![{caption}]({path.name})", "")],

@@ -2,11 +2,12 @@
 
 Everything comes from study.json, base/eval.json and runs/*/eval.json + metrics.jsonl, so a report can
 be rebuilt from the folder alone. Spreads are the sample standard deviation over seeds (ddof = 1; 0 with
-a single seed) and the min–max range; paired differences compare two methods seed by seed (run k of
-every method shares seed k: data order and rollout seeds).
+a single seed) and the min–max range; run k of every method shares seed k (data order and rollout seeds),
+so per-problem scores pair up seed by seed for the registered claims.
 
-Both study tasks share one eval.json schema: "search" adds an out-of-distribution row ("ood") and
-per-line measurements (StepAcc, ...); "chains" has neither. Token-entropy kinds differ by task
+Both study tasks share one eval.json schema: "search" adds the out-of-distribution sets ("ood": set name ->
+row), per-line measurements (StepAcc, the marker rate, the verification gap, ...) and per-problem scores
+("per_problem", what the registered claims are judged on); "chains" has none of them. Token-entropy kinds differ by task
 ("fork" / "marker" / "forced" on search, "free" / "forced" on chains) and are read from the files.
 """
 
@@ -20,42 +21,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfdistill.study.settings import SWEEP_METHODS
-
 EVAL_FILE = "eval.json"
 METRICS_FILE = "metrics.jsonl"
 # How many final training steps are averaged for "final" training entropy / reward.
 FINAL_WINDOW = 5
 # held_out_curve key -> the scalar holding the same number at the final evaluation.
-CURVE_SCALARS = {"avg@n": "avg", "epistemic_per_response": "epistemic_per_response", "step_acc": "step_acc",
-                 "ood_avg@n": "ood_avg", "ood_epistemic_per_response": "ood_epistemic_per_response",
-                 "ood_step_acc": "ood_step_acc"}
+CURVE_SCALARS = {"avg@n": "avg", "marker_rate": "marker_rate", "step_acc": "step_acc",
+                 **{f"ood_{split}_{key}": f"ood_{split}_{scalar}" for split in ("breadth", "depth")
+                    for key, scalar in (("avg@n", "avg"), ("marker_rate", "marker_rate"), ("step_acc", "step_acc"))}}
+# Scalars of a summary row beside Avg@n, pass@k and length, when the task measures them.
+TRACE_SCALARS = ("epistemic_per_response", "epistemic_per_1k", "step_acc", "marker_rate", "verification_gap",
+                 "yes_on_answer", "yes_on_wrong", "unlisted_share", "chance_avg", "first_try_right")
 
 
 def _pass_keys(summary: dict[str, Any]) -> list[str]:
     return [key for key in summary if key.startswith("pass@")]
 
 
+def _row_scalars(summary: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    values = {f"{prefix}avg": summary["avg@n"], **{f"{prefix}{key}": summary[key] for key in _pass_keys(summary)},
+              f"{prefix}length": summary["mean_length"]}
+    values.update({f"{prefix}{key}": summary.get(key) for key in TRACE_SCALARS})
+    return values
+
+
 def evaluation_scalars(part: dict[str, Any]) -> dict[str, float]:
     """The numbers of one model under one prompt ({"summary", "token_entropy"[, "ood"]}) that the tables use:
-    avg, pass@k, length, E(y) per response and per 1k tokens, step_acc, H_<kind>, and ood_* when present."""
-    summary = part["summary"]
-    values: dict[str, Any] = {
-        "avg": summary["avg@n"],
-        **{key: summary[key] for key in _pass_keys(summary)},
-        "length": summary["mean_length"],
-        "epistemic_per_response": summary.get("epistemic_per_response"),
-        "epistemic_per_1k": summary.get("epistemic_per_1k"),
-        "step_acc": summary.get("step_acc"),
-    }
+    avg, pass@k, length, the task's trace measurements (`TRACE_SCALARS`), H_<kind>, and the same prefixed
+    "ood_<set>_" for each out-of-distribution set."""
+    values = _row_scalars(part["summary"])
     for kind, entropy in part.get("token_entropy", {}).get("entropy", {}).items():
         values[f"H_{kind}"] = entropy  # None when the kind had no tokens: dropped below
-    ood = part.get("ood")
-    if ood:
-        n = summary.get("n") or max(int(key[5:]) for key in _pass_keys(ood))
-        values.update({"ood_avg": ood["avg@n"], f"ood_pass@{n}": ood.get(f"pass@{n}"), "ood_length": ood["mean_length"],
-                       "ood_epistemic_per_response": ood.get("epistemic_per_response"),
-                       "ood_step_acc": ood.get("step_acc")})
+    for split, summary in part.get("ood", {}).items():
+        values.update(_row_scalars(summary, f"ood_{split}_"))
     return {name: float(value) for name, value in values.items() if value is not None}
 
 
@@ -104,6 +102,7 @@ class StudyResults:
     study: dict[str, Any]
     base: dict[str, Any]
     runs: dict[str, list[RunResult]] = field(default_factory=dict)  # method -> runs sorted by seed
+    tuning: dict[str, Any] = field(default_factory=dict)  # tuning.json ({} without tuning runs)
 
     @property
     def methods(self) -> list[str]:
@@ -112,22 +111,27 @@ class StudyResults:
         return [m for m in order if m in self.runs] + sorted(m for m in self.runs if m not in order)
 
     @property
-    def main_methods(self) -> list[str]:
-        """The methods without DASD's sweep variants (those get their own section)."""
-        return [m for m in self.methods if m not in SWEEP_METHODS]
-
-    @property
-    def sweep_methods(self) -> list[str]:
-        return [m for m in self.methods if m in SWEEP_METHODS]
-
-    @property
     def task(self) -> str:
         """"search" or "chains" (the chains task's json has no "kind")."""
         return self.study["settings"]["task"].get("kind", "chains")
 
     @property
-    def has_ood(self) -> bool:
-        return bool(self.base["student"].get("ood"))
+    def ood_sets(self) -> list[str]:
+        """The out-of-distribution sets' names, as the base evaluation lists them ([] on a task without)."""
+        return list(self.base["student"].get("ood", {}))
+
+    def per_problem_scores(self) -> dict[tuple[str, str], Any]:
+        """`(method, metric) -> [seeds, problems]` arrays of every method whose runs all carry per-problem
+        scores, seeds in order (what `preregistration.judge` takes)."""
+        import numpy as np
+
+        scores = {}
+        for method, runs in self.runs.items():
+            tables = [run.evaluation["student"].get("per_problem", {}) for run in runs]
+            for metric in tables[0]:
+                if all(metric in table for table in tables):
+                    scores[(method, metric)] = np.array([table[metric] for table in tables], dtype=np.float64)
+        return scores
 
     @property
     def ks(self) -> list[int]:
@@ -190,6 +194,8 @@ def load_results(folder: str | Path) -> StudyResults:
         results.runs.setdefault(run.method, []).append(run)
     for runs in results.runs.values():
         runs.sort(key=lambda run: run.seed)
+    if (folder / "tuning.json").exists():
+        results.tuning = json.loads((folder / "tuning.json").read_text())
     return results
 
 
@@ -239,42 +245,6 @@ def method_spreads(runs: Sequence[RunResult]) -> dict[str, Spread]:
     return {name: Spread([values[name] for values in per_run]) for name in names}
 
 
-def paired_difference(a: Sequence[RunResult], b: Sequence[RunResult], metric: str) -> Spread | None:
-    """Per shared seed where both runs have the metric, metric(a) − metric(b); None when there is none."""
-    b_by_seed = {run.seed: run.scalars() for run in b}
-    diffs = []
-    for run in a:
-        values, other = run.scalars(), b_by_seed.get(run.seed, {})
-        if metric in values and metric in other:
-            diffs.append(values[metric] - other[metric])
-    return Spread(diffs) if diffs else None
-
-
-def direction(diff: Spread) -> int:
-    """+1 / −1 when a paired difference is positive / negative in every seed (at least two) and its mean
-    exceeds twice its standard error; 0 when it is not told apart from the seed noise."""
-    if len(diff.values) < 2:
-        return 0
-    same_sign = all(v > 0 for v in diff.values) or all(v < 0 for v in diff.values)
-    if same_sign and abs(diff.mean) > 2 * diff.standard_error:
-        return 1 if diff.mean > 0 else -1
-    return 0
-
-
-def verdict(diff: Spread) -> str:
-    """A plain word on whether a paired difference stands out from the seed noise."""
-    if len(diff.values) < 2:
-        return "one seed: no spread"
-    if all(v == 0 for v in diff.values):
-        return "identical in every seed"
-    sign = direction(diff)
-    if sign:
-        return f"{'higher' if sign > 0 else 'lower'} in every seed"
-    if all(v > 0 for v in diff.values) or all(v < 0 for v in diff.values):
-        return f"same sign in all {len(diff.values)} seeds, but within 2 SE"
-    return "within seed noise (signs differ)"
-
-
 def curve_band(runs: Sequence[RunResult], name: str) -> tuple[list[int], list[float], list[float], list[float]]:
     """(steps, mean, min, max) over seeds of a per-step training metric, up to the shortest run."""
     curves = [run.curve(name) for run in runs]
@@ -299,13 +269,15 @@ def held_out_band(runs: Sequence[RunResult], key: str,
 
 def metric_label(metric: str, n: int) -> str:
     """The tables' name of a `RunResult.scalars` key."""
-    labels = {"avg": f"Avg@{n}", "ood_avg": f"OOD Avg@{n}", "epistemic_per_response": "E(y)/response",
-              "epistemic_per_1k": "E(y)/1k tokens", "step_acc": "StepAcc", "length": "length (tokens)",
-              "ood_step_acc": "OOD StepAcc", "ood_length": "OOD length", "ood_epistemic_per_response":
-              "OOD E(y)/response", "train_entropy_final": "final training entropy",
+    labels = {"avg": f"Avg@{n}", "epistemic_per_response": "E(y)/response", "epistemic_per_1k": "E(y)/1k tokens",
+              "step_acc": "StepAcc", "length": "length (tokens)", "marker_rate": "marker rate",
+              "verification_gap": "verification gap", "train_entropy_final": "final training entropy",
               "train_clip_fraction": "clip fraction"}
     if metric.startswith("H_"):
         return f"H {metric[2:]} (held-out)"
+    if metric.startswith("ood_"):
+        split, _, rest = metric[4:].partition("_")
+        return f"OOD {split} {metric_label(rest, n)}"
     return labels.get(metric, metric)
 
 

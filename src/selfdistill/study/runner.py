@@ -4,13 +4,22 @@
       study.json                settings, the warm start's record, wall time
       problems/rl_train.jsonl   the problems every run trains on
       base/eval.json            the warm start itself: student and teacher prompts (the premise check)
+      tuning/<method>-seed<k>/  the tuning runs (tuning seeds, evaluated on the validation slice)
+      tuning.json               their validation Avg@k and the value chosen from them
       runs/<method>-seed<k>/    one trainer run folder each (config.json, metrics.jsonl, samples.jsonl,
-                                checkpoint-<steps>/) plus eval.json
+                                checkpoint-<steps>/) plus eval.json: the claim runs
       report.md, *.png          written by `selfdistill.study.report`
 
 Before any run, the warm start's premise is checked (`check_premise`): the teacher prompt of every
 teacher view the methods use must beat the student prompt on the held-out problems by
-`premise_margin` Avg@k, or the study stops and says so.
+`premise_margin` Avg@k; where the task has check verdicts, the student's checks must verify (a
+verification gap of `verification_margin`) and the student must beat the task's chance baseline; or
+the study stops and says why.
+
+Then the tuning runs (`settings.tuning` on `preregistration.TUNING_SEEDS`, evaluated on the validation
+slice only) choose DASD's beta by `preregistration.choose_tuned`, and the claim runs (`settings.methods`
+on seeds 0 .. seeds-1, evaluated on the held-out and out-of-distribution sets) use the chosen value for
+every DASD-family method.
 
 Every run gets the same rollout budget (steps x prompts x group size), the same optimizer settings
 and the same frozen teacher (the warm start); a seed changes the data order and the rollout samples,
@@ -28,7 +37,7 @@ import json
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,7 @@ from selfdistill.study.settings import StudySettings, method_parts
 
 EVAL_FILE = "eval.json"
 STUDY_FILE = "study.json"
+TUNING_FILE = "tuning.json"
 EVAL_SEED = 0
 
 
@@ -54,6 +64,8 @@ class RunJob:
     warm_start_dir: str
     train_file: str
     settings: StudySettings
+    evaluation: str = "test"  # "test" (held-out and OOD sets) or "validation" (tuning runs)
+    overrides: dict[str, Any] = field(default_factory=dict)  # objective knobs set by the tuning
 
 
 def run_name(method: str, seed: int) -> str:
@@ -66,6 +78,7 @@ def run_config(job: RunJob) -> dict[str, Any]:
 
     settings = job.settings
     objective, optim, view = method_parts(job.method)
+    objective = {**objective, **job.overrides}
     template = settings.task.teacher_views(settings.warm_start.template)[view]
     return run_values(
         settings,
@@ -83,21 +96,33 @@ class StudyPremiseError(RuntimeError):
 
 
 def premise_lines(base: dict[str, Any], settings: StudySettings) -> tuple[list[str], bool]:
-    """(one line per teacher view the methods use: "<view> teacher Avg@n A vs student B (needs a margin
-    of M): holds / FAILS", whether every view holds)."""
-    student = float(base["student"]["summary"]["avg@n"])
-    lines, holds_all = [], True
+    """(one line per premise check, "...: holds" or "...: FAILS", whether every check holds): each teacher view
+    the methods use against the student prompt (Avg@n, `premise_margin`); where the task measures them, the
+    student's verification gap (`verification_margin`) and the student against the chance baseline."""
+    summary = base["student"]["summary"]
+    student = float(summary["avg@n"])
+    checks: list[tuple[str, bool]] = []
     for view in settings.views:
         teacher = float(base[f"teacher_{view}"]["summary"]["avg@n"])
         holds = teacher >= student + settings.premise_margin
-        holds_all &= holds
-        lines.append(f"{view} teacher Avg@{settings.eval_samples} {teacher:.3f} vs student {student:.3f} "
-                     f"(needs a margin of {settings.premise_margin:g}): {'holds' if holds else 'FAILS'}")
-    return lines, holds_all
+        checks.append((f"{view} teacher Avg@{settings.eval_samples} {teacher:.3f} vs student {student:.3f} "
+                       f"(needs a margin of {settings.premise_margin:g})", holds))
+    if summary.get("verification_gap") is not None:
+        gap = float(summary["verification_gap"])
+        checks.append((f"student checks verify: P(yes | answer) {summary['yes_on_answer']:.3f} - P(yes | wrong) "
+                       f"{summary['yes_on_wrong']:.3f} = {gap:.3f} (needs {settings.verification_margin:g})",
+                       gap >= settings.verification_margin))
+    elif "yes_on_answer" in summary:  # the task has verdicts but the student wrote none of one kind
+        checks.append(("student checks verify: no check line on the answer or on a wrong candidate", False))
+    if summary.get("chance_avg") is not None:
+        chance = float(summary["chance_avg"])
+        checks.append((f"student Avg@{settings.eval_samples} {student:.3f} vs a listed candidate at random "
+                       f"{chance:.3f} (must beat it)", student > chance))
+    return [f"{text}: {'holds' if holds else 'FAILS'}" for text, holds in checks], all(h for _, h in checks)
 
 
 def check_premise(base: dict[str, Any], settings: StudySettings) -> list[str]:
-    """`premise_lines`, raising StudyPremiseError (with those lines) when a view fails."""
+    """`premise_lines`, raising StudyPremiseError (with those lines) when a check fails."""
     lines, holds = premise_lines(base, settings)
     if not holds:
         raise StudyPremiseError(
@@ -143,23 +168,26 @@ def _prompt_builder(tokenizer: Any, settings: StudySettings, view: str | None) -
 
 
 def _sampled(model: Any, tokenizer: Any, job: RunJob, grader: Any, *, view: str | None = None,
-             split: str = "held_out", n: int | None = None) -> dict[str, Any]:
-    """The `summarize` macro row of n samples per problem of a held-out split, from the student prompt
-    (view None) or a teacher view's prompt, plus the task's per-line measurements (StepAcc, ...);
-    n samples per problem (default `eval_samples`)."""
+             split: str | None = None, n: int | None = None) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """(the `summarize` macro row plus the task's per-line measurements (StepAcc, ...), the per-problem
+    scores) of n samples per problem (default `eval_samples`) of the job's in-distribution set (split None)
+    or out-of-distribution set `split`, from the student prompt (view None) or a teacher view's prompt."""
     from selfdistill.study.probes import sample_accuracy
 
     settings = job.settings
-    held_out, ood = settings.held_out()
-    problems = held_out if split == "held_out" else ood
+    in_distribution, ood = settings.evaluation_sets(job.evaluation)
+    problems = in_distribution if split is None else ood[split]
     builder = _prompt_builder(tokenizer, settings, view)
-    prompted = problems if view is None else [settings.task.teacher_problem(p) for p in problems]
     summary, records = sample_accuracy(
-        model, tokenizer, prompted, builder, n=n or settings.eval_samples,
-        max_new_tokens=settings.max_new_tokens if split == "held_out" else settings.ood_max_new_tokens,
+        model, tokenizer, problems, builder, n=n or settings.eval_samples,
+        max_new_tokens=settings.max_new_tokens if split is None else settings.ood_max_new_tokens,
         temperature=settings.temperature, seed=EVAL_SEED, role="student" if view is None else "teacher",
         grader=grader)
-    return {**summary, **settings.task.trace_metrics(problems, records)}
+    summary = {**summary, **settings.task.trace_metrics(problems, records)}
+    if hasattr(settings.task, "chance_avg"):
+        summary["chance_avg"] = settings.task.chance_avg(problems)
+    per_problem = settings.task.per_problem(problems, records) if hasattr(settings.task, "per_problem") else {}
+    return summary, per_problem
 
 
 def _entropy(model: Any, tokenizer: Any, job: RunJob, view: str | None) -> dict[str, Any]:
@@ -167,38 +195,47 @@ def _entropy(model: Any, tokenizer: Any, job: RunJob, view: str | None) -> dict[
 
     settings = job.settings
     builder = _prompt_builder(tokenizer, settings, view)
-    return asdict(token_entropy(model, tokenizer, settings.task, settings.held_out()[0], builder,
+    problems = settings.evaluation_sets(job.evaluation)[0]
+    return asdict(token_entropy(model, tokenizer, settings.task, problems, builder,
                                 role="student" if view is None else "teacher"))
 
 
 def _measure(model: Any, tokenizer: Any, job: RunJob, grader: Any, *, teachers: bool) -> dict[str, Any]:
-    """The student's held-out (and out-of-distribution) samples and token entropy; with `teachers`, the
-    same in distribution under every teacher view's prompt (keys "teacher_<view>")."""
-    has_ood = bool(job.settings.held_out()[1])
-    result = {"student": {"summary": _sampled(model, tokenizer, job, grader),
-                          "token_entropy": _entropy(model, tokenizer, job, None)}}
-    if has_ood:
-        result["student"]["ood"] = _sampled(model, tokenizer, job, grader, split="ood")
+    """The student's samples and token entropy on the job's in-distribution set and (under "ood") each
+    out-of-distribution set, with the per-problem scores the claims are judged on ("per_problem": the
+    in-distribution ones by name, each out-of-distribution set's Avg@k as "ood_<set>"); with `teachers`,
+    the same in distribution under every teacher view's prompt (keys "teacher_<view>")."""
+    summary, per_problem = _sampled(model, tokenizer, job, grader)
+    student: dict[str, Any] = {"summary": summary, "token_entropy": _entropy(model, tokenizer, job, None)}
+    ood_sets = job.settings.evaluation_sets(job.evaluation)[1]
+    if ood_sets:
+        student["ood"] = {}
+        for split in ood_sets:
+            student["ood"][split], ood_scores = _sampled(model, tokenizer, job, grader, split=split)
+            per_problem[f"ood_{split}"] = ood_scores["avg"]
+    student["per_problem"] = per_problem
+    result = {"evaluation": job.evaluation, "student": student}
     if teachers:
         for view in job.settings.task.teacher_views(job.settings.warm_start.template):
-            result[f"teacher_{view}"] = {"summary": _sampled(model, tokenizer, job, grader, view=view),
+            result[f"teacher_{view}"] = {"summary": _sampled(model, tokenizer, job, grader, view=view)[0],
                                          "token_entropy": _entropy(model, tokenizer, job, view)}
     return result
 
 
-CURVE_METRICS = ("avg@n", "epistemic_per_response", "mean_length", "step_acc")
+CURVE_METRICS = ("avg@n", "marker_rate", "mean_length", "step_acc")
 
 
 def _curve_point(model: Any, tokenizer: Any, job: RunJob, grader: Any, step: int) -> dict[str, Any]:
-    """Held-out numbers during training, from `curve_samples` samples per problem: Avg@n, pass@n, E(y) per
-    response, length and StepAcc (where the task has it), in distribution and (prefixed "ood_") out of it."""
+    """Numbers on the job's evaluation sets during training, from `curve_samples` samples per problem:
+    Avg@n, pass@n, marker rate, length and StepAcc (where the task has them), in distribution and (prefixed
+    "ood_<set>_") out of it."""
     n = job.settings.curve_samples
-    summary = _sampled(model, tokenizer, job, grader, n=n)
+    summary, _ = _sampled(model, tokenizer, job, grader, n=n)
     point = {"step": step, "n": n, f"pass@{n}": summary[f"pass@{n}"],
-             **{name: summary[name] for name in CURVE_METRICS if name in summary}}
-    if job.settings.held_out()[1]:
-        ood = _sampled(model, tokenizer, job, grader, split="ood", n=n)
-        point.update({f"ood_{name}": ood[name] for name in CURVE_METRICS if name in ood})
+             **{name: summary[name] for name in CURVE_METRICS if summary.get(name) is not None}}
+    for split in job.settings.evaluation_sets(job.evaluation)[1]:
+        ood, _ = _sampled(model, tokenizer, job, grader, split=split, n=n)
+        point.update({f"ood_{split}_{name}": ood[name] for name in CURVE_METRICS if ood.get(name) is not None})
     return point
 
 
@@ -270,18 +307,65 @@ def _write_train_file(problems: list[Any], path: Path) -> None:
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def plan_jobs(settings: StudySettings, out: Path, warm_folder: Path, train_file: Path) -> list[RunJob]:
-    """The base job, then seed-major training jobs (seed 0 of every method first)."""
+def _job(settings: StudySettings, folder: Path, method: str, seed: int, evaluation: str,
+         overrides: dict[str, Any], common: dict[str, Any]) -> RunJob:
+    warm_id = Path(common["warm_start_dir"]).name  # ends in the warm start's own hash: new weights never reuse
+    name = run_name(method, seed)
+    return RunJob(name=name, method=method, seed=seed, folder=str(folder / name), evaluation=evaluation,
+                  overrides=overrides, key=f"{settings.run_key(method, seed, overrides, evaluation)}-{warm_id}",
+                  **common)
+
+
+def plan_jobs(settings: StudySettings, out: Path, warm_folder: Path, train_file: Path,
+              tuned: dict[str, Any] | None = None) -> list[RunJob]:
+    """The base job, then the claim runs, seed-major (seed 0 of every method first); `tuned` (the knobs chosen
+    by the tuning runs) goes to every method `tuned_overrides` gives it to."""
     common = {"warm_start_dir": str(warm_folder), "train_file": str(train_file), "settings": settings}
-    warm_id = warm_folder.name  # ends in the warm start's own hash: new weights never reuse old results
     jobs = [RunJob(name="base", method=None, seed=EVAL_SEED, folder=str(out / "base"),
-                   key=f"{settings.base_key()}-{warm_id}", **common)]
+                   key=f"{settings.base_key()}-{warm_folder.name}", **common)]
     for seed in range(settings.seeds):
         for method in settings.methods:
-            name = run_name(method, seed)
-            jobs.append(RunJob(name=name, method=method, seed=seed, folder=str(out / "runs" / name),
-                               key=f"{settings.run_key(method, seed)}-{warm_id}", **common))
+            jobs.append(_job(settings, out / "runs", method, seed, "test", tuned_overrides(method, tuned), common))
     return jobs
+
+
+def plan_tuning_jobs(settings: StudySettings, out: Path, warm_folder: Path, train_file: Path) -> list[RunJob]:
+    """The tuning runs: `settings.tuning` on every tuning seed, evaluated on the validation slice."""
+    from selfdistill.study.preregistration import TUNING_SEEDS
+
+    common = {"warm_start_dir": str(warm_folder), "train_file": str(train_file), "settings": settings}
+    return [_job(settings, out / "tuning", method, seed, "validation", {}, common)
+            for seed in TUNING_SEEDS for method in settings.tuning]
+
+
+def tuned_overrides(method: str, tuned: dict[str, Any] | None) -> dict[str, Any]:
+    """The tuned knobs a method takes: all of them for a DASD-family method (objective "dasd") that does not
+    set one of them itself, none for any other."""
+    objective = method_parts(method)[0]
+    if not tuned or objective["name"] != "dasd" or any(knob in objective for knob in tuned):
+        return {}
+    return dict(tuned)
+
+
+def choose_from_tuning(settings: StudySettings, jobs: list[RunJob]) -> dict[str, Any]:
+    """The tuning record: each tuning method's validation Avg@n per seed, the method `choose_tuned` picks and
+    the knobs it sets (empty without tuning runs: the library defaults stay)."""
+    from selfdistill.objectives import OBJECTIVES
+    from selfdistill.study.preregistration import TUNED_KNOB, choose_tuned
+
+    if not jobs:
+        return {"methods": {}, "chosen": None, "tuned": {}}
+    scores: dict[str, list[float]] = {}
+    for job in jobs:
+        result = read_finished(Path(job.folder), job.key)
+        scores.setdefault(job.method, []).append(float(result["student"]["summary"]["avg@n"]))
+    values = {}
+    for method in scores:
+        objective = method_parts(method)[0]
+        values[method] = objective.get(TUNED_KNOB, OBJECTIVES[objective["name"]].knob_defaults()[TUNED_KNOB])
+    chosen = choose_tuned(scores, values)
+    return {"methods": {m: {"validation_avg": v, TUNED_KNOB: values[m]} for m, v in scores.items()},
+            "chosen": chosen, "tuned": {TUNED_KNOB: values[chosen]}}
 
 
 def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, progress: bool = True,
@@ -319,27 +403,29 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
     warm_digest = file_digests(warm_folder).get("model.safetensors")
     console.print(f"warm start ({warm_source}): {warm_folder}  model.safetensors sha256 {warm_digest}")
 
-    # The RL problems as the teacher sees them (on the search task: the search-free worked solution).
-    rl_problems = [settings.task.teacher_problem(p) for p in settings.task.splits().rl_train]
     train_file = out / "problems" / "rl_train.jsonl"
-    _write_train_file(rl_problems, train_file)
-    jobs = plan_jobs(settings, out, warm_folder, train_file)
-    todo = [job for job in jobs if read_finished(Path(job.folder), job.key) is None]
-    console.print(f"study: {len(jobs) - 1} runs + base evaluation; {len(jobs) - len(todo)} already done, "
-                  f"{len(todo)} to do with {workers} worker process(es) -> {out}")
+    _write_train_file(settings.task.splits().rl_train, train_file)
+    base_job, *_ = plan_jobs(settings, out, warm_folder, train_file)
+    tuning_jobs = plan_tuning_jobs(settings, out, warm_folder, train_file)
+    todo_tuning = [job for job in tuning_jobs if read_finished(Path(job.folder), job.key) is None]
+    console.print(f"study: base evaluation, {len(tuning_jobs)} tuning runs ({len(todo_tuning)} to do), then "
+                  f"{len(settings.methods) * settings.seeds} claim runs, with {workers} worker process(es) -> {out}")
 
     study_record = {"settings": settings.to_json(), "warm_start": warm_record, "warm_start_dir": str(warm_folder),
-                    "warm_start_source": warm_source, "warm_start_sha256": warm_digest, "workers": workers}
+                    "warm_start_source": warm_source, "warm_start_sha256": warm_digest, "workers": workers,
+                    "preregistration": preregistration_record()}
     threads = max(1, (os.cpu_count() or 1) // workers)
     with Progress(*columns, console=console, disable=not progress) as bar, ProcessPoolExecutor(
         max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
     ) as pool:
-        overall = bar.add_task("study", total=len(jobs), completed=len(jobs) - len(todo), status="")
-        base_job, run_jobs = jobs[0], [job for job in todo if job.method is not None]
+        total = 1 + len(tuning_jobs) + len(settings.methods) * settings.seeds
+        overall = bar.add_task("study", total=total, status="")
         base = read_finished(Path(base_job.folder), base_job.key)
         if base is None:  # the premise is checked on the base before any run starts
             _run_jobs(pool, [base_job], bar, overall)
             base = read_finished(Path(base_job.folder), base_job.key)
+        else:
+            bar.advance(overall)
         study_record["premise"], study_record["premise_holds"] = premise_lines(base, settings)
         try:
             check_premise(base, settings)
@@ -350,7 +436,17 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
             raise
         for line in study_record["premise"]:
             console.print(f"premise: {line}")
-        _run_jobs(pool, run_jobs, bar, overall)
+        bar.advance(overall, len(tuning_jobs) - len(todo_tuning))
+        _run_jobs(pool, todo_tuning, bar, overall)
+        tuning = choose_from_tuning(settings, tuning_jobs)
+        write_json_atomic(out / TUNING_FILE, tuning)
+        if tuning["chosen"] is not None:
+            console.print(f"tuning: {tuning['chosen']} has the best validation Avg@{settings.eval_samples}; "
+                          f"the claim runs use {tuning['tuned']}")
+        claim_jobs = plan_jobs(settings, out, warm_folder, train_file, tuning["tuned"])[1:]
+        todo = [job for job in claim_jobs if read_finished(Path(job.folder), job.key) is None]
+        bar.advance(overall, len(claim_jobs) - len(todo))
+        _run_jobs(pool, todo, bar, overall)
     wall_seconds = time.perf_counter() - started
     write_json_atomic(out / STUDY_FILE, {**study_record, "wall_seconds": round(wall_seconds, 1)})
     report = build_report(out)
@@ -358,6 +454,28 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
         file.write(f"\nEnvironment: {environment}\n")
     console.print(f"report: {report}  (wall time {wall_seconds / 60:.1f} min)\nenvironment: {environment}")
     return report
+
+
+def preregistration_record() -> dict[str, Any]:
+    """Which pre-registration the runs are made under: the SHA-256 of `preregistration.py`, and, in a git
+    checkout, the last commit that changed it and whether the file has uncommitted changes."""
+    import hashlib
+    import subprocess
+
+    from selfdistill.study import preregistration
+
+    path = Path(preregistration.__file__)
+    record: dict[str, Any] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "commit": None}
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=path.parent, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+
+        record["commit"] = git("log", "-1", "--format=%H", "--", path.name) or None
+        record["modified"] = bool(git("status", "--porcelain", "--", path.name))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return record
 
 
 def _run_jobs(pool: ProcessPoolExecutor, jobs: list[RunJob], bar: Any, overall: Any) -> None:

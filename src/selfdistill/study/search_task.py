@@ -2,19 +2,21 @@
 
 A problem lists a few candidates for an unknown x and a short operation chain modulo 10: "Work modulo
 10. Start with x. Add 5. Multiply by 9. The result is 9. Which of 4, 6 and 8 is x?". The student's
-worked solution is a search: it tries a candidate, checks it on one line, and after a failed check
-opens the next line with an epistemic marker (SPEC §3's E(y) list) and tries another:
+worked solution is a search: it tries a candidate, checks it on one line that ends with the value
+reached beside the target and a verdict, and after a failed check tries another, opening that line
+with an epistemic marker (SPEC §3's E(y) list) or not, as it chooses:
 
-    try 8: 8+5=3, 3*9=7 no
-    wait, try 4: 4+5=9, 9*9=1 no
-    wait, try 6: 6+5=1, 1*9=9 yes
+    try 8: 8+5=3, 3*9=7 vs 9 no
+    wait, try 4: 4+5=9, 9*9=1 vs 9 no
+    try 6: 6+5=1, 1*9=9 vs 9 yes
     \\boxed{6}
 
-Which candidate to try next is the only free choice (a *fork*), and it matters: the right pick ends the
-search at once, a wrong one costs a check line (and another chance of an arithmetic slip). Everything
-else is forced by the problem and the lines before it. A privileged teacher shown the worked solution
-that goes straight to the answer (`teacher_view(..., "rich")`), or only the answer ("weak"), knows
-which candidate passes, so it is sure at the forks where the student has to search.
+Which candidate to try next is the main free choice (a *fork*), and it matters: the right pick ends the
+search at once, a wrong one costs a check line (and another chance of an arithmetic slip). Whether to
+say the marker is the other (free, and without consequence for the answer: E(y) measures how often the
+model verbalizes doubt after a failure). Everything else is forced by the problem and the lines before
+it. The privileged teacher sees either the full search trace, failed checks included
+(`teacher_view(..., "rich")`), or only the answer ("weak").
 
 `analyse_trace` reads a trace (a worked solution or a sampled completion) into check lines and
 measures: StepAcc (the fraction of its step lines that are verifiably right), failed checks,
@@ -26,6 +28,7 @@ and markers. `solution_token_kinds` / `completion_token_kinds` label tokens "for
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import statistics
@@ -41,8 +44,10 @@ from selfdistill.data.search import (
     SEARCH_IN_DISTRIBUTION,
     SEARCH_MARKERS,
     SEARCH_MODULUS,
-    SEARCH_OUT_OF_DISTRIBUTION,
+    SEARCH_OOD_BREADTH,
+    SEARCH_OOD_DEPTH,
     SearchPuzzle,
+    draw_marker,
     sample_search_puzzle,
     search_checks,
 )
@@ -55,13 +60,14 @@ _PROBLEM_RE = re.compile(
     r"The result is (\d+)\. Which of (\d+(?:, \d+)* and \d+) is x\?$"
 )
 _OPERATION_RE = re.compile(r"(Add|Subtract|Multiply by) (\d+)\. ")
-_CHECK_RE = re.compile(r"^(?:([A-Za-z]+), )?try (\d+): (.+) (yes|no)$")
+_CHECK_RE = re.compile(r"^(?:([A-Za-z]+), )?try (\d+): (.+) vs (\d+) (yes|no)$")
 _STEP_RE = re.compile(r"^(\d+)([+*-])(\d+)=(\d+)$")
 _BOXED_RE = re.compile(r"^\\boxed\{([^{}]*)\}$")
 
 TEACHER_CONDITIONS: dict[str, str] = {"rich": "opsd_mild", "weak": "answer_only"}
-"""Teacher condition -> prompt template: "rich" shows the search-free worked solution (a template whose
-context is the solution), "weak" shows only the final answer (the answer-only template)."""
+"""Teacher condition -> prompt template: "rich" shows the full search trace, failed checks included (a
+template whose context is the worked solution), "weak" shows only the final answer (the answer-only
+template)."""
 
 TOKEN_KINDS = ("fork", "marker", "forced")
 
@@ -89,15 +95,16 @@ def parse_search_puzzle(problem_text: str) -> SearchPuzzle:
 
 @dataclass(frozen=True)
 class TraceLine:
-    """One step line of a trace: a check line ("wait, try 4: 4+5=9, 9*9=1 no") or a malformed line.
+    """One step line of a trace: a check line ("wait, try 4: 4+5=9, 9*9=1 vs 9 no") or a malformed line.
 
     start: the line's character offset in the trace. opening: the word before ", try" (None when the
     line opens with "try"); marker: True when that word is an E(y) marker. candidate / candidate_span:
     the value tried and its characters (None for a malformed line). verdict: "yes" or "no" as written.
     correct: the candidate is listed, every step `left op right = result` is the problem's operation
-    applied to the true value, and the verdict is right. fork: the candidate was picked while two or
+    applied to the true value, the target set beside the value reached is the problem's, and the verdict
+    is right. fork: the candidate was picked while two or
     more listed candidates were still untried (a choice point, whatever was picked there); repeated:
-    it was tried before.
+    it was tried before; listed: the candidate is one of the problem's.
     """
 
     start: int
@@ -107,6 +114,7 @@ class TraceLine:
     candidate: int | None = None
     candidate_span: tuple[int, int] | None = None
     verdict: str | None = None
+    listed: bool = False
     correct: bool = False
     fork: bool = False
     repeated: bool = False
@@ -159,6 +167,13 @@ class TraceAnalysis:
         return sum(line.is_check for line in self.lines)
 
     @property
+    def marker_rate(self) -> float | None:
+        """Markers said per chance to say one: recoveries / (recoveries + unmarked retries); None without a
+        failed check followed by another try."""
+        chances = self.recoveries + self.unmarked_retries
+        return self.recoveries / chances if chances else None
+
+    @property
     def fork_spans(self) -> list[tuple[int, int]]:
         """Characters of candidates picked among two or more untried ones."""
         return [line.candidate_span for line in self.lines if line.fork and line.candidate_span]
@@ -177,7 +192,7 @@ def _read_line(puzzle: SearchPuzzle, text: str, start: int, tried: set[int]) -> 
     match = _CHECK_RE.match(text)
     if match is None:
         return TraceLine(start, text)
-    opening, candidate_text, arithmetic, verdict = match.groups()
+    opening, candidate_text, arithmetic, stated_target, verdict = match.groups()
     candidate = int(candidate_text)
     offset = match.start(2)
     listed = candidate in puzzle.candidates
@@ -192,6 +207,7 @@ def _read_line(puzzle: SearchPuzzle, text: str, start: int, tried: set[int]) -> 
                 found is not None and found.groups() == (str(s.left), s.operator, str(s.right), str(s.result))
                 for found, s in zip(written, expected, strict=False)
             )
+            and stated_target == str(puzzle.target)
             and verdict == ("yes" if puzzle.passes(candidate) else "no")
         )
     return TraceLine(
@@ -202,6 +218,7 @@ def _read_line(puzzle: SearchPuzzle, text: str, start: int, tried: set[int]) -> 
         candidate=candidate,
         candidate_span=(start + offset, start + offset + len(candidate_text)),
         verdict=verdict,
+        listed=listed,
         correct=correct,
         fork=len(untried) >= 2,
         repeated=candidate in tried,
@@ -311,16 +328,12 @@ def completion_token_kinds(tokenizer: Any, problem: Problem, token_ids: Sequence
 def teacher_view(problem: Problem, condition: str) -> tuple[Problem, str]:
     """(the problem as the teacher should see it, the prompt template to render it with).
 
-    "rich": the worked solution that goes straight to the answer (the answer's one check line and the
-    boxed answer) replaces the search trace in `solution`, rendered by the "opsd_mild" template (the
-    study's default). "weak": the problem unchanged, rendered by "answer_only", which shows only
-    `answer`. The student prompt of either view is the same as the original's (it reads only
-    `problem.problem`); keep the original problems for the warm start, whose targets are the traces.
+    "rich": the problem's worked solution, the full search trace with its failed checks and markers,
+    rendered by the "opsd_mild" template (the study's default). "weak": rendered by "answer_only", which
+    shows only `answer`. Both read the problem unchanged; the student prompt reads only `problem.problem`.
     """
     if condition not in TEACHER_CONDITIONS:
         raise ValueError(f"condition must be one of {sorted(TEACHER_CONDITIONS)}, got {condition!r}")
-    if condition == "rich":
-        problem = replace(problem, solution=parse_search_puzzle(problem.problem).direct_solution())
     return problem, TEACHER_CONDITIONS[condition]
 
 
@@ -328,104 +341,125 @@ def teacher_view(problem: Problem, condition: str) -> tuple[Problem, str]:
 # Splits
 
 
-def guided_trace(puzzle: SearchPuzzle, rng: random.Random, guidance: float, markers: Sequence[str]) -> str:
+def guided_trace(puzzle: SearchPuzzle, rng: random.Random, guidance: float, markers: Sequence[str],
+                 marker_rate: float = 1.0) -> str:
     """A search trace written by someone who knows the answer: at each fork the answer is tried with
-    probability `guidance`, otherwise an untried candidate drawn uniformly (possibly the answer)."""
+    probability `guidance`, otherwise an untried candidate drawn uniformly (possibly the answer); the line
+    after a failed check opens with a marker with probability `marker_rate` (as the student's traces)."""
     untried = list(puzzle.candidates)
     order: list[int] = []
     while not order or order[-1] != puzzle.answer:
         pick = puzzle.answer if rng.random() < guidance else rng.choice(untried)
         untried.remove(pick)
         order.append(pick)
-    return puzzle.trace(order, [rng.choice(markers) for _ in order[:-1]])
+    return puzzle.trace(order, [draw_marker(rng, markers, marker_rate) for _ in order[:-1]])
+
+
+OOD_SPLITS: dict[str, dict[str, Any]] = {"breadth": SEARCH_OOD_BREADTH, "depth": SEARCH_OOD_DEPTH}
+"""Out-of-distribution held-out set -> how it differs: "breadth" lists more candidates, "depth" has longer
+check lines, than any in-distribution problem."""
 
 
 @dataclass(frozen=True)
 class SearchStudyTask:
-    """The problems of a study on `search_checks`: one in-distribution stream cut into held-out, RL and
-    warm-start parts (as `StudyTask`), and an out-of-distribution held-out set with more candidates
-    and longer check lines than any in-distribution problem (ids `search_checks_ood-<seed>-<i>`).
+    """The problems of a study on `search_checks`: one in-distribution stream cut into held-out,
+    validation, RL and warm-start parts (as `StudyTask`, plus the validation slice that tuning is judged
+    on), and two out-of-distribution held-out sets (`OOD_SPLITS`, ids `search_checks_<name>-<seed>-<i>`).
 
-    The warm start's teacher-prompted examples (`sft_example`) show the rich view (the search-free
-    solution) or the weak view (the answer only), `weak_share` of them the weak one, and their target
-    is a `guided_trace` that tries the answer first with probability `teacher_guidance`: the model
-    learns to use what the context says at the forks, as a pretrained LLM shown a solution does.
+    Traces open the line after a failed check with a marker with probability `marker_rate`. The warm
+    start's teacher-prompted examples (`sft_example`) show the rich view (the full search trace) and copy
+    it, or, `weak_share` of them, the weak view (the answer only) with a `guided_trace` that tries the
+    answer first with probability `teacher_guidance` as target: a pretrained LLM shown a solution follows
+    it, and shown the answer goes for it.
     """
 
     candidates: tuple[int, int] = SEARCH_IN_DISTRIBUTION["candidates"]
     length: tuple[int, int] = SEARCH_IN_DISTRIBUTION["length"]
-    ood_candidates: tuple[int, int] = SEARCH_OUT_OF_DISTRIBUTION["candidates"]
-    ood_length: tuple[int, int] = SEARCH_OUT_OF_DISTRIBUTION["length"]
+    breadth_candidates: tuple[int, int] = SEARCH_OOD_BREADTH["candidates"]
+    breadth_length: tuple[int, int] = SEARCH_OOD_BREADTH["length"]
+    depth_candidates: tuple[int, int] = SEARCH_OOD_DEPTH["candidates"]
+    depth_length: tuple[int, int] = SEARCH_OOD_DEPTH["length"]
     modulus: int = SEARCH_MODULUS
     markers: tuple[str, ...] = SEARCH_MARKERS
-    seed: int = 2025
+    marker_rate: float = 0.5
+    seed: int = 2026
     n_eval: int = 64
     n_ood: int = 64
+    """Problems of each out-of-distribution set."""
+    n_validation: int = 64
     n_rl: int = 512
     n_sft: int = 4000
     teacher_guidance: float = 0.8
     weak_share: float = 0.5
 
     name: ClassVar[str] = "search"
-    max_new_tokens: ClassVar[int] = 128
-    """Rollout and in-distribution evaluation length limit (worked solutions: 44 tokens on average, at most 105)."""
-    ood_max_new_tokens: ClassVar[int] = 224
-    """Out-of-distribution evaluation length limit (worked solutions: about 100 tokens, at most 199)."""
+    max_new_tokens: ClassVar[int] = 160
+    """Rollout and in-distribution evaluation length limit (worked solutions: at most 4 check lines of 2 steps)."""
+    ood_max_new_tokens: ClassVar[int] = 256
+    """Out-of-distribution evaluation length limit (6 check lines of 2 steps, or 4 of 3)."""
     token_kind_names: ClassVar[tuple[str, ...]] = TOKEN_KINDS
 
     def __post_init__(self) -> None:
-        for name in ("candidates", "length", "ood_candidates", "ood_length", "markers"):
+        for name in ("candidates", "length", "breadth_candidates", "breadth_length", "depth_candidates",
+                     "depth_length", "markers"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if min(self.n_eval, self.n_ood, self.n_rl, self.n_sft) < 1:
-            raise ValueError("n_eval, n_ood, n_rl and n_sft must all be >= 1")
-        if self.ood_candidates[0] <= self.candidates[1] or self.ood_length[0] < self.length[1]:
+        if min(self.n_eval, self.n_ood, self.n_validation, self.n_rl, self.n_sft) < 1:
+            raise ValueError("n_eval, n_ood, n_validation, n_rl and n_sft must all be >= 1")
+        if self.breadth_candidates[0] <= self.candidates[1] or self.depth_length[0] <= self.length[1]:
             raise ValueError(
-                "the out-of-distribution set must list more candidates than any in-distribution problem "
-                f"and have check lines at least as long: got candidates {self.candidates} vs "
-                f"{self.ood_candidates}, length {self.length} vs {self.ood_length}"
-            )
-        if not 0.0 <= self.teacher_guidance <= 1.0 or not 0.0 <= self.weak_share <= 1.0:
-            raise ValueError(f"teacher_guidance and weak_share must lie in [0, 1], got {self.teacher_guidance} "
-                             f"and {self.weak_share}")
+                "the breadth set must list more candidates, and the depth set have longer check lines, than any "
+                f"in-distribution problem: got candidates {self.candidates} vs {self.breadth_candidates}, length "
+                f"{self.length} vs {self.depth_length}")
+        for name in ("teacher_guidance", "weak_share", "marker_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of `search_checks` in distribution."""
-        return {"candidates": self.candidates, "length": self.length, "modulus": self.modulus, "markers": self.markers}
+        return {"candidates": self.candidates, "length": self.length, "modulus": self.modulus,
+                "markers": self.markers, "marker_rate": self.marker_rate}
 
-    def ood_options(self) -> dict[str, Any]:
-        return {**self.options(), "candidates": self.ood_candidates, "length": self.ood_length}
+    def ood_options(self, split: str) -> dict[str, Any]:
+        """Keyword arguments of `search_checks` for the out-of-distribution set `split` ("breadth", "depth")."""
+        if split not in OOD_SPLITS:
+            raise ValueError(f"split must be one of {sorted(OOD_SPLITS)}, got {split!r}")
+        return {**self.options(), "candidates": getattr(self, f"{split}_candidates"),
+                "length": getattr(self, f"{split}_length")}
 
     def to_json(self) -> dict[str, Any]:
         values = {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
         return {"kind": self.name, **values}
 
     def splits(self) -> StudySplits:
-        train, held_out = make_splits(SEARCH_CHECKS, self.n_rl + self.n_sft, self.n_eval, self.seed, **self.options())
-        ood = [
-            replace(problem, id=problem.id.replace(SEARCH_CHECKS, f"{SEARCH_CHECKS}_ood", 1))
-            for problem in search_checks(self.n_ood, seed=self.seed, **self.ood_options())
-        ]
-        return StudySplits(held_out, ood, train[: self.n_rl], train[self.n_rl :])
+        """Held-out first, then validation, RL and warm-start problems from one stream (each part stays the
+        same when later parts change size); each out-of-distribution set from its own seed."""
+        train, held_out = make_splits(SEARCH_CHECKS, self.n_validation + self.n_rl + self.n_sft, self.n_eval,
+                                      self.seed, **self.options())
+        rl_end = self.n_validation + self.n_rl
+        ood = {
+            split: [replace(problem, id=problem.id.replace(SEARCH_CHECKS, f"{SEARCH_CHECKS}_{split}", 1))
+                    for problem in search_checks(self.n_ood, seed=self.seed + offset, **self.ood_options(split))]
+            for offset, split in enumerate(OOD_SPLITS, start=1)
+        }
+        return StudySplits(held_out, ood, train[self.n_validation : rl_end], train[rl_end:],
+                           validation=train[: self.n_validation])
 
     # The interface the study's warm start, runs and probes use (as `StudyTask`'s).
 
     def teacher_views(self, template: str) -> dict[str, str]:
-        """Teacher condition -> prompt template: "rich" (the search-free solution, in the study's template)
-        and "weak" (the answer only)."""
+        """Teacher condition -> prompt template: "rich" (the full search trace, in the study's template) and
+        "weak" (the answer only)."""
         return {"rich": template, "weak": TEACHER_CONDITIONS["weak"]}
-
-    def teacher_problem(self, problem: Problem) -> Problem:
-        """The problem with the search-free worked solution: what both teacher views read from."""
-        return teacher_view(problem, "rich")[0]
 
     def sft_example(self, problem: Problem, as_teacher: bool, rng: random.Random) -> tuple[str | None, Problem, str]:
         """(teacher view or None for the student prompt, the problem to render, the target text): a student
-        example targets the problem's search trace, a teacher example a `guided_trace`."""
+        example and a rich-view one target the problem's search trace, a weak-view one a `guided_trace`."""
         if not as_teacher:
             return None, problem, problem.solution
-        view = "weak" if rng.random() < self.weak_share else "rich"
+        if rng.random() >= self.weak_share:
+            return "rich", problem, problem.solution
         puzzle = parse_search_puzzle(problem.problem)
-        return view, self.teacher_problem(problem), guided_trace(puzzle, rng, self.teacher_guidance, self.markers)
+        return "weak", problem, guided_trace(puzzle, rng, self.teacher_guidance, self.markers, self.marker_rate)
 
     def drill_step(self, rng: random.Random) -> ChainStep:
         """One arithmetic drill operation as a check line has them: any value, one drawn operation."""
@@ -433,22 +467,72 @@ class SearchStudyTask:
         (step,) = puzzle.check_steps(rng.randrange(self.modulus))
         return step
 
+    def drill_segments(self, rng: random.Random) -> list[tuple[str, bool]]:
+        """One drill line as (text, supervised) pieces, the end of a check line: "a op b=", the result c, " vs t"
+        with t = c half of the time (else another value), and the verdict " yes" / " no"; the result and the
+        verdict are supervised. The comparison is what makes a check verify."""
+        step = self.drill_step(rng)
+        target = step.result if rng.random() < 0.5 else rng.choice([v for v in range(self.modulus) if v != step.result])
+        verdict = "yes" if target == step.result else "no"
+        return [(f"{step.left}{step.operator}{step.right}=", False), (str(step.result), True), (f" vs {target}", False),
+                (f" {verdict}", True)]
+
     def token_kinds(self, tokenizer: Any, problem: Problem) -> tuple[list[int], list[str]]:
         return solution_token_kinds(tokenizer, problem)
 
+    def chance_avg(self, problems: Sequence[Problem]) -> float:
+        """Avg@k of boxing one listed candidate drawn at random: the mean of 1 / (candidates listed)."""
+        return statistics.fmean(1.0 / len(parse_search_puzzle(p.problem).candidates) for p in problems)
+
     def trace_metrics(self, problems: Sequence[Problem], records: Sequence[Any]) -> dict[str, Any]:
-        """StepAcc (pooled over the lines of every completion), failed checks, recoveries and check lines
-        per response, of sampled completions (records with `problem_id` and `completion`)."""
+        """Measurements of sampled completions (records with `problem_id` and `completion`), pooled over every
+        completion: StepAcc, check lines, failed checks and recoveries per response, the share of responses
+        whose first try is the answer, the marker rate (markers said per failed check followed by another
+        try), and the checks' verdicts: P("yes" | the answer tried), P("yes" | a wrong listed candidate
+        tried), their difference (the verification gap) and the share of tries not on the list."""
         by_id = {problem.id: problem for problem in problems}
         analyses = [analyse_completion(by_id[record.problem_id], record.completion) for record in records]
         if not analyses:
             return {}
-        step_acc = pooled_step_acc(analyses)
+        checks = [(line, int(a.gold)) for a in analyses for line in a.lines if line.is_check]
+        listed = [(line, gold) for line, gold in checks if line.listed]
+        on_answer = [line.verdict == "yes" for line, gold in listed if line.candidate == gold]
+        on_wrong = [line.verdict == "yes" for line, gold in listed if line.candidate != gold]
+        recoveries = sum(a.recoveries for a in analyses)
+        chances = recoveries + sum(a.unmarked_retries for a in analyses)
+        yes_on_answer = statistics.fmean(on_answer) if on_answer else None
+        yes_on_wrong = statistics.fmean(on_wrong) if on_wrong else None
         return {
-            "step_acc": step_acc,
+            "step_acc": pooled_step_acc(analyses),
             "checks_per_response": statistics.fmean(a.checks for a in analyses),
             "failed_checks_per_response": statistics.fmean(a.failed_checks for a in analyses),
             "recoveries_per_response": statistics.fmean(a.recoveries for a in analyses),
             "first_try_right": statistics.fmean(
                 bool(a.lines) and a.lines[0].candidate == int(a.gold) for a in analyses),
+            "marker_rate": recoveries / chances if chances else None,
+            "yes_on_answer": yes_on_answer,
+            "yes_on_wrong": yes_on_wrong,
+            "verification_gap": (yes_on_answer - yes_on_wrong
+                                 if yes_on_answer is not None and yes_on_wrong is not None else None),
+            "unlisted_share": statistics.fmean(not line.listed for line, _ in checks) if checks else None,
         }
+
+    def per_problem(self, problems: Sequence[Problem], records: Sequence[Any]) -> dict[str, list[float]]:
+        """Per-problem scores of sampled completions, in the order of `problems`: "avg" (the share of its
+        samples that are right), "epistemic" (its marker rate: markers said per failed check followed by
+        another try, pooled over its samples) and "step_acc" (right step lines / step lines, pooled);
+        NaN where a problem's samples give no chance (no retry after a failure, no step line)."""
+        grouped: dict[str, list[Any]] = {problem.id: [] for problem in problems}
+        for record in records:
+            grouped[record.problem_id].append(record)
+        scores: dict[str, list[float]] = {"avg": [], "epistemic": [], "step_acc": []}
+        for problem in problems:
+            own = grouped[problem.id]
+            analyses = [analyse_completion(problem, record.completion) for record in own]
+            recoveries = sum(a.recoveries for a in analyses)
+            chances = recoveries + sum(a.unmarked_retries for a in analyses)
+            step_acc = pooled_step_acc(analyses)
+            scores["avg"].append(statistics.fmean(r.correct for r in own) if own else math.nan)
+            scores["epistemic"].append(recoveries / chances if chances else math.nan)
+            scores["step_acc"].append(math.nan if step_acc is None else step_acc)
+        return scores

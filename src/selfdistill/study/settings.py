@@ -61,16 +61,18 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 RESERVED_KEYS = ("teacher_view", "optim")
 DEFAULT_METHODS = {
-    "search": ("grpo", "opsd", "opsd_weak", "rlsd", "egrsd", "cl_egrsd", "dasd", "conform", "novelty",
-               "dasd_divergence"),
+    # The methods of the registered claims (study/preregistration.py), each with its matched control.
+    "search": ("grpo", "grpo_token_mean", "opsd", "opsd_weak", "dasd", "dasd_shuffled", "conform", "novelty"),
     "chains": ("grpo", "opsd", "opsd_clip", "rlsd", "egrsd", "cl_egrsd", "dasd", "conform", "novelty",
                "dasd_divergence"),
 }
-SWEEP_METHODS = ("dasd_beta0.1", "dasd_beta0.3", "dasd_beta1", "dasd_bottom", "dasd_ppo2", "dasd_ppo4",
-                 "dasd_raw_push")
-"""DASD's open choices (issue #15), each one change from `dasd` (β = 0.03, quantile top, 1 PPO epoch, the
-bounded JSD push)."""
 QUICK_METHODS = ("grpo", "opsd", "dasd")
+TUNING_METHODS = {"search": ("dasd", "dasd_beta0.1", "dasd_beta0.3", "dasd_beta1"), "chains": ()}
+"""The tuning runs of each task (on the tuning seeds and the validation slice): DASD's beta grid. The value
+chosen by `preregistration.choose_tuned` is given to every DASD-family method of the claim runs."""
+EVALUATIONS = ("test", "validation")
+"""What a run is evaluated on: "test" (the held-out and out-of-distribution sets: claim runs) or "validation"
+(the validation slice cut from the RL pool: tuning runs)."""
 
 
 def method_parts(name: str) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -114,6 +116,14 @@ class WarmStartSettings:
     """Longest drill sequence; varied lengths make the skill work at any position."""
     drill_lr: float = 1e-3
     """Stage 2 AdamW learning rate (the drill does not learn the table at 3e-3)."""
+    drill_target: float | None = None
+    """Drill to convergence: after `drill_steps`, stage 2 goes on until the held-out drill accuracy (greedy, on
+    `drill_check_facts` operations of their own stream, checked every `drill_check_every` steps) reaches this,
+    at most `drill_max_steps` stage 2 steps in all; None: exactly `drill_steps`. Converged arithmetic ends every
+    machine's build at the same skill, where a fixed step count caught a curve that rises late and abruptly."""
+    drill_check_every: int = 100
+    drill_check_facts: int = 512
+    drill_max_steps: int = 4000
     warmup_steps: int = 20
     """Linear warm-up at the start of each stage."""
     template: str = "opsd_mild"
@@ -128,18 +138,36 @@ class WarmStartSettings:
             raise ValueError("steps and batch_size must be >= 1 and the learning rates positive")
         if self.drill_steps < 0 or self.drill_facts < 1 or self.drill_max_lines < 1:
             raise ValueError("drill_steps must be >= 0, drill_facts and drill_max_lines >= 1")
+        if self.drill_target is not None and not (0.0 < self.drill_target <= 1.0
+                                                  and self.drill_check_every >= 1 and self.drill_check_facts >= 1
+                                                  and self.drill_max_steps >= self.drill_steps):
+            raise ValueError("drill_target must lie in (0, 1], drill_check_every and drill_check_facts be >= 1 and "
+                             f"drill_max_steps >= drill_steps; got {self.drill_target}, {self.drill_check_every}, "
+                             f"{self.drill_check_facts}, {self.drill_max_steps} (drill_steps {self.drill_steps})")
 
     @property
     def total_steps(self) -> int:
-        return self.steps + self.drill_steps
+        """The most steps the warm start can take (with `drill_target`, it may stop earlier)."""
+        return self.steps + (self.drill_max_steps if self.drill_target is not None else self.drill_steps)
+
+
+WARM_STARTS: dict[str, WarmStartSettings] = {
+    "search": WarmStartSettings(drill_target=0.98),
+    "chains": WarmStartSettings(),
+}
+"""Each task's default warm start. The search task's drill runs to convergence (its checks must verify); the
+chains task keeps the settings its shipped warm start was built with."""
 
 
 @functools.lru_cache(maxsize=4)
-def _held_out(task: StudyTask | SearchStudyTask, limit: int | None) -> tuple[list[Any], list[Any]]:
-    """A task's held-out sets, generated once per process (a run reads them about ten times; generating
-    the search task's splits takes 0.3 s). Callers do not modify the lists."""
+def _evaluation_sets(task: StudyTask | SearchStudyTask, evaluation: str,
+                     limit: int | None) -> tuple[list[Any], dict[str, list[Any]]]:
+    """A task's evaluation sets (see `StudySettings.evaluation_sets`), generated once per process (a run
+    reads them about ten times; generating the search task's splits takes 0.3 s). Callers do not modify them."""
     splits = task.splits()
-    return splits.held_out[:limit], splits.ood[:limit]
+    if evaluation == "validation":
+        return list(splits.validation[:limit]), {}
+    return splits.held_out[:limit], {name: problems[:limit] for name, problems in splits.ood.items()}
 
 
 @dataclass(frozen=True)
@@ -147,9 +175,12 @@ class StudySettings:
     """Everything that decides the study's numbers (workers and the output folder do not)."""
 
     methods: tuple[str, ...] | None = None
-    """Methods to run (None: the task's `DEFAULT_METHODS`)."""
-    seeds: int = 3
-    """Runs per method, with optim.seed = 0 .. seeds-1."""
+    """Methods of the claim runs (None: the task's `DEFAULT_METHODS`)."""
+    seeds: int = 5
+    """Claim runs per method, with optim.seed = 0 .. seeds-1 (`preregistration.CLAIM_SEEDS` at the default)."""
+    tuning: tuple[str, ...] | None = None
+    """Methods of the tuning runs, on `preregistration.TUNING_SEEDS` and the validation slice (None: the task's
+    `TUNING_METHODS`; empty: no tuning, the library defaults are used)."""
     steps: int = 30
     """Optimizer steps per run."""
     prompts_per_step: int = 4
@@ -178,27 +209,44 @@ class StudySettings:
     """The teacher prompt must beat the student prompt on the held-out problems by at least this much Avg@k
     on the warm start (for every teacher view the methods use), or the study stops: self-distillation from a
     teacher no better than the student would be moot."""
+    verification_margin: float = 0.3
+    """Where the task has check verdicts: on the warm start, P("yes" | the answer tried) − P("yes" | a wrong
+    listed candidate tried) over the student's held-out check lines must reach this, or the study stops (a
+    search whose checks do not verify cannot reward exploring). The student must also beat the task's chance
+    baseline (a listed candidate boxed at random)."""
     task: StudyTask | SearchStudyTask = field(default_factory=SearchStudyTask)
-    warm_start: WarmStartSettings = field(default_factory=WarmStartSettings)
+    warm_start: WarmStartSettings | None = None
+    """The warm start's settings (None: the task's `WARM_STARTS` entry)."""
 
     def __post_init__(self) -> None:
+        if self.warm_start is None:
+            object.__setattr__(self, "warm_start", WARM_STARTS[self.task.name])
         if self.methods is None:
             object.__setattr__(self, "methods", DEFAULT_METHODS[self.task.name])
         object.__setattr__(self, "methods", tuple(self.methods))
+        if self.tuning is None:
+            object.__setattr__(self, "tuning", TUNING_METHODS.get(self.task.name, ()))
+        object.__setattr__(self, "tuning", tuple(self.tuning))
         if self.max_new_tokens is None:
             object.__setattr__(self, "max_new_tokens", self.task.max_new_tokens)
         if self.ood_max_new_tokens is None:
             object.__setattr__(self, "ood_max_new_tokens", getattr(self.task, "ood_max_new_tokens", 0))
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in (*self.methods, *self.tuning) if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown study methods {unknown}; choose from {', '.join(METHODS)}")
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must be a non-empty list without repeats, got {self.methods}")
+        if len(set(self.tuning)) != len(self.tuning):
+            raise ValueError(f"tuning must be a list without repeats, got {self.tuning}")
+        if self.tuning and not getattr(self.task, "n_validation", 0):
+            raise ValueError(f"tuning runs need a validation slice; the {self.task.name} task has none (tuning=())")
         views = self.task.teacher_views(self.warm_start.template)
         bad_views = [m for m in self.methods if method_parts(m)[2] not in views]
         if bad_views:
             raise ValueError(f"methods {bad_views} need a teacher view the {self.task.name} task does not have "
                              f"(it has {sorted(views)})")
+        if not 0.0 <= self.verification_margin <= 1.0:
+            raise ValueError(f"verification_margin must lie in [0, 1], got {self.verification_margin}")
         if self.seeds < 1 or self.steps < 1 or self.eval_samples < 1 or self.curve_samples < 1:
             raise ValueError("seeds, steps, eval_samples and curve_samples must be >= 1")
         if self.eval_every < 0 or self.eval_limit < 0:
@@ -214,7 +262,7 @@ class StudySettings:
             raise ValueError(f"unknown study task {name!r}; choose from {', '.join(TASKS)}")
         values: dict[str, Any] = {"task": TASKS[name]()}
         if quick:
-            values.update(methods=QUICK_METHODS, seeds=1, steps=6, eval_every=3, eval_limit=16)
+            values.update(methods=QUICK_METHODS, tuning=(), seeds=1, steps=6, eval_every=3, eval_limit=16)
         return cls(**{**values, **overrides})
 
     @property
@@ -224,9 +272,13 @@ class StudySettings:
         used = {method_parts(m)[2] for m in self.methods}
         return {view: template for view, template in views.items() if view in used}
 
-    def held_out(self) -> tuple[list[Any], list[Any]]:
-        """(in-distribution held-out problems, out-of-distribution ones), cut to `eval_limit`."""
-        return _held_out(self.task, self.eval_limit or None)
+    def evaluation_sets(self, evaluation: str = "test") -> tuple[list[Any], dict[str, list[Any]]]:
+        """(the in-distribution problems, the out-of-distribution sets by name) a run is evaluated on, each cut
+        to `eval_limit`: "test", the held-out and out-of-distribution sets; "validation", the validation slice
+        and none."""
+        if evaluation not in EVALUATIONS:
+            raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}")
+        return _evaluation_sets(self.task, evaluation, self.eval_limit or None)
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -234,17 +286,19 @@ class StudySettings:
         values["task"] = self.task.to_json()
         return values
 
-    def run_key(self, method: str, seed: int) -> str:
+    def run_key(self, method: str, seed: int, overrides: dict[str, Any] | None = None,
+                evaluation: str = "test") -> str:
         """Hash of what decides one run's result: reused only when it matches. It covers the objective's
         knob defaults too (read from its loss signature), so a changed library default is not reused."""
         from selfdistill.objectives import OBJECTIVES  # torch: only where runs are planned
 
         values = self.to_json()
-        del values["methods"], values["seeds"], values["premise_margin"]
+        for name in ("methods", "seeds", "tuning", "premise_margin", "verification_margin"):
+            del values[name]
         objective = METHODS[method]
         defaults = {k: repr(v) for k, v in OBJECTIVES[objective["name"]].knob_defaults().items()}
         payload = {"settings": values, "method": method, "objective": objective, "knob_defaults": defaults,
-                   "seed": seed}
+                   "seed": seed, "overrides": overrides or {}, "evaluation": evaluation}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def base_key(self) -> str:

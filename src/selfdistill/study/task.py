@@ -34,13 +34,16 @@ _STEP_LINE_RE = re.compile(r"^(\d+)([+*-])(\d+)=(\d+)$")
 
 
 class StudySplits(NamedTuple):
-    """A study task's problems: held-out (in distribution), out-of-distribution held-out (empty when the
-    task has none), RL training and warm-start (supervised) training; no two share a problem text."""
+    """A study task's problems: held-out (in distribution), the out-of-distribution held-out sets by name
+    (empty when the task has none), RL training, warm-start (supervised) training and a validation slice
+    cut from the RL pool (what tuning is judged on; empty when the task has none); no two share a problem
+    text."""
 
     held_out: list[Problem]
-    ood: list[Problem]
+    ood: dict[str, list[Problem]]
     rl_train: list[Problem]
     sft_train: list[Problem]
+    validation: Sequence[Problem] = ()
 
 
 @dataclass(frozen=True)
@@ -89,17 +92,13 @@ class StudyTask:
     def splits(self) -> StudySplits:
         train, held_out = make_splits(OPERATION_CHAINS, self.n_rl + self.n_sft, self.n_eval, self.seed,
                                       **self.options())
-        return StudySplits(held_out, [], train[: self.n_rl], train[self.n_rl :])
+        return StudySplits(held_out, {}, train[: self.n_rl], train[self.n_rl :])
 
     # The interface the study's warm start, runs and probes use (`SearchStudyTask` has the same).
 
     def teacher_views(self, template: str) -> dict[str, str]:
         """Teacher condition -> prompt template: one, the worked solution in the study's template."""
         return {"rich": template}
-
-    def teacher_problem(self, problem: Problem) -> Problem:
-        """The problem as the privileged teacher sees it: unchanged (its worked solution is the context)."""
-        return problem
 
     def sft_example(self, problem: Problem, as_teacher: bool, rng: random.Random) -> tuple[str | None, Problem, str]:
         """(teacher view or None for the student prompt, the problem to render, the target text) of one
@@ -111,6 +110,11 @@ class StudyTask:
         chain = sample_operation_chain(rng, length=1, modulus=self.modulus, block_probability=0.0)
         (step,) = chain.worked_steps(rng)
         return step
+
+    def drill_segments(self, rng: random.Random) -> list[tuple[str, bool]]:
+        """One drill line as (text, supervised) pieces: "a op b=" and the result (the only supervised piece)."""
+        step = self.drill_step(rng)
+        return [(f"{step.left}{step.operator}{step.right}=", False), (str(step.result), True)]
 
     def token_kinds(self, tokenizer: Any, problem: Problem) -> tuple[list[int], list[str]]:
         """(token ids of the worked solution, "free" or "forced" for each)."""

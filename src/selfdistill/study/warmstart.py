@@ -50,6 +50,7 @@ from selfdistill.models import (
     build_tiny_model,
     build_tiny_tokenizer,
     cache_dir,
+    save_tiny_tokenizer,
 )
 from selfdistill.prompts import PromptBuilder
 from selfdistill.study.search_task import SearchStudyTask
@@ -62,13 +63,17 @@ WARM_START_RECORD = "warm_start.json"
 SHIPPED_DIR = Path(__file__).resolve().parent / "assets"
 SHIPPED_INDEX = "warm_starts.json"
 FIRST_LOSSES = 10  # the record keeps every one of the first steps' losses (a code change shows there first)
+CONVERGENCE_FIELDS = ("drill_target", "drill_check_every", "drill_check_facts", "drill_max_steps")
 BUILD_THREADS = 1  # the warm start is trained on one thread: the sum order does not depend on the machine's cores
 
 
 def warm_start_key(task: StudyTask | SearchStudyTask, settings: WarmStartSettings) -> str:
     """12 hex digits of a hash over every setting that changes the warm-started weights."""
-    payload = {"format": WARM_START_FORMAT, "tiny_format": TINY_FORMAT, "task": task.to_json(),
-               "settings": asdict(settings)}
+    values = asdict(settings)
+    if settings.drill_target is None:  # the convergence knobs change nothing then (and older keys stay)
+        for name in CONVERGENCE_FIELDS:
+            del values[name]
+    payload = {"format": WARM_START_FORMAT, "tiny_format": TINY_FORMAT, "task": task.to_json(), "settings": values}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -86,12 +91,13 @@ def sft_loss(model: torch.nn.Module, prompt_ids: list[list[int]], response_ids: 
 def drill_sequences(
     tokenizer: Any, task: StudyTask | SearchStudyTask, rng: random.Random, *, num_facts: int, max_lines: int
 ) -> tuple[list[list[int]], list[list[bool]]]:
-    """Arithmetic drill sequences: (token ids, True on the result tokens) per sequence.
+    """Arithmetic drill sequences: (token ids, True on the supervised tokens) per sequence.
 
-    Each line is one operation drawn by `task.drill_step` (as the task draws its steps: same values,
-    operators, operands and modulus), written "a op b=c"; a sequence is a newline, then 1..max_lines
-    lines, each ended by a newline, so that every line starts after a newline as solution lines do.
-    `num_facts` lines in all.
+    Each line is one drill line drawn by `task.drill_segments` (text pieces, each supervised or not: on
+    operation chains "a op b=" then the result c; on the search task also " vs t" and the verdict " yes" or
+    " no", so the comparison that ends a check line is drilled too), in the solutions' own line format; a
+    sequence is a newline, then 1..max_lines lines, each ended by a newline, so that every line starts after
+    a newline as solution lines do. `num_facts` lines in all.
     """
     newline = tokenizer.encode("\n", add_special_tokens=False)
     sequences, result_masks = [], []
@@ -101,11 +107,12 @@ def drill_sequences(
         remaining -= lines
         ids, is_result = list(newline), [False] * len(newline)
         for _ in range(lines):
-            step = task.drill_step(rng)
-            operation = tokenizer.encode(f"{step.left}{step.operator}{step.right}=", add_special_tokens=False)
-            result = tokenizer.encode(str(step.result), add_special_tokens=False)
-            ids += operation + result + newline
-            is_result += [False] * len(operation) + [True] * len(result) + [False] * len(newline)
+            for text, supervised in task.drill_segments(rng):
+                piece = tokenizer.encode(text, add_special_tokens=False)
+                ids += piece
+                is_result += [supervised] * len(piece)
+            ids += newline
+            is_result += [False] * len(newline)
         sequences.append(ids)
         result_masks.append(is_result)
     return sequences, result_masks
@@ -129,6 +136,35 @@ def drill_loss(model: torch.nn.Module, sequences: list[list[int]], result_masks:
     return (token_loss * mask).sum() / mask.sum()
 
 
+DRILL_CHECK_SEED = 7_919  # the held-out drill facts' own stream (the training drill draws from the settings' seed)
+
+
+@torch.no_grad()
+def drill_accuracy(model: torch.nn.Module, tokenizer: Any, task: StudyTask | SearchStudyTask, *,
+                   num_facts: int, max_lines: int, seed: int = DRILL_CHECK_SEED) -> float:
+    """The share of held-out drill operations whose result the model predicts right (greedy, every result
+    token), on `num_facts` facts drawn from their own seeded stream as the training drill draws them."""
+    sequences, result_masks = drill_sequences(tokenizer, task, random.Random(seed), num_facts=num_facts,
+                                              max_lines=max_lines)
+    was_training = model.training
+    model.eval()
+    right = total = 0
+    for ids, is_result in zip(sequences, result_masks, strict=True):
+        input_ids = torch.tensor([ids])  # [1, L]
+        predicted = model(input_ids=input_ids).logits[0, :-1].argmax(dim=-1)  # [L-1] token at j+1 from column j
+        hits = (predicted == input_ids[0, 1:]).tolist()  # [L-1]
+        run: list[bool] = []  # the hits of the result being read (a result may span several tokens)
+        for hit, is_result_token in zip(hits, is_result[1:], strict=True):
+            if is_result_token:
+                run.append(hit)
+            elif run:
+                right, total, run = right + all(run), total + 1, []
+        if run:
+            right, total = right + all(run), total + 1
+    model.train(was_training)
+    return right / total
+
+
 def train_warm_start(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -138,11 +174,14 @@ def train_warm_start(
     *,
     on_step: Callable[[int, float], None] | None = None,
     stop_after: int | None = None,
+    drill_log: list[tuple[int, float]] | None = None,
 ) -> list[float]:
     """Run both warm-start stages on `model` in place; returns the loss of every step.
 
     `stop_after` ends the training after that many steps (the schedule stays the full one's): the
-    shipped warm start's first losses can be checked against the code without the full training.
+    shipped warm start's first losses can be checked against the code without the full training. With
+    `settings.drill_target`, stage 2 stops once the held-out drill accuracy reaches it (`drill_log` receives
+    every (step, accuracy) checked).
 
     Every step fine-tunes on `batch_size` problems, each prompted as the student (problem only) or,
     with probability `teacher_fraction`, as the teacher (`task.sft_example` says which teacher view,
@@ -190,9 +229,22 @@ def train_warm_start(
             loss = loss + sft_loss(model, prompts, responses, tokenizer.pad_token_id) * (part_tokens / total_tokens)
         return loss
 
+    def converged(step: int) -> bool:
+        """With a drill target: whether the held-out drill accuracy after `step` steps reaches it (checked every
+        `drill_check_every` steps once the minimum `drill_steps` are done; recorded in `drill_checks`)."""
+        drilled = step - settings.steps
+        if settings.drill_target is None or drilled < settings.drill_steps or drilled % settings.drill_check_every:
+            return False
+        accuracy = drill_accuracy(model, tokenizer, task, num_facts=settings.drill_check_facts,
+                                  max_lines=settings.drill_max_lines)
+        drill_checks.append((step, accuracy))
+        return accuracy >= settings.drill_target
+
     model.train()
     losses: list[float] = []
-    for step in range(settings.total_steps if stop_after is None else min(stop_after, settings.total_steps)):
+    drill_checks: list[tuple[int, float]] = []
+    last = settings.total_steps if stop_after is None else min(stop_after, settings.total_steps)
+    for step in range(last):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss = task_loss()
@@ -207,7 +259,11 @@ def train_warm_start(
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step + 1, losses[-1])
+        if converged(step + 1):
+            break
     model.eval()
+    if drill_log is not None:
+        drill_log.extend(drill_checks)
     return losses
 
 
@@ -245,12 +301,14 @@ def warm_start_dir(
         threads = torch.get_num_threads()
         torch.set_num_threads(BUILD_THREADS)
         try:
-            losses = train_warm_start(model, tokenizer, task, sft_problems, settings, on_step=on_step)
+            drill_log: list[tuple[int, float]] = []
+            losses = train_warm_start(model, tokenizer, task, sft_problems, settings, on_step=on_step,
+                                      drill_log=drill_log)
         finally:
             torch.set_num_threads(threads)
         seconds = time.perf_counter() - started
         model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        save_tiny_tokenizer(tokenizer, folder)  # reloads with the same 833 tokens
         record = {
             "task": task.to_json(),
             "settings": asdict(settings),
@@ -261,6 +319,8 @@ def warm_start_dir(
             "first_losses": losses[:FIRST_LOSSES],
             "stage1_final_loss": _tail_mean(losses[: settings.steps]),
             "final_loss": _tail_mean(losses[settings.steps :] or losses),
+            "steps_trained": len(losses),
+            "drill_checks": {step: round(accuracy, 4) for step, accuracy in drill_log},
             "built_with": {"torch": torch.__version__, "transformers": _version("transformers"),
                            "threads": torch.get_num_threads()},
         }
