@@ -1,0 +1,124 @@
+"""The one-token decoding step of `HFBackend`: the model's eager forward pass, or the same pass compiled.
+
+``decode`` (a backend argument, ``rollout.decode`` in a training config) chooses:
+
+- ``eager``: the model's forward pass, operation by operation.
+- ``compiled``: the one-token step compiled by ``torch.compile`` (inductor, ``dynamic=False``) when it can be: a
+  preallocated KV cache (``StaticCache``, so every step of a call has the same shapes), a compiler for the device (a
+  C++ compiler for the CPU, triton for a GPU) and a Python that dynamo supports. Otherwise, or when compilation fails,
+  the eager step runs and one warning says why. The prefill stays eager (its width changes with every batch).
+  Graphs are compiled once per (model, rows, cache length) and kept for the process (dynamo's cache, up to
+  ``torch._dynamo.config.recompile_limit`` shapes); the cache length is rounded up to `CACHE_LENGTH_MULTIPLE` so
+  prompts of nearby widths share a graph.
+- ``auto``: the eager step. Compiling pays only when the steps it makes faster outnumber its compile time, and on the
+  CPUs measured it does not make a step faster at all (docs/performance.md, "The compiled step"); on a GPU it is
+  unmeasured. ``compiled`` is there to choose it where it pays.
+
+The token choice (sampling, EOS bookkeeping) is the same eager code under both steps, so for the same logits the
+two loops give the same tokens. The compiled step computes the logits with other kernels (fused element-wise
+work), so in float32 they agree with the eager ones to rounding, not bit for bit: a draw that lands within rounding
+of a boundary of the cumulative distribution could go the other way (tests/rollout/test_decode_step.py checks
+that the samples are identical on the tiny model).
+
+Exactly one log line per backend says which step runs and why (INFO when as asked, WARNING when ``compiled`` was
+asked and cannot run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DECODE_MODES = ("auto", "compiled", "eager")
+
+# The static cache's length is rounded up to a multiple of this, so the compiled step's shapes repeat across calls.
+CACHE_LENGTH_MULTIPLE = 64
+
+StepForward = Callable[..., torch.Tensor]
+"""Runs the model on one token per row (keyword arguments of the model's forward) and returns the logits `[b, V]`."""
+
+
+def eager_step(model: Any, **inputs: Any) -> torch.Tensor:
+    return model(**inputs).logits[:, -1]  # [b, V]
+
+
+_compiled_step: StepForward | None = None  # torch.compile(eager_step), made on first use
+
+
+def _compiled() -> StepForward:
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(eager_step, dynamic=False)
+    return _compiled_step
+
+
+def compiler_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot compile a step for `device` in this process, or None when it can."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python"
+    if device.type == "cpu":
+        compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+        if not any(shutil.which(c) for c in compilers):
+            tried = ", ".join(compilers)
+            return f"no C++ compiler on PATH (inductor builds its CPU kernels with one; tried {tried})"
+        return None
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "triton is not installed (inductor's GPU kernels need it)"
+    return f"inductor is not set up here for device {device.type!r}"
+
+
+def check_decode_mode(decode: str) -> str:
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    return decode
+
+
+class DecodeStep:
+    """The step function of one backend: `for_call` gives the function for one decoding call, `failed` turns the
+    compiled step off after an error. Logs its choice once, and again only when it changes."""
+
+    def __init__(self, decode: str) -> None:
+        self.decode = check_decode_mode(decode)
+        self._broken: str | None = None  # the error that turned the compiled step off
+        self._logged: tuple[str, str] | None = None
+
+    def for_call(self, device: torch.device, static_cache: bool) -> StepForward:
+        """The step for a decoding call on `device` (`static_cache`: whether its KV cache is a preallocated one)."""
+        name, reason = self._choose(device, static_cache)
+        asked_compiled = self.decode == "compiled"
+        if self._logged != (name, reason):
+            level = logging.WARNING if asked_compiled and name == "eager" else logging.INFO
+            log.log(level, "decoding with the %s one-token step (decode=%s): %s", name, self.decode, reason)
+            self._logged = (name, reason)
+        return _compiled() if name == "compiled" else eager_step
+
+    def failed(self, error: BaseException) -> None:
+        """The compiled step raised `error`: the eager step runs from now on."""
+        self._broken = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+
+    def _choose(self, device: torch.device, static_cache: bool) -> tuple[str, str]:
+        if self.decode == "eager":
+            return "eager", "as configured"
+        if self.decode == "auto":
+            return "eager", ("compiling the step does not pay for its compile time where it was measured "
+                             "(decode=compiled compiles it; docs/performance.md)")
+        if self._broken is not None:
+            return "eager", f"the compiled step failed ({self._broken})"
+        if not static_cache:
+            return "eager", ("the KV cache grows (the model has no static cache, or it exceeds STATIC_CACHE_BYTES), "
+                             "so every step would have new shapes")
+        missing = compiler_unavailable(device)
+        if missing is not None:
+            return "eager", missing
+        return "compiled", "torch.compile (inductor), one graph per rows x cache length"
