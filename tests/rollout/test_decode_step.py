@@ -9,6 +9,7 @@ import torch
 import selfdistill.rollout.decode_step as decode_step
 import selfdistill.rollout.hf as rollout_hf
 from selfdistill.config import ConfigError, RolloutConfig
+from selfdistill.models import build_tiny_model
 from selfdistill.rollout.hf import HFBackend
 
 LOGGER = "selfdistill.rollout.decode_step"
@@ -31,15 +32,19 @@ def step_records(caplog):
     return [r for r in caplog.records if r.name == LOGGER]
 
 
-@pytest.mark.slow  # one compilation of the tiny model's step: 12-40 s on 2 shared cores
-def test_compiled_step_samples_what_the_eager_step_samples(random_model, tok, prompts, caplog):
+@pytest.mark.slow  # one compilation of a tiny model's step: 10-40 s on 2 shared cores
+@pytest.mark.parametrize("arch, kv_heads", [("qwen2", None), ("llama", 2)], ids=["qwen2", "llama-gqa"])
+def test_compiled_step_samples_what_the_eager_step_samples(tok, prompts, caplog, arch, kv_heads):
     """float32, seeded sampling and greedy decoding: the same token ids with the compiled step as with the eager
-    one. The compiled step really runs (its log line, no fallback); both settings decode 6 rows, one graph."""
+    one, on the tiny Qwen2 model and on a tiny Llama with grouped-query attention (SmolLM2's architecture: the
+    compiled step packs the query heads as the eager one does). The compiled step really runs (its log line, no
+    fallback); both settings decode 6 rows, one graph."""
     missing = decode_step.compiler_unavailable(torch.device("cpu"))
     if missing is not None:
         pytest.skip(missing)
-    eager = HFBackend(random_model, tok, decode="eager")
-    compiled = HFBackend(random_model, tok, decode="compiled")
+    model = build_tiny_model(tok, arch=arch, num_kv_heads=kv_heads, seed=1)
+    eager = HFBackend(model, tok, decode="eager")
+    compiled = HFBackend(model, tok, decode="compiled")
     with caplog.at_level(logging.INFO, logger=LOGGER):
         for kwargs in ({}, {"temperature": 0.0, "seed": None}):
             reference = generate(eager, prompts, **kwargs)

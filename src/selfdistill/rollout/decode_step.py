@@ -26,10 +26,12 @@ asked and cannot run).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -57,6 +59,35 @@ def _compiled() -> StepForward:
     if _compiled_step is None:
         _compiled_step = torch.compile(eager_step, dynamic=False)
     return _compiled_step
+
+
+def _not_compiling() -> bool:
+    return False
+
+
+@contextlib.contextmanager
+def _one_token_gqa_packed() -> Iterator[None]:
+    """Attention of a one-token step as transformers runs it eagerly, also while it is compiled: with grouped-query
+    attention its SDPA path folds the query heads of each key/value head into one row block (``pack_gqa``), except
+    under ``torch.compile``, where it repeats the keys and values for every query head instead, writing them out
+    per layer and step. That check is lifted for the compiled step's own calls (the shapes are static, so packing
+    traces like any reshape) and restored after each."""
+    module = sys.modules.get("transformers.integrations.sdpa_attention")
+    original = getattr(module, "is_torchdynamo_compiling", None)
+    if original is None:  # another transformers layout: nothing to lift
+        yield
+        return
+    module.is_torchdynamo_compiling = _not_compiling
+    try:
+        yield
+    finally:
+        module.is_torchdynamo_compiling = original
+
+
+def compiled_step(model: Any, **inputs: Any) -> torch.Tensor:
+    """The one-token step compiled (`eager_step` through ``torch.compile``)."""
+    with _one_token_gqa_packed():
+        return _compiled()(model, **inputs)  # [b, V]
 
 
 def compiler_unavailable(device: torch.device) -> str | None:
@@ -101,7 +132,7 @@ class DecodeStep:
             level = logging.WARNING if asked_compiled and name == "eager" else logging.INFO
             log.log(level, "decoding with the %s one-token step (decode=%s): %s", name, self.decode, reason)
             self._logged = (name, reason)
-        return _compiled() if name == "compiled" else eager_step
+        return compiled_step if name == "compiled" else eager_step
 
     def failed(self, error: BaseException) -> None:
         """The compiled step raised `error`: the eager step runs from now on."""

@@ -4,8 +4,11 @@ Decoding is a plain loop over the model's forward pass, one token per step for e
 ``model.generate``, whose per-step machinery costs as much as a small model's forward pass; bench/
 generation.py measures it). The KV cache is preallocated (``StaticCache``: no copy of the cache per
 token) when the architecture supports it and the cache for ``rows x (prompt + max_new_tokens)``
-positions fits in ``STATIC_CACHE_BYTES``; otherwise it grows (``DynamicCache``). Rows that emitted EOS
-are filled with the pad token until every row is done or ``max_new_tokens`` is reached.
+positions fits in ``STATIC_CACHE_BYTES``; otherwise it grows (``DynamicCache``). A preallocated cache's
+length is rounded up to a multiple of 64, so calls with nearby prompt widths have the same step shapes. Rows
+that emitted EOS are filled with the pad token until every row is done or ``max_new_tokens`` is reached.
+The one-token step is the model's eager forward pass or that pass compiled (``decode``; see
+`selfdistill.rollout.decode_step`); the prefill is always eager.
 
 The prompt is prefilled once per distinct prompt: the samples of a prompt are rows with the same prompt
 tokens, so its keys and values are computed for one row and copied to the others (when every cache
