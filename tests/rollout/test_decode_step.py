@@ -32,7 +32,7 @@ def step_records(caplog):
     return [r for r in caplog.records if r.name == LOGGER]
 
 
-@pytest.mark.slow  # one compilation of a tiny model's step: 10-40 s on 2 shared cores
+@pytest.mark.slow  # compiles a tiny model's step
 @pytest.mark.parametrize("arch, kv_heads", [("qwen2", None), ("llama", 2)], ids=["qwen2", "llama-gqa"])
 def test_compiled_step_samples_what_the_eager_step_samples(tok, prompts, caplog, arch, kv_heads):
     """float32, seeded sampling and greedy decoding: the same token ids with the compiled step as with the eager

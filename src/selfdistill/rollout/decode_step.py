@@ -10,18 +10,20 @@
   Graphs are compiled once per (model, rows, cache length) and kept for the process (dynamo's cache, up to
   ``torch._dynamo.config.recompile_limit`` shapes); the cache length is rounded up to `CACHE_LENGTH_MULTIPLE` so
   prompts of nearby widths share a graph.
-- ``auto``: the eager step. Compiling pays only when the steps it makes faster outnumber its compile time, and on the
-  CPUs measured it does not make a step faster at all (docs/performance.md, "The compiled step"); on a GPU it is
-  unmeasured. ``compiled`` is there to choose it where it pays.
+- ``auto``: the eager step. Compiling costs its compile time for every new shape (the first step of each rows x
+  cache length in the process), and on the CPU measured the compiled step repaid that only after about a thousand
+  steps or more at one or a few rows, and was no faster than the eager step at the batches training decodes (16-64
+  rows of a SmolLM2-sized model; docs/performance.md, "The compiled one-token step"). On a GPU it is unmeasured.
+  ``compiled`` is there to choose it where it pays: long runs of few rows, small models.
 
 The token choice (sampling, EOS bookkeeping) is the same eager code under both steps, so for the same logits the
 two loops give the same tokens. The compiled step computes the logits with other kernels (fused element-wise
 work), so in float32 they agree with the eager ones to rounding, not bit for bit: a draw that lands within rounding
 of a boundary of the cumulative distribution could go the other way (tests/rollout/test_decode_step.py checks
-that the samples are identical on the tiny model).
+that the samples are identical on a tiny Qwen2 model and a tiny Llama with grouped-query attention).
 
-Exactly one log line per backend says which step runs and why (INFO when as asked, WARNING when ``compiled`` was
-asked and cannot run).
+One log line per backend says which step runs and why (INFO when as asked, WARNING when ``compiled`` was asked
+and cannot run), and one more if a failed compilation switches it to the eager step.
 """
 
 from __future__ import annotations
