@@ -96,21 +96,6 @@ def static_cache_bytes(limit: int) -> Iterator[None]:
         rollout_hf.STATIC_CACHE_BYTES = saved
 
 
-@contextlib.contextmanager
-def replaced_forward(model: Any, forward: Callable[..., Any]) -> Iterator[None]:
-    """``model.forward`` is `forward` for the block (an instance attribute; ``model(...)`` calls it)."""
-    had_own = "forward" in vars(model)
-    saved = vars(model).get("forward")
-    model.forward = forward
-    try:
-        yield
-    finally:
-        if had_own:
-            model.forward = saved
-        else:
-            del model.forward  # back to the class's method
-
-
 def _eos_and_pad(tokenizer: Any, model: Any) -> tuple[list[int], int]:
     eos_ids = eos_token_ids(tokenizer, model)
     return eos_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -204,9 +189,10 @@ def make_runner(
     samples: int,
     max_new_tokens: int,
     fixed_length: bool,
-    compile_backend: str,
+    decode: str = "eager",
 ) -> Runner:
-    """The workload of `path` (see the module docstring) and how to count its generate calls."""
+    """The workload of `path` (see the module docstring) and how to count its generate calls. `decode` is the one-token
+    step of the `ours` paths (`HFBackend(decode=...)`); `ours-compiled` always compiles it."""
     if path == "loop":
         return Runner(
             run=lambda: run_loop(
@@ -227,27 +213,16 @@ def make_runner(
             ),
             count=lambda record: count_generate_calls(model, record),
         )
-    if path not in ("ours", "ours-dynamic", "ours-unseeded", "ours+compile"):
+    if path not in ("ours", "ours-dynamic", "ours-unseeded", "ours-compiled"):
         raise ValueError(f"unknown path {path!r}")
-    backend = HFBackend(model, tokenizer, batch_size=batch_size, min_new_tokens=max_new_tokens if fixed_length else 0)
+    backend = HFBackend(model, tokenizer, batch_size=batch_size, min_new_tokens=max_new_tokens if fixed_length else 0,
+                        decode="compiled" if path == "ours-compiled" else decode)
     seeds = None if path == "ours-unseeded" else [SAMPLE_SEED + i for i in range(len(prompts))]
-    compiled = None
-    if path == "ours+compile":
-        # Compiled once per batch size, from an empty dynamo cache (graphs of other batch sizes would count against
-        # the recompile limit), so compilation falls in this runner's warm-up. dynamic=False compiles a graph per
-        # call shape: the prefill and the one-token step of each (rows, prompt width) of a call, so at most 2 per call.
-        torch._dynamo.reset()
-        compiled = torch.compile(model.forward, dynamic=False, backend=compile_backend)
-        calls = -(-len(prompts) * samples // batch_size)
-        recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * calls)
 
     def run() -> torch.Tensor:
         with contextlib.ExitStack() as stack:
             if path == "ours-dynamic":
                 stack.enter_context(static_cache_bytes(0))
-            if compiled is not None:
-                stack.enter_context(torch._dynamo.config.patch(recompile_limit=recompile_limit))
-                stack.enter_context(replaced_forward(model, compiled))
             torch.manual_seed(SAMPLE_SEED)
             rollouts = backend.generate(
                 prompts,

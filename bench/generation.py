@@ -4,6 +4,7 @@
     python bench/generation.py --quick                      # tiny model, batch sizes 1 and 4, 8 tokens, 1 repeat
     python bench/generation.py --models smollm2 --batch-sizes 8 32 --no-fixed-length --compile
     python bench/generation.py --roofline                   # the decode roofline: bound vs ours, b = 1, 16, 64
+    python bench/generation.py --roofline --decode eager compiled   # ... for each one-token step, side by side
 
 Workload, the same for every path of a model: P prompts (--prompts, student prompts of `number_sums` problems
 rendered by PromptBuilder with the "concise" template) x G samples each (--samples), so R = P x G rows, sampled at
@@ -27,11 +28,9 @@ Paths:
                     samples from its own random stream (`_RowSampler`).
   ours-dynamic      `ours` with selfdistill.rollout.hf.STATIC_CACHE_BYTES = 0 for the run: the growing DynamicCache.
   ours-unseeded     `ours` with seed=None: torch.multinomial with the global RNG (shows the cost of the row sampler).
-  ours+compile      (only with --compile) `ours` with the model's forward replaced by
-                    torch.compile(model.forward, dynamic=False, backend=--compile-backend) (default inductor) for the
-                    run. Compilation falls in the warm-up run (the "warm-up s" column), not in the timings: dynamo's
-                    cache is reset for each batch size, and its recompile limit raised for the run to cover a graph
-                    per call shape (prefill and one-token step of each rows x prompt width).
+  ours-compiled     (only with --compile) `ours` with HFBackend(decode="compiled"): the one-token step compiled by
+                    torch.compile (selfdistill.rollout.decode_step), the prefill eager. Compilation falls in the
+                    warm-up run (the "warm-up s" column), not in the timings.
   A path that fails is reported as failed, with the error, and the rest goes on. The "cache" column says which KV
   cache our paths used.
 
@@ -47,8 +46,10 @@ Roofline (--roofline): instead of the paths above, the bound on one decoding ste
 copy bandwidth and matrix throughput give (bench/_roofline.py says how), and `ours` against it: for each model,
 dtype (float32, bfloat16) and batch size b (--roofline-batches, default 1 16 64), b distinct prompts x 1 sample in
 one call of b rows, --max-new-tokens tokens each at fixed length; "of bound" is ours' tokens/s (prefill included)
-over the bound's. bfloat16 runs only where the CPU computes it natively (`selfdistill.precision.cpu_has_bf16`;
-elsewhere it is emulated, tens of times slower, and the row says so) unless --force-bf16.
+over the bound's; --decode (default eager) gives a row per one-token step (`HFBackend(decode=...)`), each with its
+warm-up run's seconds (which include the compilation of a compiled step). bfloat16 runs only where the CPU
+computes it natively (`selfdistill.precision.cpu_has_bf16`; elsewhere it is emulated, tens of times slower, and the
+row says so) unless --force-bf16.
 
 Threads: torch's default unless --threads. Run it on an otherwise idle machine. --quick overrides --models,
 --batch-sizes, --max-new-tokens and --repeats; --json PATH also writes every result (all repeat timings) to PATH.
@@ -76,6 +77,7 @@ from selfdistill.data.generated import make_splits
 from selfdistill.models import SMOLLM2_DIRNAME, cache_dir, is_complete, load_model, smollm2_dir
 from selfdistill.precision import cpu_has_bf16
 from selfdistill.prompts import PromptBuilder
+from selfdistill.rollout.decode_step import DECODE_MODES
 
 MODELS = ("tiny", "smollm2")
 PATHS = ("loop", "generate-batched", "ours", "ours-dynamic", "ours-unseeded")
@@ -90,7 +92,7 @@ class Result:
     rows_per_call: int
     calls: int = 0
     seconds: float = float("nan")  # median wall time of one workload
-    warmup_seconds: float = float("nan")  # the untimed first run (includes compilation with --compile)
+    warmup_seconds: float = float("nan")  # the untimed first run (includes the compilation of a compiled step)
     tokens: int = 0  # real response tokens (EOS included) of one workload
     row_steps: int = 0
     mean_length: float = float("nan")
@@ -133,7 +135,7 @@ def measure(
             samples=args.samples,
             max_new_tokens=args.max_new_tokens,
             fixed_length=args.fixed_length,
-            compile_backend=args.compile_backend,
+            decode=args.decode_mode,
         )
         records: list[CallRecord] = []
 
@@ -224,7 +226,7 @@ def verdicts(results: list[Result]) -> list[str]:
     ours = {(r.model, r.rows_per_call): r for r in results if r.path == "ours" and r.error is None}
     lines = []
     for model in dict.fromkeys(r.model for r in results):
-        for path in ("generate-batched", "ours-dynamic", "ours-unseeded", "ours+compile"):
+        for path in ("generate-batched", "ours-dynamic", "ours-unseeded", "ours-compiled"):
             runs = [r for r in results if r.model == model and r.path == path]
             if not runs:
                 continue
@@ -278,7 +280,7 @@ def roofline(args: argparse.Namespace) -> list[str]:
         for dtype in (torch.float32, torch.bfloat16):
             name = str(dtype).removeprefix("torch.")
             if dtype == torch.bfloat16 and not (cpu_has_bf16() or args.force_bf16):
-                rows.append([model_name, name, "", "", "", "", "", "",
+                rows.append([model_name, name, "", "", "", "", "", "", "", "", "",
                              "skipped: no native bfloat16 on this CPU (--force-bf16 runs it)"])
                 continue
             model = model.to(dtype)
@@ -287,19 +289,25 @@ def roofline(args: argparse.Namespace) -> list[str]:
                 prompts = student_prompts(tokenizer, batch)
                 context = sum(map(len, prompts)) / batch + args.max_new_tokens / 2
                 bound = decode_bound(shape, batch, context, dtype, bandwidth, gemm)
-                run_args = argparse.Namespace(**{**vars(args), "samples": 1})
-                result = measure(model_name, "ours", model, tokenizer, prompts, batch_size=batch, args=run_args)
-                print(f"  roofline {model_name} {name} b={batch}: "
-                      f"{result.error or f'{result.tokens_per_s:,.1f} tokens/s'}", file=sys.stderr, flush=True)
-                ours = "" if result.error else f"{result.tokens_per_s:,.1f}"
-                share = "" if result.error else f"{result.tokens_per_s / bound.tokens_per_s(batch):.2f}"
-                rows.append([model_name, name, batch, f"{context:.0f}", f"{bound.gemm / 1e9:.1f}",
-                             f"{bound.tokens_per_s(batch):,.1f}", bound.limit, ours, share or result.error])
+                first: Result | None = None
+                for decode in args.decode:
+                    run_args = argparse.Namespace(**{**vars(args), "samples": 1, "decode_mode": decode})
+                    result = measure(model_name, "ours", model, tokenizer, prompts, batch_size=batch, args=run_args)
+                    print(f"  roofline {model_name} {name} b={batch} decode={decode}: "
+                          f"{result.error or f'{result.tokens_per_s:,.1f} tokens/s'}", file=sys.stderr, flush=True)
+                    first = first or result
+                    ours = "" if result.error else f"{result.tokens_per_s:,.1f}"
+                    share = "" if result.error else f"{result.tokens_per_s / bound.tokens_per_s(batch):.2f}"
+                    versus = "" if result.error or first.error else ratio(result.tokens_per_s, first.tokens_per_s)
+                    rows.append([model_name, name, batch, f"{context:.0f}", f"{bound.gemm / 1e9:.1f}",
+                                 f"{bound.tokens_per_s(batch):,.1f}", bound.limit, decode, ours,
+                                 "" if result.error else f"{result.warmup_seconds:.1f}", versus,
+                                 share or result.error])
         model = model.float()
         del model, tokenizer
     columns = ["model", "dtype", "batch", "mean context", "compute roof GFLOP/s", "bound tokens/s",
-               "bound by", "ours tokens/s", "of bound"]
-    return [*lines, *markdown_table(columns, "llrrrrlrr", rows)]
+               "bound by", "decode step", "ours tokens/s", "warm-up s", f"vs {args.decode[0]}", "of bound"]
+    return [*lines, *markdown_table(columns, "llrrrrllrrrr", rows)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -327,11 +335,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
-        "--compile", action="store_true", help="also time ours+compile: ours with the forward compiled by torch.compile"
+        "--compile", action="store_true",
+        help="also time ours-compiled: ours with the one-token step compiled (HFBackend(decode='compiled'))",
     )
-    parser.add_argument(
-        "--compile-backend", default="inductor", help="torch.compile backend of --compile (e.g. eager to check it runs)"
-    )
+    parser.add_argument("--decode", nargs="+", choices=DECODE_MODES, default=["eager"],
+                        help="one-token steps of --roofline, a row each (the ratio column is against the first); "
+                             "the step of the ours paths is the first")
     parser.add_argument(
         "--quick", action="store_true", help="smoke check: tiny model, batch sizes 1 and 4, 8 tokens, 1 repeat"
     )
@@ -353,6 +362,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch-sizes must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    args.decode_mode = args.decode[0]
     return args
 
 
@@ -366,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     paths = list(args.paths)
     if args.compile:
-        paths.insert(paths.index("ours") + 1 if "ours" in paths else len(paths), "ours+compile")
+        paths.insert(paths.index("ours") + 1 if "ours" in paths else len(paths), "ours-compiled")
     results: list[Result] = []
     notes: list[str] = []
     for model_name in args.models:

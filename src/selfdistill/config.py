@@ -21,6 +21,7 @@ import yaml
 
 from selfdistill.objectives import AGGREGATIONS, OBJECTIVES, KnobError
 from selfdistill.precision import COMPUTE_DTYPES
+from selfdistill.rollout.decode_step import DECODE_MODES
 
 
 class ConfigError(ValueError):
@@ -117,6 +118,10 @@ class RolloutConfig:
     """Response length limit; a response that reaches it is counted as truncated."""
     generation_batch_size: int = 0
     """The most sequences (prompt x sample rows) decoded together; 0 decodes every row of the step in one batch."""
+    decode: str = "auto"
+    """The one-token decoding step of the hf backend: eager (the model's forward pass), compiled (that pass compiled
+    by torch.compile when it can be; otherwise, or if compiling fails, the eager step, with a warning), or auto (the
+    eager step: where measured, compiling did not pay; docs/performance.md). Same samples either way (float32)."""
 
     def __post_init__(self) -> None:
         _require(self.backend != "vllm", "rollout.backend",
@@ -131,6 +136,8 @@ class RolloutConfig:
         _require(0 < self.top_p <= 1, "rollout.top_p", f"must lie in (0, 1], got {self.top_p}")
         _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         _require(self.generation_batch_size >= 0, "rollout.generation_batch_size", "must be >= 0")
+        _require(self.decode in DECODE_MODES, "rollout.decode",
+                 f"must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
 
 
 def import_plugins(modules: list[str], key: str = "objective.plugins") -> None:

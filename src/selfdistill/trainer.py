@@ -195,7 +195,8 @@ class Trainer:
                                                               has_teacher=self.teacher is not None,
                                                               sharded=self.parallel.sharded)
         self.backend = make_backend(config.rollout.backend, self.model, self.tokenizer,
-                                    batch_size=config.rollout.generation_batch_size or None)
+                                    batch_size=config.rollout.generation_batch_size or None,
+                                    decode=config.rollout.decode)
         self.pad_id = self.backend.pad_id
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         wrong = sorted({str(p.dtype) for p in self.params} - {"torch.float32"})

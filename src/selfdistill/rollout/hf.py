@@ -4,8 +4,11 @@ Decoding is a plain loop over the model's forward pass, one token per step for e
 ``model.generate``, whose per-step machinery costs as much as a small model's forward pass; bench/
 generation.py measures it). The KV cache is preallocated (``StaticCache``: no copy of the cache per
 token) when the architecture supports it and the cache for ``rows x (prompt + max_new_tokens)``
-positions fits in ``STATIC_CACHE_BYTES``; otherwise it grows (``DynamicCache``). Rows that emitted EOS
-are filled with the pad token until every row is done or ``max_new_tokens`` is reached.
+positions fits in ``STATIC_CACHE_BYTES``; otherwise it grows (``DynamicCache``). A preallocated cache's
+length is rounded up to a multiple of 64, so calls with nearby prompt widths have the same step shapes. Rows
+that emitted EOS are filled with the pad token until every row is done or ``max_new_tokens`` is reached.
+The one-token step is the model's eager forward pass or that pass compiled (``decode``; see
+`selfdistill.rollout.decode_step`); the prefill is always eager.
 
 The prompt is prefilled once per distinct prompt: the samples of a prompt are rows with the same prompt
 tokens, so its keys and values are computed for one row and copied to the others (when every cache
@@ -45,6 +48,7 @@ from transformers import DynamicCache, StaticCache
 
 from selfdistill.forward import base_model, cache_keyword, full_attention_cache
 from selfdistill.rollout import Rollouts, assemble_rollouts, check_generate_args, eos_token_ids
+from selfdistill.rollout.decode_step import CACHE_LENGTH_MULTIPLE, DecodeStep, StepForward, eager_step
 
 # The most bytes a preallocated KV cache may take; above it the cache grows with the tokens decoded.
 STATIC_CACHE_BYTES = 1 << 30
@@ -115,8 +119,11 @@ class _RowSampler:
         self.step += 1
         target = (uniform * cdf[:, -1])[:, None]  # [b, 1], in [0, total)
         drawn = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)  # [b, 1]
-        # Rounding can land past the last token with probability: take the most likely token then.
-        drawn = torch.where(probs.gather(1, drawn) > 0, drawn, probs.argmax(dim=-1, keepdim=True))  # [b, 1]
+        # Rounding can land past the last token with probability: take the most likely token then (rare, so the
+        # arg-max over the vocabulary is computed only when it happens).
+        has_probability = probs.gather(1, drawn) > 0  # [b, 1]
+        if not bool(has_probability.all()):
+            drawn = torch.where(has_probability, drawn, probs.argmax(dim=-1, keepdim=True))  # [b, 1]
         return drawn.squeeze(1)  # [b]
 
 
@@ -155,11 +162,13 @@ class HFBackend:
 
     min_new_tokens: EOS cannot be drawn before this many new tokens (0: any time). Benchmarks use it to
     fix the response length.
+
+    decode: the one-token step, ``auto``, ``compiled`` or ``eager`` (`selfdistill.rollout.decode_step`).
     """
 
     def __init__(
         self, model: Any, tokenizer: Any, *, batch_size: int | None = None, return_entropy: bool = False,
-        min_new_tokens: int = 0,
+        min_new_tokens: int = 0, decode: str = "auto",
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
@@ -170,6 +179,7 @@ class HFBackend:
         self.batch_size = batch_size
         self.return_entropy = return_entropy
         self.min_new_tokens = min_new_tokens
+        self.step = DecodeStep(decode)
         self.eos_ids = eos_token_ids(tokenizer, model)
         self._cache_keyword = cache_keyword(model)
         if self._cache_keyword is None:
@@ -240,10 +250,11 @@ class HFBackend:
         return next(self.model.parameters()).device
 
     def _cache(self, rows: int, length: int) -> StaticCache | DynamicCache:
-        """A preallocated KV cache for `rows` x `length` positions when the model supports one and it fits
-        in STATIC_CACHE_BYTES, else a growing one."""
+        """A preallocated KV cache for `rows` x `length` positions (rounded up to CACHE_LENGTH_MULTIPLE) when the
+        model supports one and it fits in STATIC_CACHE_BYTES, else a growing one."""
         base = base_model(self.model)
         config = base.config.get_text_config()
+        length = _static_length(length)
         size = _kv_cache_bytes(config, rows, length, next(self.model.parameters()).element_size())
         if getattr(base, "_can_compile_fullgraph", False) and size is not None and size <= STATIC_CACHE_BYTES:
             return StaticCache(config=base.config, max_cache_len=length)
@@ -278,6 +289,21 @@ class HFBackend:
             cache.update(layer.keys.index_select(0, to_rows), layer.values.index_select(0, to_rows), index)
         return out.logits[:, -1].index_select(0, to_rows)  # [U, V] -> [b, V]
 
+    def _step(
+        self, step_forward: StepForward, inputs: dict[str, Any], device: torch.device, static: bool,
+    ) -> tuple[torch.Tensor, StepForward]:
+        """One decoding step: the next-token logits `[b, V]` and the step function for the next one. A compiled step
+        that fails (at compile time, or on a new shape) is turned off and the step rerun eagerly: it writes the same
+        cache column again, from the same inputs."""
+        try:
+            return step_forward(self.model, **inputs), step_forward  # [b, V]
+        except Exception as error:
+            if step_forward is eager_step:
+                raise
+            self.step.failed(error)
+            step_forward = self.step.for_call(device, static)
+            return step_forward(self.model, **inputs), step_forward  # [b, V]
+
     def _decode(
         self, prompts: list[list[int]], choose: TokenChooser, *, max_new_tokens: int, entropy_scale: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -286,20 +312,25 @@ class HFBackend:
         ``softmax(logits * entropy_scale)`` at each of them `[b, T_b]` (else None)."""
         device = self._device()
         b, width = len(prompts), max(len(p) for p in prompts)
+        cache = self._cache(b, width + max_new_tokens)
+        # A preallocated cache takes the whole mask (zeros past the current token): the same shapes every step.
+        static = isinstance(cache, StaticCache)
+        columns = _static_length(width + max_new_tokens) if static else width + max_new_tokens
         input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)  # [b, P]
-        attention_mask = torch.zeros((b, width + max_new_tokens), dtype=torch.long)  # [b, P + T]
+        attention_mask = torch.zeros((b, columns), dtype=torch.long)  # [b, K]: K = cache length or P + T
         for i, p in enumerate(prompts):
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention_mask[i, width - len(p) : width] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         positions = (attention_mask[:, :width].cumsum(dim=1) - 1).clamp(min=0)  # [b, P]; padding does not count
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
-        cache = self._cache(b, width + max_new_tokens)
-        # A preallocated cache takes the whole mask (zeros past the current token): the same shapes every step.
-        static = isinstance(cache, StaticCache)
         # A one-token step attends to exactly the columns its mask row holds, so with SDPA the step's 4D mask is
-        # that row as booleans, which transformers takes as it is instead of building one every step.
+        # that row as booleans, which transformers takes as it is instead of building one every step; it is kept
+        # up to date in place.
         step_mask_4d = getattr(base_model(self.model).config, "_attn_implementation", None) == "sdpa"
+        step_mask = attention_mask.bool()[:, None, None, :] if step_mask_4d else attention_mask  # [b, 1, 1, K] | [b, K]
+        cache_positions = torch.arange(width, width + max_new_tokens, device=device)  # [T]
+        step_forward = self.step.for_call(device, static)
 
         logits = self._prefill(prompts, input_ids, attention_mask, positions, cache)  # [b, V]
         next_position = positions[:, -1:] + 1  # [b, 1]
@@ -318,15 +349,20 @@ class HFBackend:
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             column = width + step
-            attention_mask[:, column] = 1
-            step_mask = attention_mask if static else attention_mask[:, : column + 1]  # [b, K]
-            logits = self.model(input_ids=token[:, None],
-                                attention_mask=step_mask[:, None, None, :].bool() if step_mask_4d else step_mask,
-                                position_ids=next_position, use_cache=True, **{self._cache_keyword: cache},
-                                cache_position=torch.tensor([column], device=device)).logits[:, -1]  # [b, V]
+            step_mask[..., column] = 1
+            inputs = dict(input_ids=token[:, None],
+                          attention_mask=step_mask if static else step_mask[..., : column + 1],  # [b, 1, 1, K']
+                          position_ids=next_position, use_cache=True, cache_position=cache_positions[step : step + 1],
+                          **{self._cache_keyword: cache})
+            logits, step_forward = self._step(step_forward, inputs, device, static)  # [b, V]
             next_position = next_position + 1
         new_tokens = torch.stack(tokens, dim=1)  # [b, T_b]
         return new_tokens, torch.stack(entropies, dim=1) if entropy_scale is not None else None
+
+
+def _static_length(length: int) -> int:
+    """The length of a preallocated cache for `length` positions: rounded up to CACHE_LENGTH_MULTIPLE."""
+    return -(-length // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
 
 
 def _kv_cache_bytes(config: Any, rows: int, length: int, element_size: int) -> int | None:
