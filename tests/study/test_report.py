@@ -57,6 +57,11 @@ def test_report_judges_the_registered_claims_with_chance_rows_tuning_and_plots(t
     assert scalars["verification_gap"] == 0.7 and scalars["ood_depth_chance_avg"] == 0.2
     scores = results.per_problem_scores()
     assert scores[("dasd", "ood_breadth")].shape == (5, 4)
+    assert "Incomplete" not in text
+    del results.runs["grpo"][3:]
+    (tmp_path / "runs" / "grpo-seed4" / "eval.json").unlink()
+    assert "**Incomplete: not the registered plan.** The claims below are judged on the seeds every method " \
+           "finished (0, 1, 2, 3 of 0..4)" in build_report(tmp_path).read_text()
 
 
 def test_report_without_tuning_and_on_the_chains_task(tmp_path):

@@ -25,10 +25,14 @@ def test_scalars_read_every_out_of_distribution_set_and_drop_what_is_not_measure
     assert metric_label("ood_breadth_avg", 16) == "OOD breadth Avg@16"
 
 
-def test_per_problem_scores_stack_seeds_in_order():
-    results = _fake_study(None, {"dasd": [dict(avg=0.4), dict(avg=0.5, shift=0.1)], "grpo": [dict(avg=0.3)]})
+def test_per_problem_scores_stack_the_common_seeds_in_order():
+    results = _fake_study(None, {"dasd": [dict(avg=0.4), dict(avg=0.5, shift=0.1)],
+                                 "grpo": [dict(avg=0.3), dict(avg=0.3)]})
     scores = results.per_problem_scores()
     dasd = scores[("dasd", "avg")]
-    assert dasd.shape == (2, 4)
+    assert dasd.shape == (2, 4) and results.common_seeds == [0, 1]
     np.testing.assert_allclose(dasd[1] - dasd[0], [0.2] * 4)  # 0.1 higher mean and the shift of 0.1
-    assert scores[("grpo", "ood_depth")].shape == (1, 4) and ("grpo", "missing") not in scores
+    assert scores[("grpo", "ood_depth")].shape == (2, 4) and ("grpo", "missing") not in scores
+    # an interrupted study: grpo finished seed 0 only, so every pair is judged on seed 0
+    del results.runs["grpo"][1]
+    assert results.common_seeds == [0] and results.per_problem_scores()[("dasd", "avg")].shape == (1, 4)

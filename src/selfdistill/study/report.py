@@ -138,7 +138,21 @@ def _preregistration_section(results: StudyResults) -> str:
         f"with that file's SHA-256 `{record.get('sha256', '?')}`. Claim runs: seeds 0..{results.seed_count - 1}; "
         "tuning runs: the tuning seeds on the validation slice cut from the RL pool (never the held-out or "
         "out-of-distribution sets).",
+        *_incomplete(results),
     ])
+
+
+def _incomplete(results: StudyResults) -> list[str]:
+    """A warning when the claim runs are not the registered plan's: methods or seeds missing."""
+    planned = results.study["settings"]
+    missing = [m for m in planned["methods"] if m not in results.runs]
+    seeds = results.common_seeds
+    if not missing and len(seeds) >= planned["seeds"]:
+        return []
+    return ["", f"**Incomplete: not the registered plan.** The claims below are judged on the seeds every method "
+                f"finished ({', '.join(map(str, seeds)) or 'none'} of 0..{planned['seeds'] - 1})"
+                + (f"; methods without a finished run: {', '.join(missing)}" if missing else "")
+                + ". Rerun `selfdistill study` with the same `--out` to finish it (finished runs are reused)."]
 
 
 def _tuning_section(results: StudyResults) -> str:

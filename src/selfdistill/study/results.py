@@ -120,14 +120,23 @@ class StudyResults:
         """The out-of-distribution sets' names, as the base evaluation lists them ([] on a task without)."""
         return list(self.base["student"].get("ood", {}))
 
+    @property
+    def common_seeds(self) -> list[int]:
+        """The seeds every method finished (an interrupted study may have more runs of some methods)."""
+        seeds = [{run.seed for run in runs} for runs in self.runs.values()]
+        return sorted(set.intersection(*seeds)) if seeds else []
+
     def per_problem_scores(self) -> dict[tuple[str, str], Any]:
-        """`(method, metric) -> [seeds, problems]` arrays of every method whose runs all carry per-problem
-        scores, seeds in order (what `preregistration.judge` takes)."""
+        """`(method, metric) -> [seeds, problems]` arrays over `common_seeds`, in seed order, of every method
+        whose runs all carry per-problem scores (what `preregistration.judge` takes)."""
         import numpy as np
 
         scores = {}
+        common = set(self.common_seeds)
         for method, runs in self.runs.items():
-            tables = [run.evaluation["student"].get("per_problem", {}) for run in runs]
+            tables = [run.evaluation["student"].get("per_problem", {}) for run in runs if run.seed in common]
+            if not tables:
+                continue
             for metric in tables[0]:
                 if all(metric in table for table in tables):
                     scores[(method, metric)] = np.array([table[metric] for table in tables], dtype=np.float64)
