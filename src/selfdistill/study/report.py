@@ -107,6 +107,15 @@ def _warm_start_section(results: StudyResults) -> str:
     ])
 
 
+def _base_section(results: StudyResults) -> str:
+    """The warm start's section, or the base model's where a given model replaced the warm start."""
+    if "base_model" not in results.study:
+        return _warm_start_section(results)
+    from selfdistill.study.model_base import base_model_section
+
+    return base_model_section(results)
+
+
 def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -305,7 +314,7 @@ def build_report(folder: str | Path) -> Path:
     text = "\n".join([
         f"# Method study on {title} ({results.task} task): {', '.join(results.main_methods)}",
         "",
-        _warm_start_section(results),
+        _base_section(results),
         "",
         *_results_sections(results),
         "",

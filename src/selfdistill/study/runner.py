@@ -70,7 +70,7 @@ def run_config(job: RunJob) -> dict[str, Any]:
     return run_values(
         settings,
         model={"path": job.warm_start_dir},
-        data={"dataset": job.train_file, "num_problems": 0, "template": template, "max_prompt_tokens": 512},
+        data={"dataset": job.train_file, "num_problems": 0, "template": template, **settings.prompt_options},
         objective=objective,
         optim={"min_lr_ratio": 1.0, "seed": job.seed,
                "micro_batch_size": settings.prompts_per_step * settings.group_size, **optim},
@@ -139,14 +139,16 @@ def _prompt_builder(tokenizer: Any, settings: StudySettings, view: str | None) -
     template = settings.warm_start.template
     if view is not None:
         template = settings.task.teacher_views(template)[view]
-    return PromptBuilder(tokenizer, template=template, max_prompt_tokens=512)
+    return PromptBuilder(tokenizer, template=template, **settings.prompt_options)
 
 
 def _sampled(model: Any, tokenizer: Any, job: RunJob, grader: Any, *, view: str | None = None,
-             split: str = "held_out", n: int | None = None) -> dict[str, Any]:
+             split: str = "held_out", n: int | None = None,
+             per_problem: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """The `summarize` macro row of n samples per problem of a held-out split, from the student prompt
     (view None) or a teacher view's prompt, plus the task's per-line measurements (StepAcc, ...);
-    n samples per problem (default `eval_samples`)."""
+    n samples per problem (default `eval_samples`). Fills `per_problem`, when given, with the per-problem
+    scores (`per_problem.per_problem_scores`)."""
     from selfdistill.study.probes import sample_accuracy
 
     settings = job.settings
@@ -159,6 +161,10 @@ def _sampled(model: Any, tokenizer: Any, job: RunJob, grader: Any, *, view: str 
         max_new_tokens=settings.max_new_tokens if split == "held_out" else settings.ood_max_new_tokens,
         temperature=settings.temperature, seed=EVAL_SEED, role="student" if view is None else "teacher",
         grader=grader)
+    if per_problem is not None:
+        from selfdistill.study.per_problem import per_problem_scores
+
+        per_problem.update(per_problem_scores(problems, records))
     return {**summary, **settings.task.trace_metrics(problems, records)}
 
 
@@ -175,8 +181,9 @@ def _measure(model: Any, tokenizer: Any, job: RunJob, grader: Any, *, teachers: 
     """The student's held-out (and out-of-distribution) samples and token entropy; with `teachers`, the
     same in distribution under every teacher view's prompt (keys "teacher_<view>")."""
     has_ood = bool(job.settings.held_out()[1])
-    result = {"student": {"summary": _sampled(model, tokenizer, job, grader),
-                          "token_entropy": _entropy(model, tokenizer, job, None)}}
+    per_problem: dict[str, list[float]] = {}  # metric -> one score per held-out problem (the claims' unit)
+    result = {"student": {"summary": _sampled(model, tokenizer, job, grader, per_problem=per_problem),
+                          "token_entropy": _entropy(model, tokenizer, job, None), "per_problem": per_problem}}
     if has_ood:
         result["student"]["ood"] = _sampled(model, tokenizer, job, grader, split="ood")
     if teachers:
@@ -220,7 +227,10 @@ def _train_and_measure(job: RunJob, folder: Path, grader: Any) -> dict[str, Any]
     result: dict[str, Any] = {"key": job.key, "name": job.name, "method": job.method, "seed": job.seed}
     started = time.perf_counter()
     if job.method is None:
+        import torch
+
         model, tokenizer = load_model(job.warm_start_dir)
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")  # where the trainer puts the runs' models
         result["train_seconds"] = 0.0
     else:
         from selfdistill.config import config_from_dict
@@ -270,10 +280,12 @@ def _write_train_file(problems: list[Any], path: Path) -> None:
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def plan_jobs(settings: StudySettings, out: Path, warm_folder: Path, train_file: Path) -> list[RunJob]:
-    """The base job, then seed-major training jobs (seed 0 of every method first)."""
+def plan_jobs(settings: StudySettings, out: Path, warm_folder: Path, train_file: Path,
+              base_id: str | None = None) -> list[RunJob]:
+    """The base job, then seed-major training jobs (seed 0 of every method first). `base_id` names the base's
+    weights in every key (default: the warm start folder's name)."""
     common = {"warm_start_dir": str(warm_folder), "train_file": str(train_file), "settings": settings}
-    warm_id = warm_folder.name  # ends in the warm start's own hash: new weights never reuse old results
+    warm_id = base_id or warm_folder.name  # ends in the warm start's own hash: new weights never reuse old results
     jobs = [RunJob(name="base", method=None, seed=EVAL_SEED, folder=str(out / "base"),
                    key=f"{settings.base_key()}-{warm_id}", **common)]
     for seed in range(settings.seeds):
@@ -308,28 +320,38 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
     columns = (TextColumn("[bold]{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
 
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        warm_task = bar.add_task("warm start", total=settings.warm_start.total_steps, status="cached?")
-        warm_folder = warm_start_dir(
-            settings.task, settings.warm_start, rebuild=rebuild_warm_start,
-            on_step=lambda step, loss: bar.update(warm_task, completed=step, status=f"loss {loss:.3f}"))
-        bar.update(warm_task, completed=settings.warm_start.total_steps, status=str(warm_folder.name))
-    warm_record = read_warm_start_record(warm_folder)
-    warm_source = "shipped" if warm_folder.parent == SHIPPED_DIR else "trained"
-    warm_digest = file_digests(warm_folder).get("model.safetensors")
-    console.print(f"warm start ({warm_source}): {warm_folder}  model.safetensors sha256 {warm_digest}")
+    base_model, base_id = None, None
+    if settings.model is not None:  # a given model is the base of every run: no warm start
+        from selfdistill.study.model_base import prepare_model_base
+
+        warm_folder, base_model, base_id = prepare_model_base(settings, out)
+        warm_record, warm_source, warm_digest = None, "model", None
+        console.print(f"base model: {warm_folder} ({base_id}); validation slice: {base_model['validation_problems']} "
+                      f"train problems kept out of the RL pool -> {out / base_model['validation_file']}")
+    else:
+        with Progress(*columns, console=console, disable=not progress) as bar:
+            warm_task = bar.add_task("warm start", total=settings.warm_start.total_steps, status="cached?")
+            warm_folder = warm_start_dir(
+                settings.task, settings.warm_start, rebuild=rebuild_warm_start,
+                on_step=lambda step, loss: bar.update(warm_task, completed=step, status=f"loss {loss:.3f}"))
+            bar.update(warm_task, completed=settings.warm_start.total_steps, status=str(warm_folder.name))
+        warm_record = read_warm_start_record(warm_folder)
+        warm_source = "shipped" if warm_folder.parent == SHIPPED_DIR else "trained"
+        warm_digest = file_digests(warm_folder).get("model.safetensors")
+        console.print(f"warm start ({warm_source}): {warm_folder}  model.safetensors sha256 {warm_digest}")
 
     # The RL problems as the teacher sees them (on the search task: the search-free worked solution).
     rl_problems = [settings.task.teacher_problem(p) for p in settings.task.splits().rl_train]
     train_file = out / "problems" / "rl_train.jsonl"
     _write_train_file(rl_problems, train_file)
-    jobs = plan_jobs(settings, out, warm_folder, train_file)
+    jobs = plan_jobs(settings, out, warm_folder, train_file, base_id)
     todo = [job for job in jobs if read_finished(Path(job.folder), job.key) is None]
     console.print(f"study: {len(jobs) - 1} runs + base evaluation; {len(jobs) - len(todo)} already done, "
                   f"{len(todo)} to do with {workers} worker process(es) -> {out}")
 
     study_record = {"settings": settings.to_json(), "warm_start": warm_record, "warm_start_dir": str(warm_folder),
-                    "warm_start_source": warm_source, "warm_start_sha256": warm_digest, "workers": workers}
+                    "warm_start_source": warm_source, "warm_start_sha256": warm_digest, "workers": workers,
+                    **({"base_model": base_model} if base_model is not None else {})}
     threads = max(1, (os.cpu_count() or 1) // workers)
     with Progress(*columns, console=console, disable=not progress) as bar, ProcessPoolExecutor(
         max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
@@ -342,7 +364,8 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
             base = read_finished(Path(base_job.folder), base_job.key)
         study_record["premise"], study_record["premise_holds"] = premise_lines(base, settings)
         try:
-            check_premise(base, settings)
+            if settings.premise_stops:  # off only for a smoke test (--quick on a benchmark): reported, not enforced
+                check_premise(base, settings)
         except StudyPremiseError as error:
             wall = round(time.perf_counter() - started, 1)
             write_json_atomic(out / STUDY_FILE, {**study_record, "wall_seconds": wall})
