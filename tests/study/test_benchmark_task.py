@@ -13,7 +13,7 @@ import pytest
 
 from selfdistill.data import Problem
 from selfdistill.evaluation.store import SampleRecord
-from selfdistill.study.benchmark_task import BENCHMARK_METHODS, BenchmarkStudyTask
+from selfdistill.study.benchmark_task import BENCHMARK_METHODS, QUICK_RL_PROBLEMS, BenchmarkStudyTask
 from selfdistill.study.cli import register  # noqa: F401 (the command module imports without torch)
 from selfdistill.study.model_base import model_identity
 from selfdistill.study.per_problem import per_problem_scores
@@ -44,7 +44,8 @@ def test_benchmark_settings_defaults_and_quick():
     assert set(settings.views) == {"rich", "weak"}
     quick = StudySettings.for_task("gsm8k", quick=True)
     assert quick.model == "smollm2" and quick.methods == QUICK_METHODS and quick.steps == 2 and quick.seeds == 1
-    assert quick.eval_limit == 4 and not quick.premise_stops
+    assert quick.eval_limit == 4 and not quick.premise_stops and quick.task.n_rl == QUICK_RL_PROBLEMS
+    assert StudySettings.for_task("gsm8k", quick=True, task_options={"n_rl": 9}).task.n_rl == 9
     assert StudySettings.for_task("gsm8k", quick=True, model="tiny").model == "tiny"  # --model wins over --quick's
     # the tiny-model tasks keep their prompt limit
     assert StudySettings.for_task("search").prompt_options == {"max_prompt_tokens": 512}
@@ -174,6 +175,7 @@ def test_study_gsm8k_quick_end_to_end(tmp_path, data_root):
     study = json.loads((out / "study.json").read_text())
     base_model = study["base_model"]
     assert base_model["model"] == "smollm2" and base_model["validation_problems"] == 500
+    assert base_model["rl_problems"] == QUICK_RL_PROBLEMS
     validation_ids = {json.loads(line)["id"] for line in (out / "problems" / "validation.jsonl").open()}
     rl_ids = {json.loads(line)["id"] for line in (out / "problems" / "rl_train.jsonl").open()}
     assert validation_ids == set(base_model["validation_ids"]) and not validation_ids & rl_ids

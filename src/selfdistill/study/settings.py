@@ -13,10 +13,9 @@ from typing import Any
 
 from selfdistill.study.benchmark_task import (
     BENCHMARK_METHODS,
-    BENCHMARK_QUICK,
-    BENCHMARK_SETTINGS,
     BENCHMARK_TASKS,
     BenchmarkStudyTask,
+    benchmark_settings,
 )
 from selfdistill.study.search_task import SearchStudyTask
 from selfdistill.study.task import StudyTask
@@ -252,7 +251,7 @@ class StudySettings:
         if quick:
             values.update(methods=QUICK_METHODS, seeds=1, steps=6, eval_every=3, eval_limit=16)
         if isinstance(values["task"], BenchmarkStudyTask):
-            values.update(BENCHMARK_QUICK if quick else BENCHMARK_SETTINGS)
+            values.update(benchmark_settings(values["task"], quick=quick))
         return cls(**{**values, **overrides})
 
     @property
