@@ -45,6 +45,7 @@ def test_benchmark_settings_defaults_and_quick():
     quick = StudySettings.for_task("gsm8k", quick=True)
     assert quick.model == "smollm2" and quick.methods == QUICK_METHODS and quick.steps == 2 and quick.seeds == 1
     assert quick.eval_limit == 4 and not quick.premise_stops and quick.task.n_rl == QUICK_RL_PROBLEMS
+    assert quick.lr == 1e-6 and quick.eval_samples == 2
     assert StudySettings.for_task("gsm8k", quick=True, task_options={"n_rl": 9}).task.n_rl == 9
     assert StudySettings.for_task("gsm8k", quick=True, model="tiny").model == "tiny"  # --model wins over --quick's
     # the tiny-model tasks keep their prompt limit
@@ -59,6 +60,18 @@ def test_the_default_benchmark_methods_are_the_claims_methods():
 def test_the_premise_switch_does_not_change_a_runs_key():
     settings = StudySettings.for_task("search")
     assert settings.run_key("grpo", 0) == StudySettings.for_task("search", premise_stops=False).run_key("grpo", 0)
+
+
+def test_a_failed_premise_names_the_base_model():
+    from selfdistill.study.runner import StudyPremiseError, check_premise
+
+    settings = StudySettings.for_task("gsm8k", model="smollm2", methods=("opsd",))
+    base = {"student": {"summary": {"avg@n": 0.5}}, "teacher_rich": {"summary": {"avg@n": 0.55}}}
+    with pytest.raises(StudyPremiseError, match=r"base model's premise fails: rich teacher .* 'smollm2': choose"):
+        check_premise(base, settings)
+    base["teacher_rich"]["summary"]["avg@n"] = 0.6
+    assert check_premise(base, settings) == [
+        "rich teacher Avg@8 0.600 vs student 0.500 (needs a margin of 0.1): holds"]
 
 
 @pytest.mark.parametrize(("options", "message"), [

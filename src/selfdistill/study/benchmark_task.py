@@ -156,11 +156,11 @@ class BenchmarkStudyTask:
 
 
 def benchmark_settings(task: BenchmarkStudyTask, *, quick: bool) -> dict[str, Any]:
-    """The `StudySettings` values of a study on `task`: `BENCHMARK_SETTINGS`, or with `quick` `BENCHMARK_QUICK` and
-    the task's RL pool cut to `QUICK_RL_PROBLEMS` (unless it is cut already)."""
+    """The `StudySettings` values of a study on `task`: `BENCHMARK_SETTINGS`, with `quick` overridden by
+    `BENCHMARK_QUICK` and the task's RL pool cut to `QUICK_RL_PROBLEMS` (unless it is cut already)."""
     if not quick:
         return dict(BENCHMARK_SETTINGS)
-    return {**BENCHMARK_QUICK, "task": replace(task, n_rl=task.n_rl or QUICK_RL_PROBLEMS)}
+    return {**BENCHMARK_SETTINGS, **BENCHMARK_QUICK, "task": replace(task, n_rl=task.n_rl or QUICK_RL_PROBLEMS)}
 
 
 BENCHMARK_TASKS = {name: functools.partial(BenchmarkStudyTask, benchmark=name) for name in STUDY_BENCHMARKS}

@@ -101,9 +101,10 @@ def check_premise(base: dict[str, Any], settings: StudySettings) -> list[str]:
     lines, holds = premise_lines(base, settings)
     if not holds:
         raise StudyPremiseError(
-            "the warm start's premise fails: " + "; ".join(lines) + ". Every self-distillation result from this "
-            "base would be moot, so the study stops. Rebuild the warm start (--rebuild-warm-start) or change its "
-            "settings.")
+            f"the {'warm start' if settings.model is None else 'base model'}'s premise fails: " + "; ".join(lines)
+            + ". Every self-distillation result from this base would be moot, so the study stops. "
+            + ("Rebuild the warm start (--rebuild-warm-start) or change its settings." if settings.model is None
+               else f"Its base is the given model {settings.model!r}: choose another (--model) or other prompts."))
     return lines
 
 
