@@ -3,7 +3,7 @@
 `prepare_model_base` resolves `StudySettings.model` to a local Hugging Face folder (SmolLM2 is converted into
 the cache on first use; nothing comes from the hub), names it by an identity that changes when its weights do
 (the folder name and a hash of its config and weight files' names and sizes: cheap on a multi-GB model, unlike
-a content hash), writes the validation slice the runs never train on, and returns the record study.json keeps.
+a content hash), and returns the record study.json keeps (with the validation slice the runs never train on).
 `base_model_section` is the report's section about that base (in place of the warm start's).
 """
 
@@ -47,18 +47,16 @@ def parameter_count(folder: Path) -> int | None:
     return total
 
 
-def prepare_model_base(settings: StudySettings, out: Path) -> tuple[Path, dict[str, Any], str]:
-    """(the model's folder, its record for study.json, its identity for the run keys); writes
-    `out/problems/validation.jsonl` (the slice of the train split that no run trains on)."""
+def prepare_model_base(settings: StudySettings) -> tuple[Path, dict[str, Any], str]:
+    """(the model's folder, its record for study.json, its identity for the run keys). The record names the file
+    the runner writes the validation slice to (`validation_file`, relative to the study folder)."""
     from selfdistill.models import model_folder
-    from selfdistill.study.runner import _write_train_file
 
     if settings.model is None:
         raise ValueError("prepare_model_base needs settings.model")
     folder = model_folder(settings.model)
     identity = model_identity(folder)
     validation = settings.task.validation()
-    _write_train_file(validation, out / "problems" / VALIDATION_FILE)
     splits = settings.task.splits()
     record = {
         "model": settings.model, "folder": str(folder), "identity": identity, "parameters": parameter_count(folder),
@@ -69,20 +67,12 @@ def prepare_model_base(settings: StudySettings, out: Path) -> tuple[Path, dict[s
     return folder, record, identity
 
 
-def base_model_section(results: Any) -> str:
-    """The report's section on the base model: what it is, the problems, its numbers under every prompt and the
-    premise check (`report._warm_start_section`'s counterpart when there is no warm start)."""
-    from selfdistill.study.report import PROMPT_LABELS, _base_spreads, _cell, _present
-    from selfdistill.study.results import markdown_table
-
-    study, base = results.study, results.study["base_model"]
-    settings, n = study["settings"], results.n
-    columns = _present(results, [(f"Avg@{n}", "avg", 3), ("pass@1", "pass@1", 3), (f"pass@{n}", f"pass@{n}", 3),
-                                 ("E(y)/response", "epistemic_per_response", 3),
-                                 *[(f"H {kind}", f"H_{kind}", 3) for kind in results.token_kinds],
-                                 ("length (tokens)", "length", 1)])
-    rows = [[PROMPT_LABELS.get(prompt, prompt)] + [_cell(_base_spreads(results, prompt), m, d) for _, m, d in columns]
-            for prompt in results.prompts]
+def base_model_section(study: dict[str, Any], prompt_table: str) -> str:
+    """The report's section on the base model (`report._warm_start_section`'s counterpart when there is no warm
+    start): what it is, the problems, its numbers under every prompt (`prompt_table`, built by the report) and the
+    premise check. `study`: the study.json record."""
+    base, settings = study["base_model"], study["settings"]
+    n = settings["eval_samples"]
     parameters = f", {base['parameters']:,} parameters" if base.get("parameters") else ""
     holds = study.get("premise_holds", True)
     premise_note = [] if holds or settings.get("premise_stops", True) else [
@@ -102,7 +92,7 @@ def base_model_section(results: Any) -> str:
         "forcing, by token kind (number: tokens of a number; text: the rest of the solution; forced: the end of "
         "sequence).",
         "",
-        markdown_table(["prompt", *[header for header, _, _ in columns]], rows),
+        prompt_table,
         "",
         f"Premise (each teacher view the methods use must beat the student prompt by {settings['premise_margin']:g} "
         f"Avg@{n}):",

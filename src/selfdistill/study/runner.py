@@ -325,7 +325,8 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
     if settings.model is not None:  # a given model is the base of every run: no warm start
         from selfdistill.study.model_base import prepare_model_base
 
-        warm_folder, base_model, base_id = prepare_model_base(settings, out)
+        warm_folder, base_model, base_id = prepare_model_base(settings)
+        _write_train_file(settings.task.validation(), out / base_model["validation_file"])
         warm_record, warm_source, warm_digest = None, "model", None
         console.print(f"base model: {warm_folder} ({base_id}); validation slice: {base_model['validation_problems']} "
                       f"train problems kept out of the RL pool -> {out / base_model['validation_file']}")
