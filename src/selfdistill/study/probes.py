@@ -97,7 +97,7 @@ def token_entropy(
                 ids, token_kinds = task.token_kinds(tokenizer, problem)
                 responses.append(ids + [tokenizer.eos_token_id])
                 kinds.append([*token_kinds, "forced"])
-            batch = pack(prompts, responses, pad_id=tokenizer.pad_token_id)
+            batch = pack(prompts, responses, pad_id=tokenizer.pad_token_id).to(next(model.parameters()).device)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids).logits  # [B, L, V]
             log_probs = batch.response_logits(logits).float().log_softmax(dim=-1)  # [B, T, V]

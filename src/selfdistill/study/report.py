@@ -107,6 +107,22 @@ def _warm_start_section(results: StudyResults) -> str:
     ])
 
 
+def _base_section(results: StudyResults) -> str:
+    """The warm start's section, or the base model's where a given model replaced the warm start."""
+    if "base_model" not in results.study:
+        return _warm_start_section(results)
+    from selfdistill.study.model_base import base_model_section
+
+    n = results.n
+    columns = _present(results, [(f"Avg@{n}", "avg", 3), ("pass@1", "pass@1", 3), (f"pass@{n}", f"pass@{n}", 3),
+                                 ("E(y)/response", "epistemic_per_response", 3),
+                                 *[(f"H {kind}", f"H_{kind}", 3) for kind in results.token_kinds],
+                                 ("length (tokens)", "length", 1)])
+    rows = [[PROMPT_LABELS.get(prompt, prompt)] + [_cell(_base_spreads(results, prompt), m, d) for _, m, d in columns]
+            for prompt in results.prompts]
+    return base_model_section(results.study, markdown_table(["prompt", *[header for header, _, _ in columns]], rows))
+
+
 def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -319,7 +335,7 @@ def build_report(folder: str | Path) -> Path:
         "",
         _preregistration_section(results),
         "",
-        _warm_start_section(results),
+        _base_section(results),
         "",
         _tuning_section(results),
         "",

@@ -11,12 +11,21 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from selfdistill.study.benchmark_task import (
+    BENCHMARK_METHODS,
+    BENCHMARK_TASKS,
+    BenchmarkStudyTask,
+    benchmark_settings,
+)
 from selfdistill.study.search_task import SearchStudyTask
 from selfdistill.study.task import StudyTask
 
 TASKS: dict[str, type] = {"search": SearchStudyTask, "chains": StudyTask}
 """Study task name -> task class: "search" (search with verified checks, the default since issue #15)
 and "chains" (operation chains, the first task)."""
+STUDY_TASKS: dict[str, Any] = {**TASKS, **BENCHMARK_TASKS}
+"""Every task `for_task` and the command line take: the warm-start tasks (`TASKS`) and the benchmarks with a train
+split (gsm8k), run on a given model (`StudySettings.model`)."""
 
 # Name in the study -> objective config (objective.name and its knobs), plus two reserved keys read
 # by the runner: "teacher_view" (the teacher condition, default "rich") and "optim" (optimizer overrides).
@@ -65,6 +74,7 @@ DEFAULT_METHODS = {
     "search": ("grpo", "grpo_token_mean", "opsd", "opsd_weak", "dasd", "dasd_shuffled", "conform", "novelty"),
     "chains": ("grpo", "opsd", "opsd_clip", "rlsd", "egrsd", "cl_egrsd", "dasd", "conform", "novelty",
                "dasd_divergence"),
+    **{name: BENCHMARK_METHODS for name in BENCHMARK_TASKS},
 }
 QUICK_METHODS = ("grpo", "opsd", "dasd")
 TUNING_METHODS = {"search": ("dasd", "dasd_beta0.1", "dasd_beta0.3", "dasd_beta1"), "chains": ()}
@@ -214,13 +224,21 @@ class StudySettings:
     listed candidate tried) over the student's held-out check lines must reach this, or the study stops (a
     search whose checks do not verify cannot reward exploring). The student must also beat the task's chance
     baseline (a listed candidate boxed at random)."""
-    task: StudyTask | SearchStudyTask = field(default_factory=SearchStudyTask)
+    task: StudyTask | SearchStudyTask | BenchmarkStudyTask = field(default_factory=SearchStudyTask)
     warm_start: WarmStartSettings | None = None
     """The warm start's settings (None: the task's `WARM_STARTS` entry)."""
+    model: str | None = None
+    """The base of every run on a benchmark task, instead of a warm start: a local Hugging Face folder, a training
+    run folder, or "smollm2" / "tiny", as `models.load_model` accepts (never fetched from the hub). Required by a
+    benchmark task, refused by the others (they train their own warm start). Only `warm_start.template` is read
+    then."""
+    premise_stops: bool = True
+    """Stop the study when the premise fails. False measures and reports it but runs the methods anyway: only for a
+    smoke test whose base scores about 0 under every prompt (`--quick` on a benchmark)."""
 
     def __post_init__(self) -> None:
         if self.warm_start is None:
-            object.__setattr__(self, "warm_start", WARM_STARTS[self.task.name])
+            object.__setattr__(self, "warm_start", WARM_STARTS.get(self.task.name, WarmStartSettings()))
         if self.methods is None:
             object.__setattr__(self, "methods", DEFAULT_METHODS[self.task.name])
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -253,16 +271,35 @@ class StudySettings:
             raise ValueError(f"eval_every and eval_limit must be >= 0, got {self.eval_every}, {self.eval_limit}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """A benchmark task needs a model to train, the warm-start tasks take none; the model must resolve locally."""
+        on_benchmark = isinstance(self.task, BenchmarkStudyTask)
+        if on_benchmark and self.model is None:
+            raise ValueError(f"the {self.task.name} task trains a given model: set model (--model PATH, a local "
+                             "Hugging Face folder; --quick uses SmolLM2)")
+        if not on_benchmark and self.model is not None:
+            raise ValueError(f"model (--model) replaces the warm start on a benchmark task "
+                             f"({', '.join(BENCHMARK_TASKS)}); the {self.task.name} task trains its own warm start")
+        if self.model is not None:
+            from selfdistill.models import resolve_model  # torch: only when a model is named
+
+            resolve_model(self.model)  # FileNotFoundError naming the path; builds nothing
 
     @classmethod
-    def for_task(cls, name: str, *, quick: bool = False, **overrides: Any) -> StudySettings:
-        """The settings of the study on task `name` ("search" or "chains"); `quick` is the end-to-end
-        check: 3 methods, 1 seed, 6 steps, 16 problems of each held-out set, the same (shipped) warm start."""
-        if name not in TASKS:
-            raise ValueError(f"unknown study task {name!r}; choose from {', '.join(TASKS)}")
-        values: dict[str, Any] = {"task": TASKS[name]()}
+    def for_task(cls, name: str, *, quick: bool = False, task_options: dict[str, Any] | None = None,
+                 **overrides: Any) -> StudySettings:
+        """The settings of the study on task `name` ("search", "chains" or a benchmark such as "gsm8k", whose
+        task is built with `task_options`); `quick` is the end-to-end check: 3 methods, 1 seed, 6 steps, 16
+        problems of each held-out set, the same (shipped) warm start (on a benchmark: `BENCHMARK_QUICK`)."""
+        if name not in STUDY_TASKS:
+            raise ValueError(f"unknown study task {name!r}; choose from {', '.join(STUDY_TASKS)}")
+        values: dict[str, Any] = {"task": STUDY_TASKS[name](**(task_options or {}))}
         if quick:
             values.update(methods=QUICK_METHODS, tuning=(), seeds=1, steps=6, eval_every=3, eval_limit=16)
+        if isinstance(values["task"], BenchmarkStudyTask):
+            values.update(benchmark_settings(values["task"], quick=quick))
         return cls(**{**values, **overrides})
 
     @property
@@ -271,6 +308,12 @@ class StudySettings:
         views = self.task.teacher_views(self.warm_start.template)
         used = {method_parts(m)[2] for m in self.methods}
         return {view: template for view, template in views.items() if view in used}
+
+    @property
+    def prompt_options(self) -> dict[str, Any]:
+        """`PromptBuilder` options of every prompt (student and teacher, evaluation and training): the benchmark
+        task's, else a 512-token prompt limit."""
+        return self.task.prompt_options() if isinstance(self.task, BenchmarkStudyTask) else {"max_prompt_tokens": 512}
 
     def evaluation_sets(self, evaluation: str = "test") -> tuple[list[Any], dict[str, list[Any]]]:
         """(the in-distribution problems, the out-of-distribution sets by name) a run is evaluated on, each cut
@@ -293,8 +336,9 @@ class StudySettings:
         from selfdistill.objectives import OBJECTIVES  # torch: only where runs are planned
 
         values = self.to_json()
-        for name in ("methods", "seeds", "tuning", "premise_margin", "verification_margin"):
+        for name in ("methods", "seeds", "tuning", "premise_margin", "verification_margin", "premise_stops"):
             del values[name]
+        del values["model"]  # the key's suffix names the base (the model's identity), as it names the warm start
         objective = METHODS[method]
         defaults = {k: repr(v) for k, v in OBJECTIVES[objective["name"]].knob_defaults().items()}
         payload = {"settings": values, "method": method, "objective": objective, "knob_defaults": defaults,
