@@ -62,6 +62,11 @@ def test_report_judges_the_registered_claims_with_chance_rows_tuning_and_plots(t
     (tmp_path / "runs" / "grpo-seed4" / "eval.json").unlink()
     assert "**Incomplete: not the registered plan.** The claims below are judged on the seeds every method " \
            "finished (0, 1, 2, 3 of 0..4)" in build_report(tmp_path).read_text()
+    import json  # an interrupted invocation: study.json was written before the runs, without a wall time
+
+    study = json.loads((tmp_path / "study.json").read_text())
+    (tmp_path / "study.json").write_text(json.dumps({**study, "wall_seconds": None}))
+    assert "the invocation did not finish" in build_report(tmp_path).read_text()
 
 
 def test_report_without_tuning_and_on_the_chains_task(tmp_path):

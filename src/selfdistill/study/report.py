@@ -288,8 +288,10 @@ def _timing_section(results: StudyResults) -> str:
         f"{settings['temperature']}, at most {settings['max_new_tokens']} new tokens per rollout and held-out "
         f"sample{ood}. {curve} {len(runs)} claim runs and {tuning_runs} tuning runs.",
         "",
-        f"Wall time of this invocation: **{results.study['wall_seconds'] / 60:.1f} min** with "
-        f"{results.study['workers']} worker process(es) (runs reused from an earlier invocation cost nothing here). "
+        (f"Wall time of this invocation: **{results.study['wall_seconds'] / 60:.1f} min** with "
+         if results.study.get("wall_seconds") is not None else "Wall time: **the invocation did not finish** ("
+         "interrupted); with ")
+        + f"{results.study['workers']} worker process(es) (runs reused from an earlier invocation cost nothing here). "
         f"Per claim run on average: training {statistics.fmean(r['train_seconds'] for r in runs):.0f} s, evaluations "
         f"during training {statistics.fmean(r.get('curve_eval_seconds', 0.0) for r in runs):.0f} s, final "
         f"evaluation {statistics.fmean(r['eval_seconds'] for r in runs):.0f} s.",

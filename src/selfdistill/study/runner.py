@@ -456,6 +456,8 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
             raise
         for line in study_record["premise"]:
             console.print(f"premise: {line}")
+        # written now and again at the end: an interrupted study can still be reported (`build_report`)
+        write_json_atomic(out / STUDY_FILE, {**study_record, "wall_seconds": None})
         bar.advance(overall, len(tuning_jobs) - len(todo_tuning))
         _run_jobs(pool, todo_tuning, bar, overall)
         tuning = choose_from_tuning(settings, tuning_jobs)
