@@ -184,7 +184,7 @@ def test_study_gsm8k_quick_end_to_end(tmp_path, data_root):
                    check=True, cwd=REPO, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     settings = StudySettings.for_task("gsm8k", quick=True)
     report = (out / "report.md").read_text()
-    assert "## Base model" in report and "no warm start" in report and "## Paired differences" in report
+    assert "## Base model" in report and "no warm start" in report and "## Registered claims" in report
     study = json.loads((out / "study.json").read_text())
     base_model = study["base_model"]
     assert base_model["model"] == "smollm2" and base_model["validation_problems"] == 500
