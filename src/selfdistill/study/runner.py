@@ -401,11 +401,12 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
 
     base_model, base_id = None, None
+    splits = settings.task.splits()  # once: on a benchmark it reads the data files
     if settings.model is not None:  # a given model is the base of every run: no warm start
         from selfdistill.study.model_base import prepare_model_base
 
         warm_folder, base_model, base_id = prepare_model_base(settings)
-        _write_train_file(list(settings.task.splits().validation), out / base_model["validation_file"])
+        _write_train_file(list(splits.validation), out / base_model["validation_file"])
         warm_record, warm_source, warm_digest = None, "model", None
         console.print(f"base model: {warm_folder} ({base_id}); validation slice: {base_model['validation_problems']} "
                       f"train problems kept out of the RL pool -> {out / base_model['validation_file']}")
@@ -422,7 +423,7 @@ def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, pro
         console.print(f"warm start ({warm_source}): {warm_folder}  model.safetensors sha256 {warm_digest}")
 
     train_file = out / "problems" / "rl_train.jsonl"
-    _write_train_file(settings.task.splits().rl_train, train_file)
+    _write_train_file(splits.rl_train, train_file)
     base_job, *_ = plan_jobs(settings, out, warm_folder, train_file, base_id=base_id)
     tuning_jobs = plan_tuning_jobs(settings, out, warm_folder, train_file, base_id=base_id)
     todo_tuning = [job for job in tuning_jobs if read_finished(Path(job.folder), job.key) is None]

@@ -170,8 +170,7 @@ class TraceAnalysis:
     def marker_rate(self) -> float | None:
         """Markers said per chance to say one: recoveries / (recoveries + unmarked retries); None without a
         failed check followed by another try."""
-        chances = self.recoveries + self.unmarked_retries
-        return self.recoveries / chances if chances else None
+        return pooled_marker_rate([self])
 
     @property
     def fork_spans(self) -> list[tuple[int, int]]:
@@ -267,6 +266,16 @@ def analyse_trace(puzzle: SearchPuzzle, text: str) -> TraceAnalysis:
 def analyse_completion(problem: Problem, completion: str) -> TraceAnalysis:
     """`analyse_trace` for a `search_checks` problem's completion (or its worked solution)."""
     return analyse_trace(parse_search_puzzle(problem.problem), completion)
+
+
+def pooled_marker_rate(analyses: Iterable[TraceAnalysis]) -> float | None:
+    """The marker rate over many traces: recoveries / (recoveries + unmarked retries), all pooled (None without a
+    failed check followed by another try)."""
+    said = chances = 0
+    for analysis in analyses:
+        said += analysis.recoveries
+        chances += analysis.recoveries + analysis.unmarked_retries
+    return said / chances if chances else None
 
 
 def pooled_step_acc(analyses: Iterable[TraceAnalysis]) -> float | None:
@@ -498,8 +507,6 @@ class SearchStudyTask:
         listed = [(line, gold) for line, gold in checks if line.listed]
         on_answer = [line.verdict == "yes" for line, gold in listed if line.candidate == gold]
         on_wrong = [line.verdict == "yes" for line, gold in listed if line.candidate != gold]
-        recoveries = sum(a.recoveries for a in analyses)
-        chances = recoveries + sum(a.unmarked_retries for a in analyses)
         yes_on_answer = statistics.fmean(on_answer) if on_answer else None
         yes_on_wrong = statistics.fmean(on_wrong) if on_wrong else None
         return {
@@ -509,7 +516,7 @@ class SearchStudyTask:
             "recoveries_per_response": statistics.fmean(a.recoveries for a in analyses),
             "first_try_right": statistics.fmean(
                 bool(a.lines) and a.lines[0].candidate == int(a.gold) for a in analyses),
-            "marker_rate": recoveries / chances if chances else None,
+            "marker_rate": pooled_marker_rate(analyses),
             "yes_on_answer": yes_on_answer,
             "yes_on_wrong": yes_on_wrong,
             "verification_gap": (yes_on_answer - yes_on_wrong
@@ -529,10 +536,8 @@ class SearchStudyTask:
         for problem in problems:
             own = grouped[problem.id]
             analyses = [analyse_completion(problem, record.completion) for record in own]
-            recoveries = sum(a.recoveries for a in analyses)
-            chances = recoveries + sum(a.unmarked_retries for a in analyses)
-            step_acc = pooled_step_acc(analyses)
+            step_acc, marker_rate = pooled_step_acc(analyses), pooled_marker_rate(analyses)
             scores["avg"].append(statistics.fmean(r.correct for r in own) if own else math.nan)
-            scores["epistemic"].append(recoveries / chances if chances else math.nan)
+            scores["epistemic"].append(math.nan if marker_rate is None else marker_rate)
             scores["step_acc"].append(math.nan if step_acc is None else step_acc)
         return scores
