@@ -22,6 +22,21 @@ def test_cli_registers_the_study_command():
     assert args.quick and args.seeds == 2 and args.methods == ["grpo,dasd"] and args.out == "x"
 
 
+def test_cli_evaluation_flags_reach_the_settings(tmp_path, monkeypatch):
+    """--eval-samples and --curves set the settings the runs use (the default: 8 samples, no curves)."""
+    import selfdistill.study.runner as runner
+    from selfdistill.cli import build_parser
+
+    seen = []
+    monkeypatch.setattr(runner, "run_study", lambda settings, out, **_: seen.append(settings))
+    for argv, expected in ((["--no-tuning"], (8, 0)), (["--eval-samples", "16", "--curves", "10"], (16, 10))):
+        args = build_parser().parse_args(["study", "--out", str(tmp_path), *argv])
+        assert args.func(args) == 0
+        assert (seen[-1].eval_samples, seen[-1].eval_every) == expected
+    args = build_parser().parse_args(["study", "--out", str(tmp_path), "--eval-samples", "0"])
+    assert args.func(args) == 2  # refused with the setting named, before any run
+
+
 @pytest.mark.slow
 def test_study_quick_end_to_end(tmp_path):
     out = tmp_path / "study"

@@ -32,10 +32,10 @@ BENCHMARK_METHODS = ("grpo", "grpo_token_mean", "opsd", "opsd_weak", "dasd", "da
                      "novelty")
 """Default methods on a benchmark: the ones the pre-registered claims compare (`study.preregistration`)."""
 
-BENCHMARK_SETTINGS: dict[str, Any] = {"lr": 1e-6, "eval_samples": 8, "eval_every": 0}
+BENCHMARK_SETTINGS: dict[str, Any] = {"lr": 1e-6}
 """`StudySettings` values of a study on a benchmark: AdamW at 1e-6 (full fine-tuning of a pretrained LLM; the tiny
-model's 1e-4 would wreck it), 8 samples per held-out problem (every test problem is evaluated), no held-out curve
-during training (each point would sample the whole test split again)."""
+model's 1e-4 would wreck it). The defaults' 8 samples per held-out problem and no held-out curve during training
+(each point would sample the whole test split again) hold here too."""
 
 BENCHMARK_QUICK: dict[str, Any] = {
     "model": "smollm2", "methods": ("grpo", "opsd", "dasd"), "seeds": 1, "steps": 2, "prompts_per_step": 1,

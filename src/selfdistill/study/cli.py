@@ -25,6 +25,10 @@ def _study(args: argparse.Namespace) -> int:
         overrides["steps"] = args.steps
     if args.lr is not None:
         overrides["lr"] = args.lr
+    if args.eval_samples is not None:
+        overrides["eval_samples"] = args.eval_samples
+    if args.curves is not None:
+        overrides["eval_every"] = args.curves
     if args.model is not None:
         overrides["model"] = args.model
     task_options = {}
@@ -97,6 +101,12 @@ def register(commands: argparse._SubParsersAction) -> None:
                             + " ".join(DEFAULT_METHODS[next(iter(BENCHMARK_TASKS))]) + "; --quick: grpo opsd dasd)")
     study.add_argument("--steps", type=int, help="optimizer steps per run (default 30; --quick: 6)")
     study.add_argument("--lr", type=float, help="learning rate of every run (default 1e-4; on a benchmark 1e-6)")
+    study.add_argument("--eval-samples", type=int,
+                       help="samples per evaluated problem: Avg@k and pass@k for k up to it (default 8; a "
+                            "benchmark's --quick: 2)")
+    study.add_argument("--curves", type=int, metavar="EVERY",
+                       help="also evaluate every EVERY steps during training, for the held-out curves (default 0: only "
+                            "at the end; --quick: 3)")
     study.add_argument("--out", help="study folder (default runs/study-<task>, or runs/study-<task>-quick)")
     study.add_argument("--rebuild-warm-start", action="store_true",
                        help="train the warm start (on one thread, into the cache: about 15 min) instead of using the "
