@@ -3,6 +3,7 @@ against `fsdp2`, on the SmolLM2-135M architecture (random weights) in full fine-
 
     python bench/fsdp2_memory.py                      # 3 steps per run; prints a Markdown table and the ratios
     python bench/fsdp2_memory.py --steps 4 --max-new-tokens 64
+    python bench/fsdp2_memory.py --gradient-checkpointing   # both runs recompute activations in the backward pass
 
 Each run is `torchrun --standalone --nproc_per_node 2` of this script's worker, training dasd (its frozen teacher is
 a copy of the initial weights) for `--steps` steps; every process reports its peak resident memory (`ru_maxrss`,
@@ -62,7 +63,7 @@ def worker(spec: dict) -> None:
 
     torch.set_num_threads(1)
     config = config_from_dict({
-        "model": {"path": spec["model"], "dtype": "float32"},
+        "model": {"path": spec["model"], "dtype": "float32", "gradient_checkpointing": spec["recompute"]},
         "data": {"dataset": "synthetic:operation_chains", "num_problems": 64},
         "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": spec["max_new_tokens"]},
         "objective": {"name": "dasd"},
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--glibc-default", action="store_true", help="leave glibc's dynamic mmap threshold")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="model.gradient_checkpointing in both runs: activations recomputed in the backward pass")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -114,7 +117,8 @@ def main() -> None:
             out = Path(tmp) / label
             out.mkdir()
             spec = {"model": str(model), "strategy": label, "steps": args.steps,
-                    "max_new_tokens": args.max_new_tokens, "run_dir": str(out / "run"), "out": str(out)}
+                    "max_new_tokens": args.max_new_tokens, "recompute": args.gradient_checkpointing,
+                    "run_dir": str(out / "run"), "out": str(out)}
             results[label] = launch(spec, args.glibc_default)
     rows = []
     ddp_peak = max(r["peak_mib"] for r in results["ddp"])
@@ -130,7 +134,9 @@ def main() -> None:
     print(f"SmolLM2-135M architecture (random weights), full fine-tuning, float32, dasd with a frozen teacher, "
           f"2 processes (gloo), 2 prompts x 4 samples per step, {args.max_new_tokens} new tokens, {args.steps} steps "
           f"(step time: mean of steps 2..{args.steps}); MALLOC_MMAP_THRESHOLD_ "
-          f"{'glibc default' if args.glibc_default else '1 MiB'}; load average before the table: {load}\n")
+          f"{'glibc default' if args.glibc_default else '1 MiB'}; activations "
+          f"{'recomputed in the backward pass' if args.gradient_checkpointing else 'kept'}; "
+          f"load average before the table: {load}\n")
     print("\n".join(markdown_table(["run", "peak RSS per process (MiB, rank 0 / 1)", "peak after set-up (MiB)",
                                     "peak vs ddp", "s / step", "step vs ddp", "skipped"], "lrrrrrr", rows)))
 
