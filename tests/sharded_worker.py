@@ -40,7 +40,7 @@ CASES = {
     "opsd_lora": {"objective": {"name": "opsd"}, "model": {"lora_rank": 4, "lora_alpha": 8.0}},
     # activations recomputed in the backward pass: each decoder layer's forward runs again there, and FSDP2
     # gathers its weights again for it
-    "dasd_recompute": {"objective": {"name": "dasd"}, "model": {"gradient_checkpointing": True}},
+    "opsd_recompute": {"objective": {"name": "opsd"}, "model": {"gradient_checkpointing": True}},
     # the output layer as its own FSDP unit (the tiny model ties it to the embedding): a copy with it untied
     "opsd_untied": {"objective": {"name": "opsd"}, "model": {"path": "UNTIED"}},
     # the scoring pass with a teacher: its output weight kept (copied) for the updates; one rollout step (4 updates:

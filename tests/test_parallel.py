@@ -98,8 +98,8 @@ def test_two_fsdp2_processes_equal_one_process_with_ema_live_teachers_lora_untie
     live (the student itself), and LoRA under FSDP2 with the frozen teacher being the base (adapters off); an
     untied output layer (its own FSDP unit, gathered for the fused pass, its gradient reduce-scattered); dasd with
     2 PPO epochs x 2 mini-batches (the scoring pass keeps the sharded teacher's output weight for the updates);
-    dasd with activation recomputation (model.gradient_checkpointing: the layers re-gathered in backward)."""
-    compare(tmp_path, ["opsd_ema", "dasd_live", "opsd_lora", "opsd_untied", "dasd_ppo", "dasd_recompute"])
+    opsd with activation recomputation (model.gradient_checkpointing: the layers re-gathered in backward)."""
+    compare(tmp_path, ["opsd_ema", "dasd_live", "opsd_lora", "opsd_untied", "dasd_ppo", "opsd_recompute"])
 
 
 @pytest.mark.slow
