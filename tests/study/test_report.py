@@ -1,5 +1,7 @@
 """selfdistill.study.report: the pre-registration, tuning, claims, tables and plots of a finished study."""
 
+import json
+
 import pytest
 
 from selfdistill.study.plots import PLOTS
@@ -81,3 +83,17 @@ def test_report_without_tuning_and_on_the_chains_task(tmp_path):
     assert not (tmp_path / "ood_breadth_avg_at_k.png").exists() and (tmp_path / "token_entropy.png").exists()
     results = load_results(tmp_path)
     assert results.task == "chains" and not results.ood_sets and results.token_kinds == ["free", "forced"]
+
+
+def test_report_leaves_out_the_held_out_curves_when_no_run_measured_them(tmp_path):
+    """With `eval_every` 0 (the default) runs have no held-out curve: no plot draws one as a line from the warm start
+    to the end."""
+    _fake_study(tmp_path, {"grpo": _seeds(2, avg=0.42, ood=0.20), "dasd": _seeds(2, avg=0.40, ood=0.25)})
+    for path in tmp_path.glob("runs/*/eval.json"):
+        evaluation = json.loads(path.read_text())
+        path.write_text(json.dumps({**evaluation, "held_out_curve": []}))
+    text = build_report(tmp_path).read_text()
+    for name in ("avg_at_k.png", "marker_rate.png", "ood_breadth_avg_at_k.png", "ood_depth_avg_at_k.png"):
+        assert not (tmp_path / name).exists() and f"]({name})" not in text
+    for name in ("entropy.png", "reward.png", "pass_at_k.png", "token_entropy.png"):
+        assert (tmp_path / name).stat().st_size > 0 and f"]({name})" in text

@@ -14,7 +14,8 @@ from typing import Any
 
 from selfdistill.study.results import CURVE_SCALARS, StudyResults, curve_band, held_out_band
 
-# Every plot file; "ood_<set>_avg_at_k.png" only on a task with out-of-distribution sets.
+# Every plot file; "ood_<set>_avg_at_k.png" only on a task with out-of-distribution sets, and the held-out curves
+# ("avg_at_k", "marker_rate", "ood_<set>_avg_at_k") only when the runs measured them during training.
 PLOTS = ("entropy.png", "reward.png", "avg_at_k.png", "marker_rate.png", "ood_breadth_avg_at_k.png",
          "ood_depth_avg_at_k.png", "pass_at_k.png", "token_entropy.png")
 
@@ -136,16 +137,20 @@ def write_plots(results: StudyResults, folder: Path) -> list[tuple[Path, str]]:
     curve_n = results.study["settings"].get("curve_samples", n)
     # Avg@k has the same expectation for every k: the curve's Avg@curve_n and the final Avg@n share the axis
     avg = f"Avg@k (k = {curve_n} during training, {n} at the end)" if curve_n != n else f"Avg@{n}"
-    plots = [
-        (plotter.held_out("avg@n", "avg_at_k.png", f"held-out {avg}"), f"held-out Avg@{n} during training"),
-    ]
-    if "marker_rate" in results.base_scalars():
-        plots.append((plotter.held_out("marker_rate", "marker_rate.png", "held-out marker rate"),
-                      "held-out marker rate (markers said per failed check followed by another try) during training"))
-    for split in results.ood_sets:
-        plots.append((plotter.held_out(f"ood_{split}_avg@n", f"ood_{split}_avg_at_k.png",
-                                       f"out-of-distribution ({split}) {avg}"),
-                      f"out-of-distribution ({split}) Avg@{n} during training"))
+    plots = []
+    # held-out curves only where runs measured them during training (`eval_every`); without, such a plot would
+    # be a straight line from the warm start to the final evaluation
+    if any(run.evaluation.get("held_out_curve") for runs in results.runs.values() for run in runs):
+        plots.append((plotter.held_out("avg@n", "avg_at_k.png", f"held-out {avg}"),
+                      f"held-out Avg@{n} during training"))
+        if "marker_rate" in results.base_scalars():
+            plots.append((plotter.held_out("marker_rate", "marker_rate.png", "held-out marker rate"),
+                          "held-out marker rate (markers said per failed check followed by another try) during "
+                          "training"))
+        for split in results.ood_sets:
+            plots.append((plotter.held_out(f"ood_{split}_avg@n", f"ood_{split}_avg_at_k.png",
+                                           f"out-of-distribution ({split}) {avg}"),
+                          f"out-of-distribution ({split}) Avg@{n} during training"))
     plots += [
         (plotter.training("entropy", "entropy.png", "mean token entropy of rollouts (nats)"),
          "entropy during training"),
