@@ -50,7 +50,7 @@ def test_premise_check_needs_every_used_teacher_view_to_beat_the_student_by_the_
     settings = StudySettings(methods=("grpo", "opsd", "opsd_weak"), premise_margin=0.1)
     lines = check_premise(_base(0.2, rich=0.7, weak=0.31), settings)
     assert len(lines) == 2 and all(line.endswith("holds") for line in lines)
-    with pytest.raises(StudyPremiseError, match="weak teacher Avg@16 0.290 vs student 0.200"):
+    with pytest.raises(StudyPremiseError, match="weak teacher Avg@8 0.290 vs student 0.200"):
         check_premise(_base(0.2, rich=0.7, weak=0.29), settings)
     # a view no method uses is not checked
     only_rich = StudySettings(methods=("grpo", "opsd"), premise_margin=0.1)
