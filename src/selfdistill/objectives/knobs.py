@@ -113,8 +113,11 @@ class DasdKnobs(DasdRoutingKnobs):
     Where the defaults come from (docs/study.md) [recon]: beta = 0.03 (it was 1.0) is the third study's tuning
     choice, on its own seeds (`study.preregistration.TUNING_SEEDS`) and a validation slice of the RL pool, never
     the claims' seeds or held-out sets: the highest mean validation Avg@8 of {0.03, 0.1, 0.3, 1} (0.704, 0.695,
-    0.519, 0.278). `push_signal="jsd"`, the bounded push (it was `"log_ratio"`), is still the second study's
-    choice, made on the seeds that then judged it (issue #23), and not retuned: provisional.
+    0.519, 0.278). `push_signal="jsd"`, the bounded push (it was `"log_ratio"`), came from the second study and
+    was then checked on the same validation side (mean validation Avg@8 0.704 vs 0.651 for the raw log-ratio).
+    `scale_floor=0.1` also came from the second study; the validation-side check favours no floor (0.747 vs
+    0.704, higher in every tuning seed), but it stays 0.1 because the third study's claim runs used it: to be
+    retuned with beta in the next study (docs/study.md).
     """
 
     push_signal: str = "jsd"
