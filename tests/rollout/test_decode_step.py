@@ -32,6 +32,18 @@ def step_records(caplog):
     return [r for r in caplog.records if r.name == LOGGER]
 
 
+def compiled_twice_against_eager(model, tok, prompts, caplog):
+    """Two `decode="compiled"` calls, the first checked to sample what the eager loop samples; returns the log
+    records of the step choice (one backend, so a fallback must be said once, not per call)."""
+    reference = generate(HFBackend(model, tok, decode="eager"), prompts)
+    backend = HFBackend(model, tok, decode="compiled")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        result = generate(backend, prompts)
+        generate(backend, prompts)
+    assert torch.equal(result.response_ids, reference.response_ids)
+    return step_records(caplog)
+
+
 @pytest.mark.slow  # compiles a tiny model's step
 @pytest.mark.parametrize("arch, kv_heads", [("qwen2", None), ("llama", 2)], ids=["qwen2", "llama-gqa"])
 def test_compiled_step_samples_what_the_eager_step_samples(tok, prompts, caplog, arch, kv_heads):
@@ -70,13 +82,7 @@ def test_auto_runs_the_eager_step_and_says_so_once(random_model, tok, prompts, c
 
 def test_no_compiler_falls_back_to_eager_with_one_warning(random_model, tok, prompts, caplog, monkeypatch):
     monkeypatch.setattr(decode_step.shutil, "which", lambda name: None)
-    reference = generate(HFBackend(random_model, tok, decode="eager"), prompts)
-    backend = HFBackend(random_model, tok, decode="compiled")
-    with caplog.at_level(logging.INFO, logger=LOGGER):
-        result = generate(backend, prompts)
-        generate(backend, prompts)
-    assert torch.equal(result.response_ids, reference.response_ids)
-    records = step_records(caplog)
+    records = compiled_twice_against_eager(random_model, tok, prompts, caplog)
     assert len(records) == 1 and records[0].levelno == logging.WARNING
     assert "no C++ compiler" in records[0].getMessage()
 
@@ -92,14 +98,9 @@ def test_compile_error_falls_back_to_eager_with_one_warning(random_model, tok, p
 
     monkeypatch.setattr(decode_step, "_compiled", lambda: failing_step)
     monkeypatch.setattr(decode_step, "compiler_unavailable", lambda device: None)
-    reference = generate(HFBackend(random_model, tok, decode="eager"), prompts)
-    backend = HFBackend(random_model, tok, decode="compiled")
-    with caplog.at_level(logging.INFO, logger=LOGGER):
-        result = generate(backend, prompts)
-        generate(backend, prompts)
-    assert torch.equal(result.response_ids, reference.response_ids)
+    records = compiled_twice_against_eager(random_model, tok, prompts, caplog)
     assert len(calls) == 1  # tried once, then never again
-    messages = [(r.levelno, r.getMessage()) for r in step_records(caplog)]
+    messages = [(r.levelno, r.getMessage()) for r in records]
     assert messages[0][0] == logging.INFO and "compiled one-token step" in messages[0][1]
     assert len(messages) == 2 and messages[1][0] == logging.WARNING
     assert "the compiled step failed (RuntimeError: inductor: simulated compile failure)" in messages[1][1]
