@@ -53,7 +53,8 @@ def main() -> int:
     problems = list(report)
     files_a, files_b = result_files(args.a), result_files(args.b)
     if files_a != files_b:
-        problems.append(f"result files in one folder only: {', '.join(str(p) for p in sorted(set(files_a) ^ set(files_b)))}")
+        alone = sorted(set(files_a) ^ set(files_b))
+        problems.append(f"result files in one folder only: {', '.join(map(str, alone))}")
     same = 0
     for name in sorted(set(files_a) & set(files_b)):
         x, y = (without_durations(json.loads((folder / name).read_text())) for folder in (args.a, args.b))
