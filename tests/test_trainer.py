@@ -395,9 +395,16 @@ def test_a_ppo_step_does_not_depend_on_the_micro_batch_size(tmp_path):
         assert metrics["updates"] == 4
         weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
         trainer.grader.close()
+    # Micro-batches sum the loss in another order. Where a gradient entry is the residue of cancelling terms, that
+    # order changes it relatively much, and Adam, sign-like on its first updates, turns it into up to a step's size:
+    # on AVX-512 machines one entry in 16k moved 1.3e-5 (lr 1e-3). Almost every entry must agree to 1e-5, and each
+    # within a tenth of a step; a wrong normalization or a lost micro-batch moves most entries by far more.
+    lr = config.optim.lr
     for other in weights[1:]:
         for name in weights[0]:
-            torch.testing.assert_close(other[name], weights[0][name], rtol=1e-5, atol=1e-5, msg=name)
+            gap = (other[name] - weights[0][name]).abs()
+            assert (gap > 1e-5).float().mean() <= 1e-4, name
+            assert gap.max() <= 0.1 * lr, name
 
 
 def test_resume_gives_identical_metrics_and_parameters(tmp_path):
