@@ -9,9 +9,10 @@ from selfdistill.study.report import build_report
 from selfdistill.study.results import load_results
 from tests.study.helpers import _fake_study
 
-TUNING = {"methods": {"dasd": {"validation_avg": [0.40, 0.42, 0.41], "beta": 0.03},
-                      "dasd_beta0.3": {"validation_avg": [0.45, 0.44, 0.46], "beta": 0.3}},
-          "chosen": "dasd_beta0.3", "tuned": {"beta": 0.3}}
+TUNING = {"methods": {"dasd_beta0.03_floor0.1": {"validation_avg": [0.40, 0.42, 0.41], "beta": 0.03,
+                                                "scale_floor": 0.1},
+                      "dasd_beta0.1_floor0": {"validation_avg": [0.45, 0.44, 0.46], "beta": 0.1, "scale_floor": 0.0}},
+          "chosen": "dasd_beta0.1_floor0", "tuned": {"beta": 0.1, "scale_floor": 0.0}}
 
 
 def _seeds(count, **values):
@@ -33,7 +34,9 @@ def test_report_judges_the_registered_claims_with_chance_rows_tuning_and_plots(t
                     "## Budget and timing"):
         assert f"\n{heading}" in text
     assert "commit `0123abc`" in text and "SHA-256 `cd`" in text
-    assert "Chosen: **dasd_beta0.3**" in text and "beta = 0.3" in text and "| dasd | 0.03 | 0.410 ± 0.010 |" in text
+    assert "Chosen: **dasd_beta0.1_floor0**" in text and "used beta = 0.1, scale_floor = 0." in text
+    assert "| dasd_beta0.03_floor0.1 | 0.03 | 0.1 | 0.410 ± 0.010 |" in text
+    assert "| tuning run | beta | scale_floor | validation Avg@" in text
     assert "| a listed candidate at random | 0.330 |" in text and "| a listed candidate at random | 0.200 |" in text
     assert "| base (warm start) | 0.300 |" in text and "| grpo (5) | 0.420 ± 0.000 |" in text
     assert "| teacher, weak view (problem + answer only) | 0.700 |" in text

@@ -148,22 +148,30 @@ def test_tuning_runs_use_their_own_seeds_and_the_validation_slice_and_feed_the_d
     assert {job.seed for job in tuning} == set(TUNING_SEEDS) and {job.evaluation for job in tuning} == {"validation"}
     assert {job.method for job in tuning} == set(settings.tuning) and all("/tuning/" in job.folder for job in tuning)
     assert not set(TUNING_SEEDS) & set(range(settings.seeds))
-    for job, result in zip(tuning, [0.40, 0.45, 0.45, 0.30] * len(TUNING_SEEDS), strict=True):
+    # the grid's order: beta 0.01, 0.03, 0.1, each with floor 0 then 0.1
+    assert settings.tuning == ("dasd_beta0.01_floor0", "dasd_beta0.01_floor0.1", "dasd_beta0.03_floor0",
+                               "dasd_beta0.03_floor0.1", "dasd_beta0.1_floor0", "dasd_beta0.1_floor0.1")
+    for job, result in zip(tuning, [0.45, 0.45, 0.45, 0.40, 0.30, 0.30] * len(TUNING_SEEDS), strict=True):
         Path(job.folder).mkdir(parents=True)
         (Path(job.folder) / EVAL_FILE).write_text(json.dumps({"key": job.key, "student": {"summary": {
             "avg@n": result}}}))
     record = choose_from_tuning(settings, tuning)
-    # dasd_beta0.1 and dasd_beta0.3 tie at 0.45: the smaller beta wins
-    assert record["chosen"] == "dasd_beta0.1" and record["tuned"] == {"beta": 0.1}
-    assert record["methods"]["dasd"] == {"validation_avg": [0.40] * 3, "beta": 0.03}
+    # three tie at 0.45: the smaller beta (0.01) wins, then, between its two floors, the larger one
+    tuned = {"beta": 0.01, "scale_floor": 0.1}
+    assert record["chosen"] == "dasd_beta0.01_floor0.1" and record["tuned"] == tuned
+    assert record["methods"]["dasd_beta0.03_floor0.1"] == {"validation_avg": [0.40] * 3, "beta": 0.03,
+                                                           "scale_floor": 0.1}
     claims = plan_jobs(settings, tmp_path, tmp_path / "warm", tmp_path / "train.jsonl", record["tuned"])[1:]
     given = {job.method: job.overrides for job in claims}
-    assert given == {"grpo": {}, "dasd": {"beta": 0.1}, "conform": {"beta": 0.1}, "dasd_shuffled": {"beta": 0.1},
-                     "opsd": {}}
+    assert given == {"grpo": {}, "dasd": tuned, "conform": tuned, "dasd_shuffled": tuned, "opsd": {}}
     assert {job.evaluation for job in claims} == {"test"}
     dasd = next(job for job in claims if job.method == "dasd")
-    assert run_config(dasd)["objective"] == {"name": "dasd", "beta": 0.1, "teacher": "frozen"}
-    assert tuned_overrides("dasd_beta1", {"beta": 0.1}) == {}  # a method that sets the knob keeps its own
+    assert run_config(dasd)["objective"] == {"name": "dasd", **tuned, "teacher": "frozen"}
+    # a higher mean wins whatever the knobs; knob values the library defaults give are read from the loss
+    values = {"a": {"beta": 1.0, "scale_floor": 0.0}, "b": {"beta": 0.01, "scale_floor": 0.1}}
+    assert choose_tuned({"a": [0.5, 0.7], "b": [0.59, 0.6]}, values) == "a"
+    assert choose_from_tuning(settings, tuning[:1])["methods"]["dasd_beta0.01_floor0"]["scale_floor"] == 0.0
+    assert tuned_overrides("dasd_beta1", tuned) == {}  # a method that sets a tuned knob keeps its own
     assert choose_from_tuning(settings, []) == {"methods": {}, "chosen": None, "tuned": {}}
     with pytest.raises(ValueError):
         choose_tuned({}, {})

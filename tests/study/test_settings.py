@@ -2,7 +2,7 @@
 
 import pytest
 
-from selfdistill.study.preregistration import CLAIMS
+from selfdistill.study.preregistration import CLAIMS, TUNED_KNOBS
 from selfdistill.study.search_task import SearchStudyTask
 from selfdistill.study.settings import METHODS, QUICK_METHODS, TUNING_METHODS, StudySettings, method_parts
 
@@ -41,7 +41,9 @@ def test_settings_follow_the_task():
     with pytest.raises(ValueError, match="unknown study task"):
         StudySettings.for_task("sums")
     assert set(TUNING_METHODS["search"]) <= set(METHODS)
-    # the tuning runs vary DASD's beta alone
+    # the tuning runs vary DASD's tuned knobs alone, and set every one of them (no run rests on a library default)
     for name in TUNING_METHODS["search"]:
         objective, optim, view = method_parts(name)
-        assert objective["name"] == "dasd" and view == "rich" and not optim and set(objective) <= {"name", "beta"}
+        assert objective["name"] == "dasd" and view == "rich" and not optim
+        assert set(objective) == {"name", *TUNED_KNOBS}
+    assert len({tuple(method_parts(name)[0].items()) for name in TUNING_METHODS["search"]}) == 6

@@ -69,9 +69,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="The pre-registered study (selfdistill/study/preregistration.py): from the same warm start of a "
                     "tiny model (shipped with the package), after checking its premise (the teacher prompt beats the "
                     "student prompt, the student's checks verify, the student beats chance), tuning runs choose DASD's "
-                    "beta on a validation slice, then every method trains on the claim seeds and is evaluated "
-                    "held-out and out of distribution; report.md judges the registered claims (paired bootstrap, "
-                    "Holm) with tables and plots. Finished runs in --out are reused. "
+                    "beta and delta-scale floor on a validation slice, then every method trains on the claim seeds "
+                    "and is evaluated held-out and out of distribution; report.md judges the registered claims "
+                    "(paired bootstrap, Holm) with tables and plots. Finished runs in --out are reused. "
                     "Exit status 3: the premise failed.",
     )
     study.add_argument("--task", choices=sorted(STUDY_TASKS), default="search",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.study.plots import write_plots
-from selfdistill.study.preregistration import ALPHA, CONFIDENCE, TUNED_KNOB, judge
+from selfdistill.study.preregistration import ALPHA, CONFIDENCE, judge
 from selfdistill.study.results import (
     FINAL_WINDOW,
     Spread,
@@ -176,19 +176,21 @@ def _tuning_section(results: StudyResults) -> str:
     if not tuning.get("chosen"):
         return "## Tuning\n\nNo tuning runs: every method used the library's defaults."
     n = results.n
-    rows = [[method, f"{entry[TUNED_KNOB]:g}", Spread(entry["validation_avg"]).text(),
+    knobs = list(tuning["tuned"])  # the knobs this study's tuning chose (its record says which)
+    rows = [[method, *(f"{entry[knob]:g}" for knob in knobs), Spread(entry["validation_avg"]).text(),
              ", ".join(f"{v:.3f}" for v in entry["validation_avg"])]
             for method, entry in tuning["methods"].items()]
+    chosen = ", ".join(f"{knob} = {value:g}" for knob, value in tuning["tuned"].items())
     return "\n".join([
         "## Tuning",
         "",
-        f"DASD's {TUNED_KNOB} chosen on the validation slice (the rule: the highest mean validation Avg@{n} over "
-        "the tuning seeds; a tie goes to the smaller value):",
+        f"DASD's {', '.join(knobs)} chosen on the validation slice (the rule: the highest mean validation Avg@{n} "
+        "over the tuning seeds; a tie goes to the weaker intervention: the smaller beta, then the larger floor):",
         "",
-        markdown_table(["tuning run", TUNED_KNOB, f"validation Avg@{n}", "per seed"], rows),
+        markdown_table(["tuning run", *knobs, f"validation Avg@{n}", "per seed"], rows),
         "",
         f"Chosen: **{tuning['chosen']}**; every DASD-family claim run (dasd, its shuffled, conform and novelty "
-        f"controls) used {TUNED_KNOB} = {tuning['tuned'][TUNED_KNOB]:g}.",
+        f"controls) used {chosen}.",
     ])
 
 

@@ -17,9 +17,9 @@ verification gap of `verification_margin`) and the student must beat the task's 
 the study stops and says why.
 
 Then the tuning runs (`settings.tuning` on `preregistration.TUNING_SEEDS`, evaluated on the validation
-slice only) choose DASD's beta by `preregistration.choose_tuned`, and the claim runs (`settings.methods`
-on seeds 0 .. seeds-1, evaluated on the held-out and out-of-distribution sets) use the chosen value for
-every DASD-family method.
+slice only) choose DASD's knobs (`preregistration.TUNED_KNOBS`) by `preregistration.choose_tuned`, and the
+claim runs (`settings.methods` on seeds 0 .. seeds-1, evaluated on the held-out and out-of-distribution sets)
+use the chosen values for every DASD-family method.
 
 Every run gets the same rollout budget (steps x prompts x group size), the same optimizer settings
 and the same frozen teacher (the warm start); a seed changes the data order and the rollout samples,
@@ -359,7 +359,7 @@ def choose_from_tuning(settings: StudySettings, jobs: list[RunJob]) -> dict[str,
     """The tuning record: each tuning method's validation Avg@n per seed, the method `choose_tuned` picks and
     the knobs it sets (empty without tuning runs: the library defaults stay)."""
     from selfdistill.objectives import OBJECTIVES
-    from selfdistill.study.preregistration import TUNED_KNOB, choose_tuned
+    from selfdistill.study.preregistration import TUNED_KNOBS, choose_tuned
 
     if not jobs:
         return {"methods": {}, "chosen": None, "tuned": {}}
@@ -370,10 +370,11 @@ def choose_from_tuning(settings: StudySettings, jobs: list[RunJob]) -> dict[str,
     values = {}
     for method in scores:
         objective = method_parts(method)[0]
-        values[method] = objective.get(TUNED_KNOB, OBJECTIVES[objective["name"]].knob_defaults()[TUNED_KNOB])
+        defaults = OBJECTIVES[objective["name"]].knob_defaults()
+        values[method] = {knob: objective.get(knob, defaults[knob]) for knob in TUNED_KNOBS}
     chosen = choose_tuned(scores, values)
-    return {"methods": {m: {"validation_avg": v, TUNED_KNOB: values[m]} for m, v in scores.items()},
-            "chosen": chosen, "tuned": {TUNED_KNOB: values[chosen]}}
+    return {"methods": {m: {"validation_avg": v, **values[m]} for m, v in scores.items()},
+            "chosen": chosen, "tuned": dict(values[chosen])}
 
 
 def run_study(settings: StudySettings, out: str | Path, *, workers: int = 2, progress: bool = True,

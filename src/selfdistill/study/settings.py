@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,6 +27,13 @@ and "chains" (operation chains, the first task)."""
 STUDY_TASKS: dict[str, Any] = {**TASKS, **BENCHMARK_TASKS}
 """Every task `for_task` and the command line take: the warm-start tasks (`TASKS`) and the benchmarks with a train
 split (gsm8k), run on a given model (`StudySettings.model`)."""
+
+TUNING_GRID: dict[str, dict[str, Any]] = {
+    f"dasd_beta{beta:g}_floor{floor:g}": {"name": "dasd", "beta": beta, "scale_floor": floor}
+    for beta, floor in itertools.product((0.01, 0.03, 0.1), (0.0, 0.1))
+}
+"""The search task's tuning methods (the second registration, issue #23): DASD's beta x its floor on the delta
+scale, every pair one method. Each sets both knobs, so no tuning run depends on the library's defaults."""
 
 # Name in the study -> objective config (objective.name and its knobs), plus two reserved keys read
 # by the runner: "teacher_view" (the teacher condition, default "rich") and "optim" (optimizer overrides).
@@ -56,6 +64,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "dasd_beta0.1": {"name": "dasd", "beta": 0.1},
     "dasd_beta0.3": {"name": "dasd", "beta": 0.3},
     "dasd_beta1": {"name": "dasd", "beta": 1.0},
+    **TUNING_GRID,
     # Several clipped updates on the same rollouts (PPO epochs): the clip acts on the sampled-token push.
     "dasd_ppo2": {"name": "dasd", "optim": {"ppo_epochs": 2}},
     "dasd_ppo4": {"name": "dasd", "optim": {"ppo_epochs": 4}},
@@ -77,9 +86,9 @@ DEFAULT_METHODS = {
     **{name: BENCHMARK_METHODS for name in BENCHMARK_TASKS},
 }
 QUICK_METHODS = ("grpo", "opsd", "dasd")
-TUNING_METHODS = {"search": ("dasd", "dasd_beta0.1", "dasd_beta0.3", "dasd_beta1"), "chains": ()}
-"""The tuning runs of each task (on the tuning seeds and the validation slice): DASD's beta grid. The value
-chosen by `preregistration.choose_tuned` is given to every DASD-family method of the claim runs."""
+TUNING_METHODS = {"search": tuple(TUNING_GRID), "chains": ()}
+"""The tuning runs of each task (on the tuning seeds and the validation slice). The knobs of the method
+`preregistration.choose_tuned` picks are given to every DASD-family method of the claim runs."""
 EVALUATIONS = ("test", "validation")
 """What a run is evaluated on: "test" (the held-out and out-of-distribution sets: claim runs) or "validation"
 (the validation slice cut from the RL pool: tuning runs)."""
