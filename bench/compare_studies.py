@@ -1,11 +1,15 @@
 """Is a study reproducible? Compare two study folders made by `selfdistill study` from empty caches.
 
     python bench/compare_studies.py runs/study-a runs/study-b
+    python bench/compare_studies.py runs/study-a runs/study-b --ignore-run-keys
 
 Prints, for `report.md`, every line that differs outside the two that must differ (the invocation's wall time and
 the environment line with its time-dependent fields), and for every run's `eval.json` (the base, the tuning and
 the claim runs) and `tuning.json`, whether they are equal once the measured durations (`*_seconds` keys) are left
-out. Exit status 0 when both reports and every result agree, 1 otherwise.
+out. `--ignore-run-keys` also leaves out each result's `key`, the cache hash of what decides the run: it covers
+the library's knob defaults, so two studies made before and after a default changed differ in it even where
+every run set its knobs explicitly (the tuning and tuned runs do). Exit status 0 when both reports and every
+result agree, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", type=Path)
     parser.add_argument("b", type=Path)
+    parser.add_argument("--ignore-run-keys", action="store_true",
+                        help="leave out each result's cache key (it hashes the library's knob defaults too)")
     args = parser.parse_args()
     report = report_differences(args.a, args.b)
     problems = list(report)
@@ -58,11 +64,14 @@ def main() -> int:
     same = 0
     for name in sorted(set(files_a) & set(files_b)):
         x, y = (without_durations(json.loads((folder / name).read_text())) for folder in (args.a, args.b))
+        if args.ignore_run_keys:
+            x.pop("key", None), y.pop("key", None)
         if x == y:
             same += 1
         else:
             problems.append(f"{name}: differs")
-    print(f"{same} of {len(files_a)} result files equal (durations left out); report.md: "
+    left_out = "durations and run keys" if args.ignore_run_keys else "durations"
+    print(f"{same} of {len(files_a)} result files equal ({left_out} left out); report.md: "
           f"{'differs' if report else 'equal'} outside its "
           f"timing lines")
     for problem in problems:

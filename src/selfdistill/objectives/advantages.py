@@ -303,9 +303,9 @@ def dasd_advantages(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DASD [structure from a note on the paper; details reconstructed]: `Â_t = A_i + β·ω_t·δ̄_t`.
 
-    The defaults (`DasdKnobs`, which says where each comes from) [recon]: β = 0.03, chosen on the third
-    study's validation side (it was 1.0), and `push_signal="jsd"` (the bounded push; it was `"log_ratio"`,
-    which at β = 0.03 collapsed one seed of three in the second study).
+    The defaults (`DasdKnobs`, which says where each comes from) [recon]: β = 0.01 and no floor on δ's scale,
+    chosen on the third study's validation side (β was 1.0, then 0.03; the floor 0.1), and `push_signal="jsd"`
+    (the bounded push; it was `"log_ratio"`, which at β = 0.03 collapsed one seed of three in the second study).
 
     Adding `β·δ̄_t` to a policy-gradient advantage is the sampled estimator of descending reverse
     KL(S‖T) (pull toward the teacher); `ω_t > 0` keeps that pull on low-entropy tokens and

@@ -57,10 +57,10 @@ METHODS: dict[str, dict[str, Any]] = {
     # The other reading of DASD's threshold: τ = the ρ-quantile, so only the calmest ρ of tokens are pulled.
     "dasd_bottom": {"name": "dasd", "quantile": "bottom"},
     # DASD's open choices (issue #15): the push as the raw log-ratio (AntiSD's bounded JSD-ascent signal is
-    # the default since the sweep); no floor on δ's scale.
+    # the default since the sweep); the former floor on δ's scale (0.1; no floor is the default since the third
+    # study's tuning, β = 0.01 too: `dasd` itself).
     "dasd_raw_push": {"name": "dasd", "push_signal": "log_ratio"},
-    "dasd_no_floor": {"name": "dasd", "scale_floor": 0.0},
-    # (β = 0.03 with the bounded push is the library default since the sweep: `dasd` itself.)
+    "dasd_floor0.1": {"name": "dasd", "scale_floor": 0.1},
     "dasd_beta0.1": {"name": "dasd", "beta": 0.1},
     "dasd_beta0.3": {"name": "dasd", "beta": 0.3},
     "dasd_beta1": {"name": "dasd", "beta": 1.0},
