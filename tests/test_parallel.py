@@ -12,9 +12,12 @@ loss is a sum of terms of both signs; dasd: 5e-5 absolute on losses of 1e-4 to 7
 spread of the token entropies, ~1e-4 for an untrained model: DDP's two processes differ from one by 6e-6 over 3
 updates, and by 1.7e-5 at the 4th update of 2 PPO epochs x 2 mini-batches, where FSDP2's differ by 2.4e-5), gradient
 norms to 2e-5 relative. Weights after each update (lr 1e-3): opsd, grpo, the EMA teacher and LoRA within 1e-5
-everywhere; dasd and its live teacher within 1e-5 on all but 1e-3 of the entries and 0.2·lr everywhere: AdamW's
-first steps divide by |g| + 1e-8, so an entry whose gradient is ~1e-9 moves by a fraction of lr that follows
-float noise.
+everywhere; dasd and its live teacher within 1e-5 on all but 1e-3 of the entries, and everywhere within the 2·lr
+per update that AdamW's bounded steps allow: its first steps divide by |g| + 1e-8, so an entry whose gradient is
+~1e-9 moves by a fraction of lr, of either sign, that follows float noise. Which entries do depends on DASD's knobs:
+with beta 0.03 and the floor 0.1 the largest gap at update 0 was 0.2·lr, with today's defaults (beta 0.01, no
+floor) 0.3·lr and 1.4·lr in `dasd_ppo`, with beta 0.01 and the floor 0.9·lr (measured on one AVX-512 machine).
+A sharding mistake moves most entries, which the 1e-3 share catches.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def assert_same_updates(one: list[dict], two: list[dict], case: str) -> None:
             off = total = 0
             for name, whole in a[part].items():
                 gap = (whole - b[part][name]).abs()  # [shape of the tensor]
-                assert float(gap.max()) <= (0.2 * LR if noisy else 1e-5), f"{where}: {part} {name} {float(gap.max())}"
+                bound = 2 * LR * (k + 1) if noisy else 1e-5
+                assert float(gap.max()) <= bound, f"{where}: {part} {name} {float(gap.max())}"
                 off += int((gap > 1e-5).sum())
                 total += gap.numel()
             assert off <= 1e-3 * total, f"{where}: {part}: {off} of {total} entries differ by more than 1e-5"
