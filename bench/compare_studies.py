@@ -65,7 +65,8 @@ def main() -> int:
     for name in sorted(set(files_a) & set(files_b)):
         x, y = (without_durations(json.loads((folder / name).read_text())) for folder in (args.a, args.b))
         if args.ignore_run_keys:
-            x.pop("key", None), y.pop("key", None)
+            for result in (x, y):
+                result.pop("key", None)
         if x == y:
             same += 1
         else:

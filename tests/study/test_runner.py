@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from selfdistill.config import config_from_dict
+from selfdistill.objectives import DasdKnobs
 from selfdistill.study.preregistration import TUNING_SEEDS, choose_tuned
 from selfdistill.study.runner import (
     EVAL_FILE,
@@ -167,10 +168,19 @@ def test_tuning_runs_use_their_own_seeds_and_the_validation_slice_and_feed_the_d
     assert {job.evaluation for job in claims} == {"test"}
     dasd = next(job for job in claims if job.method == "dasd")
     assert run_config(dasd)["objective"] == {"name": "dasd", **tuned, "teacher": "frozen"}
-    # a higher mean wins whatever the knobs; knob values the library defaults give are read from the loss
+    # a higher mean wins whatever the knobs
     values = {"a": {"beta": 1.0, "scale_floor": 0.0}, "b": {"beta": 0.01, "scale_floor": 0.1}}
     assert choose_tuned({"a": [0.5, 0.7], "b": [0.59, 0.6]}, values) == "a"
-    assert choose_from_tuning(settings, tuning[:1])["methods"]["dasd_beta0.01_floor0"]["scale_floor"] == 0.0
+    # a tuning method that leaves a knob to the library gets its default, read from the loss's knobs
+    by_default = plan_tuning_jobs(StudySettings(tuning=("dasd",)), tmp_path / "defaults", tmp_path / "warm",
+                                  tmp_path / "train.jsonl")
+    for job in by_default:
+        Path(job.folder).mkdir(parents=True)
+        (Path(job.folder) / EVAL_FILE).write_text(json.dumps({"key": job.key, "student": {"summary": {
+            "avg@n": 0.5}}}))
+    defaults = DasdKnobs()
+    assert choose_from_tuning(settings, by_default)["tuned"] == {"beta": defaults.beta,
+                                                               "scale_floor": defaults.scale_floor}
     assert tuned_overrides("dasd_beta1", tuned) == {}  # a method that sets a tuned knob keeps its own
     assert choose_from_tuning(settings, []) == {"methods": {}, "chosen": None, "tuned": {}}
     with pytest.raises(ValueError):
